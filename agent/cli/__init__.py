@@ -1,0 +1,75 @@
+"""``doorbell-agent``: the owner's command line on the device.
+
+Each command group lives in its own module with a ``register(subparsers)`` function; this module
+only assembles them and turns :class:`agent.errors.AgentError` into the contract's error format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from agent import __version__
+from agent.errors import AgentError
+
+PROG = "doorbell-agent"
+
+# Modules under agent.cli that contribute subcommands, in --help order.
+COMMAND_MODULES: tuple[str, ...] = (
+    "init",
+    "config_cmd",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Privacy-first doorbell camera agent: footage stays encrypted on the device "
+        "and leaves only when you approve one signed request.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="config file (default: $DOORBELL_AGENT_CONFIG, else /etc/doorbell-agent/agent.yaml)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"agent.cli.{name}").register(sub)
+    return parser
+
+
+def report_error(prog: str, exc: AgentError) -> int:
+    """Print an AgentError as ``prog: error: ...`` plus ``hint: ...``; return its exit status."""
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    if exc.hint:
+        print(f"hint: {exc.hint}", file=sys.stderr)
+    return exc.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``doorbell-agent``; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        result: int = args.func(args)
+    except AgentError as exc:
+        return report_error(PROG, exc)
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+def entry() -> None:
+    """Console-script wrapper around :func:`main`."""
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""First-time set-up of the state directory: keys, the local-app password and TLS certificate."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import secrets
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from argon2 import PasswordHasher
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from agent.errors import StateError
+from agent.keys import create_device_keys, kid_for, write_secret
+
+APP_PASSWORD = "app-password"  # noqa: S105 (a file name, not a password)
+TLS_DIR = "tls"
+TLS_CERT = "cert.pem"
+TLS_KEY = "key.pem"
+
+
+@dataclass(frozen=True)
+class InitResult:
+    """What ``init`` tells the owner once: the app password is never shown again."""
+
+    state_dir: Path
+    kid: str
+    app_password: str
+    tls_fingerprint: str
+
+
+def make_state_dir(state_dir: Path) -> None:
+    """Create the state directory with mode 0700 (tightening an existing empty one)."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(state_dir, 0o700)
+
+
+def initialise(state_dir: Path, device_id: str, *, now: datetime) -> InitResult:
+    """Create keys, app password and certificate in ``state_dir``; refuse to overwrite keys."""
+    make_state_dir(state_dir)
+    for name in (APP_PASSWORD, f"{TLS_DIR}/{TLS_KEY}"):
+        if (state_dir / name).exists():
+            raise StateError(
+                f"{state_dir / name} already exists; refusing to overwrite",
+                hint="the device is already initialised; "
+                "move the state directory away to start over",
+            )
+    key = create_device_keys(state_dir)
+    password = new_app_password()
+    write_secret(state_dir / APP_PASSWORD, hash_password(password).encode("ascii"))
+    fingerprint = make_tls_certificate(state_dir / TLS_DIR, device_id, now=now)
+    return InitResult(state_dir, kid_for(key.public_key()), password, fingerprint)
+
+
+def new_app_password() -> str:
+    """A random password of 4 groups of 5 lowercase letters/digits (about 100 bits)."""
+    alphabet = "abcdefghijkmnpqrstuvwxyz23456789"
+    return "-".join("".join(secrets.choice(alphabet) for _ in range(5)) for _ in range(4))
+
+
+def hash_password(password: str) -> str:
+    """An argon2id hash (memory-hard) of the app password."""
+    return PasswordHasher().hash(password)
+
+
+def make_tls_certificate(tls_dir: Path, device_id: str, *, now: datetime) -> str:
+    """A self-signed P-256 certificate for the local app; returns its SHA-256 fingerprint."""
+    tls_dir.mkdir(mode=0o700, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    host = socket.gethostname()
+    names: list[x509.GeneralName] = [
+        x509.DNSName("localhost"),
+        x509.DNSName(host),
+        x509.DNSName(f"{host}.local"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"doorbell-agent {device_id}")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    write_secret(tls_dir / TLS_KEY, key_pem)
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    (tls_dir / TLS_CERT).write_bytes(cert_pem)
+    return certificate_fingerprint(tls_dir / TLS_CERT)
+
+
+def certificate_fingerprint(cert_path: Path) -> str:
+    """SHA-256 fingerprint of a PEM certificate as colon-separated upper-case hex."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
+    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
