@@ -21,6 +21,7 @@ PROG = "doorbell-agent"
 COMMAND_MODULES: tuple[str, ...] = (
     "init",
     "config_cmd",
+    "audit",
 )
 
 

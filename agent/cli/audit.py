@@ -1,0 +1,167 @@
+"""``doorbell-agent audit verify|show``: check and read the tamper-evident audit log.
+
+Both commands work on the state directory's ``audit.jsonl`` by default, or on a copy given with
+``--file``. ``verify`` checks with the device key from the state directory, or with a public key
+given as ``--public-key`` (JWK, PEM or raw base64url), so a copy can be checked on another machine
+without the device's config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from agent.audit import AuditEntry, AuditHead, parse_head_jws, read_entries, verify_file
+from agent.cli.common import add_json_flag, load_config, print_json, require_initialised
+from agent.config import Config
+from agent.errors import AuditError, UsageError
+from agent.keys import load_device_key, parse_public_key
+
+LOG_NAME = "audit.jsonl"
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``audit`` command group."""
+    p = sub.add_parser("audit", help="verify or show the signed, hash-chained audit log")
+    asub = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+
+    verify = asub.add_parser(
+        "verify",
+        help="check the hash chain and every signature; exit 1 naming the first bad seq",
+        description="Check that every entry follows the previous one (seq, prev hash) and is "
+        "signed by the device key. Exit 0 with a one-line summary when the log holds, 1 naming "
+        "the first bad seq otherwise.",
+    )
+    _add_file_option(verify)
+    verify.add_argument(
+        "--public-key",
+        metavar="KEY",
+        help="the device public key (JWK or PEM file, or a JWK / raw base64url string) instead "
+        "of the device key in the state directory",
+    )
+    verify.add_argument(
+        "--head",
+        metavar="JWS",
+        help="a signed audit head (the retained P/D/audit/head message, or a file holding it): "
+        "also check that the log reaches it, which detects entries cut from the end",
+    )
+    verify.set_defaults(func=verify_handler)
+
+    show = asub.add_parser(
+        "show",
+        help="print the entries (not verified: use `audit verify` for that)",
+        description="Print the audit entries as a table, or with --json as one JSON list of "
+        "the stored entry objects. This does not check signatures; run `audit verify` for that.",
+    )
+    _add_file_option(show)
+    show.add_argument(
+        "--since",
+        metavar="SEQ",
+        type=_positive_int,
+        default=1,
+        help="show only entries with seq SEQ and later (default 1)",
+    )
+    add_json_flag(show)
+    show.set_defaults(func=show_handler)
+
+
+def _add_file_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--file",
+        metavar="PATH",
+        type=Path,
+        help=f"an audit log file (default: {LOG_NAME} in the configured state directory)",
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("seq numbers start at 1")
+    return value
+
+
+def _log_path(args: argparse.Namespace, cfg: Config | None = None) -> Path:
+    if args.file is not None:
+        path: Path = args.file
+        return path
+    return (cfg or load_config(args)).state_dir / LOG_NAME
+
+
+def _read_head_arg(value: str) -> str:
+    path = Path(value)
+    try:
+        is_file = len(value) < 4096 and path.is_file()
+    except OSError:
+        is_file = False
+    if not is_file:
+        return value
+    try:
+        return path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read the audit head file {path}: {exc}") from None
+
+
+def verify_handler(args: argparse.Namespace) -> int:
+    """Verify the chain and signatures; print the summary (exit 0) or raise naming the bad seq."""
+    cfg: Config | None = None
+    if args.public_key is not None:
+        public_key = parse_public_key(args.public_key)
+    else:
+        cfg = load_config(args)
+        require_initialised(cfg)
+        public_key = load_device_key(cfg.state_dir).public_key()
+    path = _log_path(args, cfg)
+    head: AuditHead | None = None
+    if args.head is not None:
+        head = parse_head_jws(_read_head_arg(args.head), public_key)
+    result = verify_file(path, public_key, head=head)
+    if not result.ok:
+        raise AuditError(
+            result.summary(),
+            hint="the log was altered, truncated or damaged after that point; keep a copy of it "
+            "as evidence before anything appends to it",
+        )
+    summary = result.summary()
+    if head is not None:
+        summary += f" (reaches the signed head at seq {head.seq})"
+    print(summary)
+    return 0
+
+
+def show_handler(args: argparse.Namespace) -> int:
+    """Print the entries from --since on, as a table or one JSON list."""
+    entries = list(read_entries(_log_path(args), since=args.since))
+    if args.json:
+        print_json([entry.to_dict() for entry in entries])
+        return 0
+    if not entries:
+        print("no audit entries")
+        return 0
+    print(f"{'SEQ':>6}  {'TIME':<24}  {'EVENT':<22}  DETAILS")
+    for entry in entries:
+        print(f"{entry.seq:>6}  {entry.ts:<24}  {entry.event:<22}  {_details(entry)}")
+    return 0
+
+
+def _details(entry: AuditEntry) -> str:
+    parts = []
+    for key, value in sorted(entry.fields.items()):
+        text = (
+            value
+            if isinstance(value, str)
+            else json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+        )
+        parts.append(f"{_printable(key)}={_printable(text)}")
+    return " ".join(parts)
+
+
+def _printable(text: str) -> str:
+    # Fields carry requester-supplied text (reasons, case refs): never let it drive the terminal.
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
