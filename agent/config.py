@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from agent.errors import ConfigError
+from agent.homeassistant import DEFAULT_DISCOVERY_PREFIX, check_discovery_prefix
 from agent.timeutil import format_duration, parse_duration, parse_size
 
 DEFAULT_CONFIG_PATH = Path("/etc/doorbell-agent/agent.yaml")
@@ -316,6 +317,24 @@ class DeliveryConfig(_Strict):
     retries: int = Field(5, ge=0, le=100, description="restarts of a broken delivery before failed")
 
 
+class HomeAssistantConfig(_Strict):
+    """Optional Home Assistant MQTT discovery: motion, pending requests, online. Never images."""
+
+    enabled: bool = Field(
+        False,
+        description="announce motion, the pending-request count and online status to Home "
+        "Assistant over MQTT (whoever may read <topic_prefix>/<device_id>/ha/# sees motion)",
+    )
+    discovery_prefix: str = Field(
+        DEFAULT_DISCOVERY_PREFIX, description="Home Assistant's MQTT discovery prefix"
+    )
+
+    @field_validator("discovery_prefix")
+    @classmethod
+    def _topic_prefix(cls, value: str) -> str:
+        return check_discovery_prefix(value)
+
+
 class Config(_Strict):
     """The whole agent configuration."""
 
@@ -330,6 +349,7 @@ class Config(_Strict):
     approval: ApprovalConfig = Field(default_factory=ApprovalConfig)
     app: AppConfig = Field(default_factory=AppConfig)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
 
     @field_validator("device_id")
     @classmethod
