@@ -1,0 +1,82 @@
+"""``doorbell-agent pending`` and ``doorbell-agent requests list``: what has been asked for.
+
+Both read ``requests.db`` directly, so they work while ``run`` is running.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from agent.cli.common import add_json_flag, load_config, print_json, require_initialised
+from agent.requests.store import RequestRecord, RequestStore
+from agent.timeutil import rfc3339
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``pending`` command and the ``requests`` group."""
+    pending = sub.add_parser(
+        "pending",
+        help="list requests waiting for your decision",
+        description="List the requests waiting for your decision: id (jti), requester, kind, "
+        "window, legal basis and the reason, shown verbatim (control characters escaped).",
+    )
+    add_json_flag(pending)
+    pending.set_defaults(func=pending_handler)
+
+    p = sub.add_parser("requests", help="list every recorded request")
+    rsub = p.add_subparsers(dest="requests_command", metavar="ACTION", required=True)
+    lst = rsub.add_parser(
+        "list", help="list every recorded request with its status, oldest first"
+    )
+    add_json_flag(lst)
+    lst.set_defaults(func=list_handler)
+
+
+def pending_handler(args: argparse.Namespace) -> int:
+    """Print the pending requests."""
+    return _show(args, ["pending"], empty="no pending requests")
+
+
+def list_handler(args: argparse.Namespace) -> int:
+    """Print every recorded request."""
+    return _show(args, None, empty="no requests recorded")
+
+
+def _show(args: argparse.Namespace, statuses: list[str] | None, *, empty: str) -> int:
+    cfg = load_config(args)
+    require_initialised(cfg)
+    with RequestStore.open(cfg.state_dir) as store:
+        records = store.list_requests(statuses)
+    if args.json:
+        print_json([r.to_json() for r in records])
+        return 0
+    if not records:
+        print(empty)
+        return 0
+    for record in records:
+        print(_format(record))
+    return 0
+
+
+def escape(text: str) -> str:
+    """Text from a requester, made safe for a terminal: non-printable characters escaped."""
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
+
+
+def _format(record: RequestRecord) -> str:
+    start = rfc3339(record.window_start) if record.window_start else "?"
+    end = rfc3339(record.window_end) if record.window_end else "?"
+    status = record.status + (f" ({record.error})" if record.error else "")
+    basis = record.legal_basis or "?"
+    if record.legal_ref:
+        basis += f" {record.legal_ref}"
+    lines = [
+        f"{record.jti}  {status}",
+        f"  requester:   {record.requester_id} ({record.kind}) {record.requester_name}",
+        f"  window:      {start} .. {end}",
+        f"  legal basis: {basis}" + (f"  case: {record.case}" if record.case else ""),
+        f"  reason:      {record.reason if record.reason is not None else '?'}",
+    ]
+    return "\n".join(escape(line) for line in lines)

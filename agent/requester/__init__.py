@@ -1,0 +1,1 @@
+"""``doorbell-request``: the requester's side — key generation, building and sending requests."""
