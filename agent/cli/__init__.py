@@ -20,8 +20,14 @@ PROG = "doorbell-agent"
 # Modules under agent.cli that contribute subcommands, in --help order.
 COMMAND_MODULES: tuple[str, ...] = (
     "init",
+    "run",
     "config_cmd",
     "audit",
+    "requesters",
+    "clips",
+    "requests",
+    "decide",
+    "app",
 )
 
 
