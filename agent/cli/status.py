@@ -1,0 +1,139 @@
+"""``doorbell-agent status``: what the device is, whether the agent runs, and its health."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from datetime import datetime, timedelta
+from typing import Any
+
+from agent import __version__, clock
+from agent.audit import AuditLog
+from agent.cli.common import add_json_flag, load_config, print_json, require_initialised
+from agent.config import Config
+from agent.daemon import AUDIT_FILE, STATUS_FILE, STATUS_INTERVAL
+from agent.keys import kid_for, load_device_key, public_jwk
+from agent.provision import TLS_CERT, TLS_DIR, certificate_fingerprint
+from agent.requests.store import RequestStore
+from agent.timeutil import format_duration, format_size, parse_rfc3339, utcnow
+from agent.vault import Vault
+
+STALE_AFTER = timedelta(seconds=STATUS_INTERVAL * 3)
+"""A status.json not refreshed for this long means the daemon is not running."""
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``status`` command."""
+    p = sub.add_parser("status", help="device identity, agent state, storage, audit head, clock")
+    add_json_flag(p)
+    p.set_defaults(func=handler)
+
+
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def daemon_state(document: dict[str, Any] | None, now: datetime) -> str:
+    """``running`` when the snapshot is fresh and its process alive, else why not."""
+    if document is None:
+        return "not running (no status.json: the agent has not run yet)"
+    if document.get("state") == "stopped" or not _pid_alive(document.get("pid")):
+        return "not running"
+    try:
+        updated = parse_rfc3339(str(document.get("updated")))
+    except ValueError:
+        return "unknown (status.json is malformed)"
+    if now - updated > STALE_AFTER:
+        return f"not responding (status last written {document.get('updated')})"
+    return str(document.get("state", "unknown"))
+
+
+def collect(cfg: Config, *, now: datetime) -> dict[str, Any]:
+    """The whole status document shown by ``status --json``."""
+    state_dir = cfg.state_dir
+    key = load_device_key(state_dir)
+    snapshot: dict[str, Any] | None
+    try:
+        snapshot = json.loads((state_dir / STATUS_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        snapshot = None
+    except (OSError, ValueError):
+        snapshot = {"state": "unknown"}
+    cert = state_dir / TLS_DIR / TLS_CERT
+    with Vault.from_config(cfg) as vault:
+        clips = vault.list_clips()
+    with RequestStore.open(state_dir) as store:
+        pending = len(store.list_requests(["pending"]))
+    last = AuditLog(state_dir / AUDIT_FILE, key).last_entry()
+    stored = sum(c.stored_bytes for c in clips)
+    return {
+        "device_id": cfg.device_id,
+        "version": __version__,
+        "kid": kid_for(key.public_key()),
+        "public_jwk": public_jwk(key.public_key()),
+        "app_tls_fingerprint": certificate_fingerprint(cert) if cert.exists() else None,
+        "agent": {"state": daemon_state(snapshot, now), "snapshot": snapshot},
+        "storage": {
+            "clips": len(clips),
+            "stored_bytes": stored,
+            "max_bytes": cfg.storage.max_bytes,
+            "retention": format_duration(cfg.storage.retention),
+        },
+        "requests": {"pending": pending},
+        "audit": {"seq": last.seq, "hash": last.hash} if last else {"seq": 0, "hash": None},
+        "clock": clock.status_json(clock.clock_state()),
+        "mqtt": {
+            "broker": f"{cfg.mqtt.host}:{cfg.mqtt.port}",
+            "tls": cfg.mqtt.tls.enabled,
+            "topic_prefix": cfg.mqtt.topic_prefix,
+        },
+    }
+
+
+def _worker_lines(snapshot: dict[str, Any] | None) -> list[str]:
+    if not snapshot or not isinstance(snapshot.get("workers"), dict):
+        return []
+    lines = []
+    for name, worker in sorted(snapshot["workers"].items()):
+        stats = worker.get("stats") or {}
+        detail = ", ".join(f"{k}={v}" for k, v in sorted(stats.items()) if not isinstance(v, dict))
+        error = f" error: {worker['error']}" if worker.get("error") else ""
+        lines.append(f"  {name}: {worker.get('state')}{error}" + (f" ({detail})" if detail else ""))
+    return lines
+
+
+def handler(args: argparse.Namespace) -> int:
+    """Print the status as text or one JSON document."""
+    cfg = load_config(args)
+    require_initialised(cfg)
+    doc = collect(cfg, now=utcnow())
+    if args.json:
+        print_json(doc)
+        return 0
+    storage = doc["storage"]
+    audit = doc["audit"]
+    print(f"device: {doc['device_id']} (doorbell-agent {doc['version']})")
+    print(f"device key id (kid): {doc['kid']}")
+    if doc["app_tls_fingerprint"]:
+        print(f"local app TLS certificate SHA-256: {doc['app_tls_fingerprint']}")
+    print(f"agent: {doc['agent']['state']}")
+    for line in _worker_lines(doc["agent"]["snapshot"]):
+        print(line)
+    print(
+        f"storage: {storage['clips']} clips, {format_size(storage['stored_bytes'])} of "
+        f"{format_size(storage['max_bytes'])}, retention {storage['retention']}"
+    )
+    print(f"requests pending: {doc['requests']['pending']}")
+    print(f"audit head: seq {audit['seq']}" + (f" hash {audit['hash']}" if audit["hash"] else ""))
+    print(f"mqtt: {doc['mqtt']['broker']}" + (" (TLS)" if doc["mqtt"]["tls"] else ""))
+    print(clock.status_text(clock.clock_state()))
+    return 0

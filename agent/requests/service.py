@@ -1,0 +1,838 @@
+"""The request service: MQTT queue → verify → store → respond → audit (CONTRACT §3, §4, §7).
+
+Flow of one message on ``P/D/requests``:
+
+1. paho's network thread (``RequestService.on_message``) drops anything over
+   ``requests.max_bytes`` at once (counted as unverifiable ``oversize``) and sorts the rest,
+   without blocking, into two bounded lanes by the ``kid`` its JWS header names (a base64 and
+   JSON decode of at most 1 KiB, nothing more):
+
+   - the *enrolled* lane, for a kid of an enrolled requester. QoS 1 messages here are
+     acknowledged only once handled, so the broker's flow control (our Receive Maximum, half the
+     lane) bounds how many are queued; QoS 0 ones (a flooder's choice, not the contract's) may
+     only use the other half and are dropped and counted when it is full.
+   - the *suspect* lane, for everything else (unknown kid, no readable header). These are
+     acknowledged at once, handled only when the enrolled lane is empty, and dropped and
+     counted when their lane is full.
+
+   A flood of forgeries that do not name an enrolled kid therefore cannot delay a genuine
+   request at all, and one that does is bounded by signature checks. The set of enrolled kids
+   is refreshed from the store every ``kid_refresh`` seconds; a request from a requester
+   enrolled since the last refresh takes the suspect lane once (it is still handled).
+2. The worker thread verifies (:func:`agent.requests.verify.verify_request`). Unverifiable
+   messages get no response; they are counted and written to the audit log as one
+   ``request_unverifiable`` entry per interval (count and reasons histogram), so a flood cannot
+   fill the disk.
+3. A signed message: ``request_received`` is audited, then the store records it and audits
+   ``request_pending`` / ``request_rejected`` in the same transaction, then the signed response
+   goes to ``P/D/responses/R`` where ``R`` is the id enrolled for the signing key (never a topic
+   from the message), echoing the message's Correlation Data. Rejections are answered at most
+   ``burst`` times per requester per minute; beyond that they are counted and summarised in one
+   ``request_rejected`` entry per interval (a replayed token cannot fill the disk either).
+4. Only then is the message acknowledged. A crash before that makes the broker redeliver it
+   (flagged ``dup``); its jti is then already recorded, and a redelivered duplicate is dropped
+   silently instead of answered ``replayed``. Responses whose PUBACK never came (a crash, a
+   lost connection) are sent again at the next start: the store records which status was
+   answered.
+
+The worker also polls the store for requests cancelled by ``doorbell-agent requesters revoke``
+while the daemon runs and answers each ``rejected``/``revoked``.
+
+Responses never say anything about footage before approval: ``pending`` and ``rejected`` carry
+only ``iss``, ``aud``, ``iat``, ``req``, ``status`` (and ``error``/``detail``). ``detail`` is a
+fixed text per error code; the verifier's precise reason goes to the local log and the audit log.
+
+:class:`RequestsWorker` wires the MQTT client, the announcer (status and audit head) and this
+service together for ``doorbell-agent run``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.audit import AuditEntry, AuditLog
+from agent.config import Config
+from agent.errors import AgentError, AuditWriteError, MQTTError, RequestNotFoundError
+from agent.keys import sign_jws
+from agent.mqtt import BoundedPublisher, InboundMessage, MQTTClient, Topics
+from agent.release.manifest import RESPONSE_TYP
+from agent.requests.store import RequestRecord, RequestStore
+from agent.requests.verify import (
+    ERROR_CODES,
+    MAX_HEADER_SEGMENT,
+    Rejection,
+    RequestPolicy,
+    Unverifiable,
+    VerifiedRequest,
+    verify_request,
+)
+from agent.status import Announcer
+from agent.timeutil import to_epoch, utcnow
+
+if TYPE_CHECKING:
+    from agent.daemon import DaemonContext
+
+log = logging.getLogger(__name__)
+
+RESPONSE_STATUSES: Final = (
+    "pending", "rejected", "approved", "denied", "expired", "delivered", "failed"
+)
+CHANNELS: Final = ("button", "app", "cli")
+
+# What a rejected requester is told: one fixed sentence per code. The verifier's precise reason
+# stays on the device (log and audit): remote callers get an opaque rejection.
+REJECTION_DETAIL: Final[Mapping[str, str]] = {
+    "expired": "the request has expired",
+    "not_yet_valid": "the request is not valid yet (iat is in the future)",
+    "lifetime_too_long": "exp - iat is longer than the device accepts",
+    "wrong_audience": "the request is not addressed to this device",
+    "replayed": "this jti has been used before",
+    "window_too_long": "the footage window is longer than the device accepts",
+    "window_outside_retention": "the footage window starts before the storage retention",
+    "bad_claims": "a claim is missing or malformed",
+    "rate_limited": "too many requests from this requester; try again later",
+    "revoked": "the requester's key has been revoked",
+}
+
+
+# --- responses (pure) -------------------------------------------------------------------------
+
+
+def response_claims(
+    *,
+    device_id: str,
+    requester_id: str,
+    jti: str | None,
+    status: str,
+    now: datetime,
+    error: str | None = None,
+    detail: str | None = None,
+    clips: int | None = None,
+    channel: str | None = None,
+) -> dict[str, Any]:
+    """The claims of a §4 response, with exactly the claims its status carries.
+
+    ``rejected`` needs ``error`` (a contract code; ``detail`` defaults to its fixed text),
+    ``approved`` needs ``clips`` and ``channel``, ``delivered`` needs ``clips``, ``denied`` needs
+    ``channel``; every other combination raises ValueError. ``req`` is null only for a rejected
+    request whose ``jti`` claim was not a string.
+    """
+    if status not in RESPONSE_STATUSES:
+        raise ValueError(f"unknown response status {status!r}")
+    wants_error = status == "rejected"
+    wants_clips = status in ("approved", "delivered")
+    wants_channel = status in ("approved", "denied")
+    if wants_error != (error is not None) or (detail is not None and not wants_error):
+        raise ValueError(f"error/detail go with status rejected only (status {status})")
+    if wants_clips != (clips is not None):
+        raise ValueError(f"clips go with approved and delivered only (status {status})")
+    if wants_channel != (channel is not None):
+        raise ValueError(f"channel goes with approved and denied only (status {status})")
+    if jti is None and status != "rejected":
+        raise ValueError("only a rejected response may lack req")
+    claims: dict[str, Any] = {
+        "iss": device_id,
+        "aud": requester_id,
+        "iat": to_epoch(now),
+        "req": jti,
+        "status": status,
+    }
+    if error is not None:
+        if error not in ERROR_CODES:
+            raise ValueError(f"{error!r} is not a rejection code of the contract")
+        claims["error"] = error
+        claims["detail"] = detail if detail is not None else REJECTION_DETAIL[error]
+    if clips is not None:
+        if isinstance(clips, bool) or not isinstance(clips, int) or clips < 0:
+            raise ValueError("clips must be a count (a non-negative integer)")
+        claims["clips"] = clips
+    if channel is not None:
+        if channel not in CHANNELS:
+            raise ValueError(f"channel must be one of {', '.join(CHANNELS)}")
+        claims["channel"] = channel
+    return claims
+
+
+class ResponseTarget(Protocol):
+    """Whom a response answers: a stored :class:`RequestRecord` fits."""
+
+    @property
+    def jti(self) -> str | None:
+        """The request's jti (``req``)."""
+        ...
+
+    @property
+    def requester_id(self) -> str:
+        """The verified requester id (the topic level and ``aud``)."""
+        ...
+
+    @property
+    def correlation(self) -> bytes | None:
+        """MQTT v5 Correlation Data of the request, echoed on every response."""
+        ...
+
+
+@dataclass(frozen=True)
+class Target:
+    """A :class:`ResponseTarget` made from a message being handled."""
+
+    jti: str | None
+    requester_id: str
+    correlation: bytes | None
+
+
+# --- flood accounting (pure) ------------------------------------------------------------------
+
+
+def peek_kid(payload: bytes) -> str | None:
+    """The ``kid`` a compact JWS header names, or None when there is no readable header.
+
+    Cheap enough for paho's network thread (at most 1 KiB decoded); it decides only which lane a
+    message waits in, never whether it is valid.
+    """
+    head, dot, _ = payload.partition(b".")
+    if not dot or len(head) > MAX_HEADER_SEGMENT:
+        return None
+    try:
+        header = json.loads(base64.urlsafe_b64decode(head + b"=" * (-len(head) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    kid = header.get("kid") if isinstance(header, dict) else None
+    return kid if isinstance(kid, str) else None
+
+
+class Tally:
+    """Counts things by kind and releases the counts at most once per ``interval`` seconds.
+
+    The first thing counted after a quiet interval is released at once (the owner hears about
+    the start of trouble quickly); later ones are summed until the interval has passed.
+    Thread-safe: paho's network thread counts oversize messages, the worker the rest.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._counts: Counter[str] = Counter()
+        self._last = -math.inf
+        self._lock = threading.Lock()
+
+    def add(self, kind: str, n: int = 1) -> None:
+        """Count ``n`` more of ``kind``."""
+        with self._lock:
+            self._counts[kind] += n
+
+    def take(self, now: float, *, force: bool = False) -> dict[str, int] | None:
+        """The counts since the last release if one is due at ``now`` (or ``force``), else None."""
+        with self._lock:
+            if not self._counts or (not force and now - self._last < self.interval):
+                return None
+            counts, self._counts = dict(self._counts), Counter()
+            self._last = now
+            return counts
+
+
+class Budget:
+    """A token bucket per key: ``burst`` tokens, refilled at ``burst`` per ``period`` seconds."""
+
+    def __init__(self, burst: int, period: float) -> None:
+        self.burst = burst
+        self.rate = burst / period
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, key: str, now: float) -> bool:
+        """Take a token for ``key`` if one is left at ``now``."""
+        tokens, last = self._buckets.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return False
+        self._buckets[key] = (tokens - 1.0, now)
+        if len(self._buckets) > 4096:
+            # Full buckets carry no state worth keeping; this bounds memory per requester id.
+            self._buckets = {k: v for k, v in self._buckets.items() if v[0] < self.burst - 1}
+        return True
+
+
+@dataclass
+class ServiceStats:
+    """Counters of the request service (status command, logs, benches)."""
+
+    received: int = 0
+    dropped: int = 0
+    unverifiable: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+    pending: int = 0
+    duplicates: int = 0
+    suppressed: int = 0
+    responses: int = 0
+    audit_failures: int = 0
+
+
+class AuditSink(Protocol):
+    """What the service needs of :class:`agent.audit.AuditLog`."""
+
+    def append(self, event: str, **fields: object) -> object:
+        """Append one durable entry or raise AuditWriteError."""
+        ...
+
+
+class Publisher(Protocol):
+    """What the service needs of :class:`agent.mqtt.MQTTClient`."""
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+        timeout: float | None = None,
+    ) -> Future[None]:
+        """Queue a QoS 1 message."""
+        ...
+
+    def ack(self, message: InboundMessage) -> None:
+        """Acknowledge a handled QoS 1 message."""
+        ...
+
+
+_STOP: Final = object()
+
+
+class RequestService:
+    """The worker thread between the MQTT client and the request store.
+
+    ``on_message`` is the MQTT client's message handler; ``attach`` gives it the client to
+    publish and acknowledge through. ``respond`` is the one way to answer a request, for this
+    service and for the approval coordinator alike.
+    """
+
+    def __init__(
+        self,
+        *,
+        topics: Topics,
+        policy: RequestPolicy,
+        store: RequestStore,
+        audit: AuditSink,
+        signing_key: Ed25519PrivateKey,
+        queue_size: int = 256,
+        summary_interval: float = 60.0,
+        rejection_burst: int = 20,
+        revocation_poll: float = 2.0,
+        kid_refresh: float = 0.5,
+        now: Callable[[], datetime] = utcnow,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.topics = topics
+        self.policy = policy
+        self.stats = ServiceStats()
+        self._store = store
+        self._audit = audit
+        self._key = signing_key
+        self._now = now
+        self._clock = clock
+        self.queue_size = queue_size
+        # QoS 1 messages in flight are bounded by the Receive Maximum we announce; QoS 0 ones
+        # only get the rest of the queue.
+        self.receive_maximum = max(1, queue_size // 2)
+        self._qos0_room = queue_size - self.receive_maximum
+        self._queue: queue.Queue[InboundMessage | object] = queue.Queue(maxsize=queue_size)
+        self._suspects: queue.Queue[InboundMessage] = queue.Queue(maxsize=queue_size)
+        self._known_kids: frozenset[str] = frozenset()
+        self._kid_refresh = kid_refresh
+        self._unverifiable = Tally(summary_interval)
+        self._suppressed: dict[str, Tally] = {}
+        self._summary_interval = summary_interval
+        self._budget = Budget(rejection_burst, 60.0)
+        self._revocation_poll = revocation_poll
+        self._client: Publisher | None = None
+        self._answering: set[str] = set()
+        self._sent: deque[tuple[Future[None], str, str]] = deque()
+        self._sent_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="request-service", daemon=True)
+        # Known before the first message can arrive (the client may connect before start()).
+        self._refresh_kids()
+        self._started = False
+        self._closed = False
+
+    # -- wiring ----------------------------------------------------------------------------
+
+    def attach(self, client: Publisher) -> None:
+        """Publish responses and acknowledge messages through ``client``."""
+        self._client = client
+
+    def start(self) -> None:
+        """Answer what was left unanswered by the last run, then start the worker thread."""
+        if self._started:
+            return
+        if self._client is None:
+            raise MQTTError("the request service has no MQTT client attached")
+        self._started = True
+        self._resend_unanswered()
+        self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the worker (messages still queued stay unacknowledged: the broker redelivers
+        them next time) and write the last unverifiable summary. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._started:
+            while True:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            while True:
+                try:
+                    self._suspects.get_nowait()
+                except queue.Empty:
+                    break
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+        self._write_summaries(force=True)
+        self._mark_sent(wait=timeout)
+
+    def __enter__(self) -> RequestService:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- network thread --------------------------------------------------------------------
+
+    def on_message(self, message: InboundMessage) -> None:
+        """MQTT message handler (paho's network thread): cheap checks, a non-blocking put."""
+        self.stats.received += 1
+        client = self._client
+        if message.topic != self.topics.requests or self._closed:
+            if client is not None and not self._closed:
+                client.ack(message)
+            return
+        if len(message.payload) > self.policy.max_bytes:
+            self._unverifiable.add("oversize")
+            self.stats.unverifiable["oversize"] += 1
+            if client is not None:
+                client.ack(message)
+            return
+        if peek_kid(message.payload) not in self._known_kids:
+            # Acknowledged now: a suspect must not hold one of the broker's in-flight slots.
+            if client is not None:
+                client.ack(message)
+            try:
+                # Queued as QoS 0 so the worker's ack is a no-op: a second PUBACK for this
+                # packet id could acknowledge another message the broker has sent under it.
+                self._suspects.put_nowait(dataclasses.replace(message, qos=0))
+            except queue.Full:
+                self.stats.dropped += 1
+            return
+        if message.qos == 0 and self._queue.qsize() >= self._qos0_room:
+            self.stats.dropped += 1
+            return
+        try:
+            self._queue.put_nowait(message)
+        except queue.Full:
+            self.stats.dropped += 1
+            if client is not None:
+                client.ack(message)
+
+    # -- responses -------------------------------------------------------------------------
+
+    def respond(self, request: ResponseTarget, status: str, **claims: Any) -> Future[None]:
+        """Sign a response and queue it for ``P/D/responses/R`` (R = ``request.requester_id``).
+
+        ``claims`` are the status's extra claims (``error``/``detail``, ``clips``, ``channel``,
+        see :func:`response_claims`). The request's Correlation Data is echoed. When the broker
+        acknowledges it, the store records that ``status`` was answered. The future completes
+        on that acknowledgement (or fails with MQTTError). Raises ValueError for claims that do
+        not fit the status and MQTTError when the client is closing.
+        """
+        if self._client is None:
+            raise MQTTError("the request service has no MQTT client attached")
+        body = response_claims(
+            device_id=self.topics.device_id,
+            requester_id=request.requester_id,
+            jti=request.jti,
+            status=status,
+            now=self._now(),
+            **claims,
+        )
+        token = sign_jws(self._key, RESPONSE_TYP, body)
+        future = self._client.publish(
+            self.topics.responses(request.requester_id),
+            token,
+            correlation_data=request.correlation,
+        )
+        self.stats.responses += 1
+        if request.jti is not None:
+            with self._sent_lock:
+                self._sent.append((future, request.jti, status))
+        return future
+
+    # -- worker thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_poll = next_kids = self._clock()
+        while True:
+            item = self._next_item(max(0.0, min(next_poll, next_kids) - self._clock()))
+            if item is _STOP:
+                return
+            if isinstance(item, InboundMessage):
+                try:
+                    self._handle(item)
+                except Exception:
+                    # One bad message must not stop the service; it stays unacknowledged.
+                    log.exception("handling a request failed")
+            now = self._clock()
+            self._write_summaries(force=False)
+            self._mark_sent(wait=0.0)
+            if now >= next_kids:
+                next_kids = now + self._kid_refresh
+                self._refresh_kids()
+            if now >= next_poll:
+                next_poll = now + self._revocation_poll
+                self._answer_revocations()
+
+    def _next_item(self, timeout: float) -> InboundMessage | object | None:
+        """The next enrolled-lane item, else a suspect, else wait up to ``timeout`` (and 0.1 s,
+        so suspects arriving meanwhile are not left waiting long)."""
+        try:
+            return self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        try:
+            return self._suspects.get_nowait()
+        except queue.Empty:
+            pass
+        try:
+            return self._queue.get(timeout=min(timeout, 0.1))
+        except queue.Empty:
+            return None
+
+    def _refresh_kids(self) -> None:
+        try:
+            self._known_kids = frozenset(r.kid for r in self._store.list_requesters())
+        except AgentError as exc:
+            log.warning("cannot read the enrolled requesters: %s", exc)
+
+    def _handle(self, message: InboundMessage) -> None:
+        assert self._client is not None
+        now = self._now()
+        result = verify_request(message.payload, self._store, self._store, self.policy, now)
+        if isinstance(result, Unverifiable):
+            log.info("unverifiable request (%s): %s", result.reason, result.detail)
+            self.stats.unverifiable[result.reason] += 1
+            self._unverifiable.add(result.reason)
+            self._client.ack(message)
+            return
+        if isinstance(result, Rejection):
+            if result.error == "replayed" and message.dup:
+                self._duplicate(message, result)
+                return
+            if not self._budget.allow(result.requester_id, self._clock()):
+                self.stats.suppressed += 1
+                self._suppressed.setdefault(
+                    result.requester_id, Tally(self._summary_interval)
+                ).add(result.error)
+                self._client.ack(message)
+                return
+        try:
+            self._audit.append("request_received", **_received_fields(result))
+            final = self._store.admit(
+                result,
+                self.policy,
+                now,
+                correlation=message.correlation_data,
+                audit=self._audit,
+            )
+        except AuditWriteError as exc:
+            # No action without its audit entry: leave the message unacknowledged so the
+            # broker offers it again after a restart.
+            self.stats.audit_failures += 1
+            log.error("request not handled, the audit log cannot be written: %s", exc)
+            return
+        # admit passes unverifiable results through untouched and never makes one.
+        assert not isinstance(final, Unverifiable)
+        target = Target(final.jti, final.requester_id, message.correlation_data)
+        if isinstance(final, VerifiedRequest):
+            self.stats.pending += 1
+            log.info("request %s from %s is pending", final.jti, final.requester_id)
+            self._respond_logged(target, "pending")
+        elif final.error == "replayed" and message.dup:
+            self._duplicate(message, final)
+            return
+        else:
+            self.stats.rejected[final.error] += 1
+            log.info(
+                "request %s from %s rejected (%s): %s",
+                final.jti, final.requester_id, final.error, final.detail,
+            )
+            self._respond_logged(target, "rejected", error=final.error)
+        self._client.ack(message)
+
+    def _duplicate(self, message: InboundMessage, rejection: Rejection) -> None:
+        assert self._client is not None
+        self.stats.duplicates += 1
+        log.info("dropped a redelivered copy of request %s", rejection.jti)
+        self._client.ack(message)
+
+    def _respond_logged(self, target: ResponseTarget, status: str, **claims: Any) -> None:
+        try:
+            self.respond(target, status, **claims)
+        except MQTTError as exc:
+            log.warning("could not queue the %s response for %s: %s", status, target.jti, exc)
+
+    def _write_summaries(self, *, force: bool) -> None:
+        now = self._clock()
+        counts = self._unverifiable.take(now, force=force)
+        if counts is not None:
+            self._append_summary(
+                "request_unverifiable", count=sum(counts.values()), reasons=counts
+            )
+        for requester_id, tally in list(self._suppressed.items()):
+            errors = tally.take(now, force=force)
+            if errors is not None:
+                self._append_summary(
+                    "request_rejected", requester=requester_id,
+                    suppressed=sum(errors.values()), errors=errors,
+                )
+            elif force:
+                del self._suppressed[requester_id]
+
+    def _append_summary(self, event: str, **fields: object) -> None:
+        try:
+            self._audit.append(event, **fields)
+        except AuditWriteError as exc:
+            self.stats.audit_failures += 1
+            log.error("could not audit %s %s: %s", event, fields, exc)
+
+    def _mark_sent(self, *, wait: float) -> None:
+        """Record in the store the responses the broker has acknowledged, oldest first."""
+        deadline = self._clock() + wait
+        while True:
+            with self._sent_lock:
+                if not self._sent:
+                    return
+                future, jti, status = self._sent[0]
+            if not future.done():
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    return
+                try:
+                    future.exception(timeout=remaining)
+                except TimeoutError:
+                    return
+            with self._sent_lock:
+                self._sent.popleft()
+            self._answering.discard(jti)
+            if future.exception() is not None:
+                continue
+            # An unrecorded rejection (rate limited, revoked key) has no row to mark.
+            with contextlib.suppress(RequestNotFoundError):
+                self._store.mark_responded(jti, status)
+
+    def _answer_revocations(self) -> None:
+        try:
+            records = self._store.unanswered_revocations()
+        except AgentError as exc:
+            log.warning("cannot poll the store for revocations: %s", exc)
+            return
+        for record in records:
+            if record.jti in self._answering:
+                continue
+            self._answering.add(record.jti)
+            log.info("answering request %s: its requester was revoked", record.jti)
+            self._respond_logged(record, "rejected", error="revoked")
+
+    def _resend_unanswered(self) -> None:
+        now = self._now()
+        for record in self._store.list_requests(["pending", "rejected"]):
+            if record.responded == record.status:
+                continue
+            if record.status == "rejected" and record.error == "revoked":
+                continue  # the revocation poll answers these
+            if record.status == "pending" and record.exp <= now:
+                continue  # the approval coordinator expires it and answers that instead
+            claims = _claims_of(record)
+            log.info("answering request %s again (%s): last answer unconfirmed",
+                     record.jti, record.status)
+            self._answering.add(record.jti)
+            self._respond_logged(record, record.status, **claims)
+
+
+def _received_fields(result: VerifiedRequest | Rejection) -> dict[str, Any]:
+    fields = dict(result.audit_fields())
+    fields.pop("error", None)
+    fields.pop("detail", None)
+    return fields
+
+
+def _claims_of(record: RequestRecord) -> dict[str, Any]:
+    if record.status == "rejected":
+        error = record.error if record.error in ERROR_CODES else "bad_claims"
+        return {"error": error}
+    return {}
+
+
+# --- wiring for `doorbell-agent run` ----------------------------------------------------------
+
+
+class RequestsWorker:
+    """MQTT client + announcer (status, audit head) + request service, as one daemon worker.
+
+    ``start()`` connects in the background and starts every thread; ``close()`` stops the
+    service, publishes ``online: false`` and disconnects. The approval coordinator answers
+    through ``service.respond`` and delivers through ``delivery_publisher()``.
+    """
+
+    name = "requests"
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        signing_key: Ed25519PrivateKey,
+        store: RequestStore,
+        audit: AuditLog,
+        now: Callable[[], datetime] = utcnow,
+        summary_interval: float = 60.0,
+        revocation_poll: float = 2.0,
+        head_interval: float = 1.0,
+    ) -> None:
+        self.cfg = cfg
+        self.topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id)
+        self._audit = audit
+        self.announcer = Announcer(
+            topics=self.topics,
+            signing_key=signing_key,
+            last_entry=audit.last_entry,
+            head_interval=head_interval,
+            now=now,
+        )
+        self.service = RequestService(
+            topics=self.topics,
+            policy=RequestPolicy.from_config(cfg),
+            store=store,
+            audit=audit,
+            signing_key=signing_key,
+            queue_size=cfg.requests.queue_size,
+            summary_interval=summary_interval,
+            revocation_poll=revocation_poll,
+            now=now,
+        )
+        self.client = MQTTClient(
+            cfg.mqtt,
+            client_id=cfg.mqtt.client_id or f"doorbell-agent-{cfg.device_id}",
+            subscriptions=[self.topics.requests],
+            on_message=self.service.on_message,
+            on_connect=self.announcer.connected,
+            will_factory=self.announcer.will,
+            persistent=True,
+            manual_ack=True,
+            receive_maximum=self.service.receive_maximum,
+            # Room for a full delivery window plus responses and announcements.
+            max_inflight=cfg.delivery.max_inflight + 8,
+        )
+        self.service.attach(self.client)
+        self._previous_hook = audit.on_append
+        self._closed = False
+
+    def delivery_publisher(self) -> BoundedPublisher:
+        """A publisher for one delivery (``agent.release.deliver.Publisher``)."""
+        return BoundedPublisher(self.client, self.cfg.delivery.max_inflight)
+
+    def _on_append(self, entry: AuditEntry) -> None:
+        if self._previous_hook is not None:
+            self._previous_hook(entry)
+        self.announcer.audit_appended(entry)
+
+    def start(self) -> None:
+        """Connect (in the background) and start the service and the announcer."""
+        self._audit.on_append = self._on_append
+        self.client.start()
+        self.announcer.start(self.client)
+        self.service.start()
+
+    def run(self, stop: threading.Event) -> None:
+        """Daemon worker entry (``agent.daemon``): start, then wait for ``stop``."""
+        self.start()
+        stop.wait()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``status.json``."""
+        s, c = self.service.stats, self.client.stats
+        return {
+            "connected": self.client.connected,
+            "connects": c.connects,
+            "disconnects": c.disconnects,
+            "received": s.received,
+            "dropped": s.dropped,
+            "unverifiable": dict(s.unverifiable),
+            "rejected": dict(s.rejected),
+            "pending": s.pending,
+            "duplicates": s.duplicates,
+            "suppressed": s.suppressed,
+            "responses": s.responses,
+            "audit_failures": s.audit_failures,
+        }
+
+    def close(self) -> None:
+        """Stop the service, announce ``online: false``, disconnect. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.service.close()
+        self.announcer.close()
+        self.client.close()
+        self._audit.on_append = self._previous_hook
+
+    def __enter__(self) -> RequestsWorker:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def requests_worker(ctx: DaemonContext) -> RequestsWorker:
+    """Daemon worker factory: MQTT + request service on the daemon's key and audit log.
+
+    Shares ``ctx.services["request_store"]`` (opened here unless an earlier factory did) and
+    ``ctx.services["requests"]`` (this worker: ``.service.respond`` and
+    ``.delivery_publisher()`` for the approval coordinator).
+    """
+    store = ctx.services.get("request_store")
+    if not isinstance(store, RequestStore):
+        store = ctx.resources.enter_context(RequestStore.open(ctx.config.state_dir))
+        ctx.services["request_store"] = store
+    worker = RequestsWorker(ctx.config, signing_key=ctx.device_key, store=store, audit=ctx.audit)
+    ctx.services["requests"] = worker
+    return worker
