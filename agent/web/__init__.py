@@ -1,0 +1,8 @@
+"""The homeowner's local web app (HTTPS, password login, CSRF-protected) served by the daemon.
+
+- :mod:`agent.web.auth`: password check, sessions, CSRF tokens, login lockout (pure logic).
+- :mod:`agent.web.services`: the protocols the app needs of the vault, store, engine and log.
+- :mod:`agent.web.app`: the Starlette application (pages and the JSON API under ``/api/``).
+- :mod:`agent.web.mkvframes`: reads JPEG frames out of a Matroska clip for in-browser playback.
+- :mod:`agent.web.server`: :class:`~agent.web.server.AppServer`, the uvicorn worker thread.
+"""

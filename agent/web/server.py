@@ -1,0 +1,329 @@
+"""Serving the local app: uvicorn over HTTPS in a thread of the daemon.
+
+:class:`AppServer` is the daemon's worker: ``start()`` binds the socket (so a port in use is an
+error the daemon sees at once, not a ``sys.exit`` inside uvicorn's thread) and starts
+``uvicorn.Server`` in a thread; ``close()`` sets ``should_exit`` and joins it; ``run(stop)``
+does both around a ``threading.Event``. :func:`build_server` assembles everything from the
+configuration and the components the daemon already holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Self
+
+import uvicorn
+
+from agent.approval.coordinator import ApprovalCoordinator
+from agent.config import Config
+from agent.errors import AgentError
+from agent.keys import check_secret
+from agent.provision import APP_PASSWORD, TLS_CERT, TLS_DIR, TLS_KEY, certificate_fingerprint
+from agent.requests.store import RequestStore
+from agent.timeutil import utcnow
+from agent.web.app import WebApp
+from agent.web.auth import PasswordFile, SessionStore
+from agent.web.services import (
+    AppServices,
+    AuditPort,
+    DecidingEngine,
+    EngineDecider,
+    RequestsPort,
+    StatusItem,
+    VaultPort,
+)
+from agent.web.views import deadline_for
+
+if TYPE_CHECKING:
+    from agent.daemon import DaemonContext
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S: Final = 15.0
+GRACEFUL_SHUTDOWN_S: Final = 3
+
+
+def _tls_context_factory(
+    config: uvicorn.Config, default: Callable[[], ssl.SSLContext]
+) -> ssl.SSLContext:
+    context = default()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (IPv4 or IPv6); raises AgentError if it fails."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise AgentError(
+            f"cannot listen on {host}:{port}: {exc.strerror}", hint="check app.bind"
+        ) from exc
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise AgentError(
+            f"the local app cannot listen on {host}:{port}: {exc.strerror}",
+            hint="another program uses that port, or change app.bind / app.port",
+        ) from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+class AppServer:
+    """The local app's HTTPS server as a daemon worker (context manager, idempotent close)."""
+
+    name = "app"
+
+    def __init__(
+        self,
+        web: WebApp,
+        *,
+        host: str,
+        port: int,
+        certfile: Path,
+        keyfile: Path,
+        log_level: str = "warning",
+    ) -> None:
+        self.web = web
+        self.host = host
+        self._requested_port = port
+        self._config = uvicorn.Config(
+            web.asgi(),
+            host=host,
+            port=port,
+            ssl_certfile=str(certfile),
+            ssl_keyfile=str(keyfile),
+            ssl_context_factory=_tls_context_factory,
+            log_level=log_level,
+            log_config=None,  # keep the daemon's logging set-up
+            access_log=False,
+            lifespan="off",
+            proxy_headers=False,
+            server_header=False,
+            limit_concurrency=64,
+            timeout_keep_alive=5,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+        self._server = uvicorn.Server(self._config)
+        self._socket: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def port(self) -> int:
+        """The port actually listened on (useful with port 0)."""
+        if self._socket is None:
+            return self._requested_port
+        return int(self._socket.getsockname()[1])
+
+    @property
+    def serving(self) -> bool:
+        """Whether uvicorn is accepting connections (for status and for waiting on ``run``)."""
+        return bool(self._server.started) and not self._closed
+
+    @property
+    def url(self) -> str:
+        """The app's base URL as reachable from this machine."""
+        host = "localhost" if self.host in ("0.0.0.0", "::", "127.0.0.1") else self.host  # noqa: S104
+        return f"https://{host}:{self.port}"
+
+    def start(self) -> None:
+        """Bind, start serving in a thread, and return once uvicorn is accepting connections.
+
+        Raises AgentError when the port cannot be bound or the server does not start.
+        """
+        with self._lock:
+            if self._thread is not None or self._closed:
+                raise AgentError("the local app server was already started")
+            self._socket = bind_socket(self.host, self._requested_port)
+            self._thread = threading.Thread(target=self._serve, name="app-server", daemon=True)
+            self._thread.start()
+        deadline = threading.Event()
+        waited = 0.0
+        while not self._server.started:
+            if not self._thread.is_alive():
+                self.close()
+                raise AgentError(
+                    f"the local app server stopped while starting: {self._error or 'see the log'}"
+                )
+            if waited >= STARTUP_TIMEOUT_S:
+                self.close()
+                raise AgentError("the local app server did not start in time")
+            deadline.wait(0.05)
+            waited += 0.05
+        log.info("local app listening on %s", self.url)
+
+    def _serve(self) -> None:
+        assert self._socket is not None
+        try:
+            self._server.run(sockets=[self._socket])
+        except SystemExit as exc:  # uvicorn exits on start-up failures
+            self._error = exc
+            log.error("the local app server failed to start (exit %s)", exc.code)
+        except Exception as exc:
+            self._error = exc
+            log.exception("the local app server failed")
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop serving: end live streams, let requests finish briefly, join (idempotent)."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        self.web.stopping.set()
+        self._server.should_exit = True
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                self._server.force_exit = True
+                thread.join(timeout)
+        if self._socket is not None:
+            self._socket.close()
+
+    def stats(self) -> dict[str, Any]:
+        """For the daemon's ``status.json``: where the app listens and how many are logged in."""
+        return {"url": self.url, "serving": self.serving, "sessions": len(self.web.sessions)}
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve until ``stop`` is set (the daemon's stop event), then close."""
+        self.start()
+        try:
+            stop.wait()
+        finally:
+            self.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def build_server(
+    cfg: Config,
+    services: AppServices,
+    *,
+    now: Callable[[], datetime] = utcnow,
+    port: int | None = None,
+) -> AppServer:
+    """The app server for a configured device: password file, TLS pair and session lifetime.
+
+    Raises InsecurePermissionsError when the TLS key or password hash is readable by others.
+    """
+    state = cfg.state_dir
+    password_path = state / APP_PASSWORD
+    certfile, keyfile = state / TLS_DIR / TLS_CERT, state / TLS_DIR / TLS_KEY
+    check_secret(password_path)
+    check_secret(keyfile)
+    web = WebApp(
+        services,
+        PasswordFile(password_path),
+        SessionStore(cfg.app.session_lifetime, now=now),
+        now=now,
+        tls_fingerprint=certificate_fingerprint(certfile),
+    )
+    return AppServer(
+        web,
+        host=cfg.app.bind,
+        port=cfg.app.port if port is None else port,
+        certfile=certfile,
+        keyfile=keyfile,
+    )
+
+
+def build_services(
+    cfg: Config,
+    *,
+    store: RequestsPort,
+    engine: DecidingEngine,
+    vault: VaultPort,
+    audit: AuditPort,
+    runtime: Callable[[], Sequence[StatusItem]] = lambda: (),
+) -> AppServices:
+    """The app's view of the daemon's components (decisions go through ``engine`` as ``app``)."""
+    return AppServices(
+        requests=store,
+        decider=EngineDecider(engine, store),
+        vault=vault,
+        audit=audit,
+        device_id=cfg.device_id,
+        retention=cfg.storage.retention,
+        max_bytes=cfg.storage.max_bytes,
+        deadline=deadline_for(cfg.approval.timeout),
+        runtime=runtime,
+        camera_fps=cfg.camera.fps,
+    )
+
+
+def snapshot_items(snapshot: dict[str, Any]) -> list[StatusItem]:
+    """Status-page lines for the daemon's workers (camera, requests/MQTT, ...) from its snapshot.
+
+    One line per worker: its state, its error if any, and its scalar stats.
+    """
+    items: list[StatusItem] = []
+    workers = snapshot.get("workers")
+    if not isinstance(workers, dict):
+        return items
+    for name, info in workers.items():
+        if name == AppServer.name or not isinstance(info, dict):
+            continue
+        state = str(info.get("state", "unknown"))
+        parts = [state]
+        if info.get("error"):
+            parts.append(str(info["error"]))
+        stats = info.get("stats")
+        if isinstance(stats, dict):
+            parts.extend(
+                f"{key}: {value}"
+                for key, value in stats.items()
+                if isinstance(value, str | int | float | bool)
+            )
+        items.append(StatusItem(str(name).capitalize(), " · ".join(parts), state == "running"))
+    return items
+
+
+def app_worker(ctx: DaemonContext) -> AppServer | None:
+    """Daemon worker factory: the local app, when ``app.enabled``.
+
+    Needs ``ctx.services["request_store"]`` (the requests factory) and
+    ``ctx.services["approval"]`` (the approval coordinator's factory), so it is listed after
+    both in ``WORKER_FACTORIES``.
+    """
+    cfg = ctx.config
+    if not cfg.app.enabled:
+        return None
+    store = ctx.services.get("request_store")
+    engine = ctx.services.get("approval")
+    if not isinstance(store, RequestStore) or not isinstance(engine, ApprovalCoordinator):
+        raise AgentError(
+            "the local app needs the request store and the approval coordinator",
+            hint="list app_worker after the requests and approval factories",
+        )
+    services = build_services(
+        cfg,
+        store=store,
+        engine=engine,
+        vault=ctx.vault,
+        audit=ctx.audit,
+        runtime=lambda: snapshot_items(ctx.snapshot()),
+    )
+    return build_server(cfg, services)
