@@ -6,6 +6,7 @@ import json
 import os
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ def cfg_path(tmp_path: Path) -> Path:
     return path
 
 
-def _status(cfg_path: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
+def _status(cfg_path: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     capsys.readouterr()
     assert main(["--config", str(cfg_path), "status", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -39,7 +40,8 @@ def test_status_json_identity_and_empty_state(
     assert doc["device_id"] == "porch"
     assert doc["kid"] == kid_for(key.public_key())
     assert doc["public_jwk"] == public_jwk(key.public_key())
-    assert isinstance(doc["app_tls_fingerprint"], str) and doc["app_tls_fingerprint"].count(":") == 31
+    fingerprint = doc["app_tls_fingerprint"]
+    assert isinstance(fingerprint, str) and fingerprint.count(":") == 31
     assert doc["agent"] == {
         "state": "not running (no status.json: the agent has not run yet)",
         "snapshot": None,
@@ -49,7 +51,7 @@ def test_status_json_identity_and_empty_state(
     }
     assert doc["requests"] == {"pending": 0}
     assert doc["audit"] == {"seq": 0, "hash": None}
-    assert set(doc["clock"]) >= {"synchronised", "source", "detail", "note"}  # type: ignore[arg-type]
+    assert set(doc["clock"]) >= {"synchronised", "source", "detail", "note"}
 
 
 def test_status_text(cfg_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -191,7 +191,7 @@ def handler(args: argparse.Namespace) -> int:
         with _client(settings, keys, subscriptions, inbox.put) as client:
             client.wait_ready(CONNECT_TIMEOUT)
             if device_key is None:
-                device_key = _device_key_from_status(inbox, topics)
+                device_key = device_key_from_status(inbox, topics)
             if args.output is not None:
                 step = _delivery_step(args.output, keys, topics, jti, device_key)
             exchange = Exchange(topics, keys.requester_id, jti, device_key, secrets.token_bytes(16))
@@ -336,7 +336,10 @@ def _publish(client: MQTTClient, topics: Topics, token: str, correlation: bytes)
         ) from None
 
 
-def _device_key_from_status(inbox: queue.Queue[InboundMessage], topics: Topics) -> Ed25519PublicKey:
+def device_key_from_status(
+    inbox: queue.Queue[InboundMessage], topics: Topics
+) -> Ed25519PublicKey:
+    """The device key from the retained status message (its ``public_jwk``), waiting briefly."""
     deadline = time.monotonic() + STATUS_TIMEOUT
     skipped: list[InboundMessage] = []
     try:

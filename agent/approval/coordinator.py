@@ -1,0 +1,547 @@
+"""The approval coordinator: runs the pure machine against the store, the audit log and delivery.
+
+Every decision (button, app, CLI), every tick and every delivery outcome goes through
+:meth:`ApprovalCoordinator._execute`, which carries out the effects of a machine
+:class:`~agent.approval.machine.Transition` in a fixed order:
+
+1. the audit entry (``request_approved`` ...) is appended and fsync'd; if that fails nothing else
+   happens (fail closed: no release without its audit entry);
+2. the new status is persisted with the store's compare-and-set (``pending -> approved`` only if
+   still pending, so a concurrent revocation or decision wins cleanly);
+3. the response is queued, the delivery is scheduled, the retention hold is released.
+
+Decisions are serialised by one lock. Delivery runs on its own worker thread, one request at a
+time; a tick thread expires overdue requests, applies decisions the CLI stored while the daemon
+was down, places retention holds on new pending requests and drives the LED.
+
+At start (:meth:`recover`): queued decisions are applied, holds are checked, ``approved``
+requests (a crash mid-delivery) are delivered again, and responses whose status the store does
+not record as answered are sent again.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Protocol
+
+from agent.approval.decisions import Action, DecisionLog
+from agent.approval.machine import (
+    TERMINAL,
+    ApprovalState,
+    Approve,
+    Audit,
+    Channel,
+    DeliveryFailed,
+    DeliverySucceeded,
+    Deny,
+    Event,
+    Policy,
+    Refusal,
+    ReleaseHold,
+    Respond,
+    StartDelivery,
+    Status,
+    Tick,
+    Transition,
+    transition,
+)
+from agent.errors import (
+    AgentError,
+    ApprovalError,
+    AuditWriteError,
+    DeliveryError,
+    RequestNotFoundError,
+)
+from agent.release.deliver import DeliveryJob
+from agent.release.manifest import ManifestClip
+from agent.requests.store import RequestRecord, RequestStore
+from agent.timeutil import rfc3339, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class AuditSink(Protocol):
+    """What the coordinator needs of :class:`agent.audit.AuditLog`."""
+
+    def append(self, event: str, **fields: object) -> object: ...
+
+
+class Responder(Protocol):
+    """Signs and queues a response (``RequestService.respond``)."""
+
+    def __call__(self, request: RequestRecord, status: str, /, **claims: Any) -> object: ...
+
+
+class HoldingVault(Protocol):
+    """The vault calls the coordinator makes."""
+
+    def hold(self, holder: str, start: datetime, end: datetime) -> None: ...
+
+    def release_hold(self, holder: str) -> bool: ...
+
+    def clips_overlapping(self, start: datetime, end: datetime) -> Sequence[object]: ...
+
+
+class Deliverer(Protocol):
+    """Releases one approved request (:class:`agent.release.deliver.Deliverer`)."""
+
+    def deliver(self, job: DeliveryJob) -> tuple[ManifestClip, ...]: ...
+
+
+@dataclass(frozen=True)
+class DecisionResult:
+    """What a decision did."""
+
+    jti: str
+    status: Status
+    awaiting_confirmation: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        """The result as the control socket and ``approve --json`` report it."""
+        return {
+            "id": self.jti,
+            "status": self.status.value,
+            "awaiting_confirmation": self.awaiting_confirmation,
+        }
+
+
+def request_fields(record: RequestRecord) -> dict[str, object]:
+    """The request's identifying fields for its audit entries (contract §7)."""
+    return {
+        "jti": record.jti,
+        "requester": record.requester_id,
+        "kid": record.kid,
+        "window": {
+            "start": rfc3339(record.window_start) if record.window_start else None,
+            "end": rfc3339(record.window_end) if record.window_end else None,
+        },
+        "reason": record.reason,
+        "legal_basis": record.legal_basis,
+        "legal_ref": record.legal_ref,
+        "case": record.case,
+    }
+
+
+class ApprovalCoordinator:
+    """Applies owner decisions, expiry and delivery outcomes; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        store: RequestStore,
+        audit: AuditSink,
+        policy: Policy,
+        vault: HoldingVault,
+        respond: Responder,
+        deliverer_factory: Callable[[], Deliverer],
+        device_id: str,
+        now: Callable[[], datetime] = utcnow,
+        tick_interval: float = 1.0,
+        indicator: Callable[[bool], None] | None = None,
+    ) -> None:
+        self._store = store
+        self.decisions = DecisionLog(store)
+        self._audit = audit
+        self.policy = policy
+        self._vault = vault
+        self._respond = respond
+        self._deliverer_factory = deliverer_factory
+        self._device_id = device_id
+        self._now = now
+        self._tick_interval = tick_interval
+        self._indicator = indicator
+        self._lit: bool | None = None
+        self._held: set[str] = set()
+        self._lock = threading.RLock()
+        self._deliveries: queue.Queue[str | None] = queue.Queue()
+        self._scheduled: set[str] = set()
+        self._idle = threading.Condition()
+        self._busy = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._started = False
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover from the last run, then start the tick and delivery threads."""
+        if self._started:
+            return
+        self._started = True
+        self.recover()
+        for name, target in (("approval-tick", self._tick_loop), ("delivery", self._worker)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the threads (a delivery still running is redone at the next start). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._deliveries.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
+        self._set_indicator(False)
+
+    def __enter__(self) -> ApprovalCoordinator:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no delivery is scheduled or running; says whether that happened."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._busy == 0, timeout)
+
+    # -- decisions -------------------------------------------------------------------------
+
+    def decide(
+        self, jti: str, action: Action, channel: Channel, *, at: datetime | None = None
+    ) -> DecisionResult:
+        """Apply the owner's decision on ``jti`` made on ``channel`` (at ``at``, default now).
+
+        Raises RequestNotFoundError for an unknown jti, ApprovalError when the request is not
+        pending (or expired, or the channel is disabled, or the button is pressed without a
+        first factor under ``require: all``), AuditWriteError when the decision could not be
+        audited (then nothing happened).
+        """
+        event: Event = Approve(channel) if action == "approve" else Deny(channel)
+        with self._lock:
+            record = self._store.get_request(jti)
+            if record.status == "rejected":
+                raise ApprovalError(
+                    f"request {jti} is not pending: it was rejected ({record.error})"
+                )
+            now = at or self._now()
+            t = transition(self._state_of(record), event, self.policy, now)
+            extra = {"made_at": rfc3339(at)} if at is not None else {}
+            self._execute(record, t, now, extra)
+            self._refresh_indicator()
+        if t.refusal is not None:
+            raise ApprovalError(self._refusal_message(record, t, channel))
+        return DecisionResult(jti, t.after.status, t.after.awaiting_confirmation(self.policy, now))
+
+    def button_press(self) -> DecisionResult | None:
+        """A short press: approve (or, with ``require: all``, confirm) the oldest pending request.
+
+        With nothing to approve the press is audited as ``button_ignored`` and None returned.
+        """
+        with self._lock:
+            now = self._now()
+            self._expire_due(now)
+            pending = self._store.list_requests(["pending"])
+            if self.policy.require == "all":
+                waiting = [
+                    r for r in pending if self._state_of(r).awaiting_confirmation(self.policy, now)
+                ]
+                if not waiting:
+                    why = (
+                        "nothing pending"
+                        if not pending
+                        else "no request was approved in the app or CLI within the "
+                        "confirmation window"
+                    )
+                    self._ignored("approve", why)
+                    return None
+                target = waiting[0]
+            else:
+                if not pending:
+                    self._ignored("approve", "nothing pending")
+                    return None
+                target = pending[0]
+            return self._button_decide(target.jti, "approve")
+
+    def button_hold(self) -> DecisionResult | None:
+        """A long press: deny the oldest pending request (audited ``button_ignored`` if none)."""
+        with self._lock:
+            self._expire_due(self._now())
+            pending = self._store.list_requests(["pending"])
+            if not pending:
+                self._ignored("deny", "nothing pending")
+                return None
+            return self._button_decide(pending[0].jti, "deny")
+
+    def _button_decide(self, jti: str, action: Action) -> DecisionResult | None:
+        try:
+            return self.decide(jti, action, Channel.BUTTON)
+        except AgentError as exc:
+            # Runs on gpiozero's callback thread: report, never raise into it.
+            log.error("button %s of request %s not applied: %s", action, jti, exc)
+            return None
+
+    def _ignored(self, action: str, reason: str) -> None:
+        try:
+            self._audit.append("button_ignored", action=action, reason=reason)
+        except AuditWriteError as exc:
+            log.error("cannot audit an ignored button press: %s", exc)
+        log.info("button %s ignored: %s", action, reason)
+
+    # -- periodic work ---------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Apply stored decisions, expire overdue requests, hold new ones' clips, drive the LED."""
+        with self._lock:
+            self._apply_queued()
+            now = self._now()
+            self._expire_due(now)
+            for record in self._store.list_requests(["pending"]):
+                if record.jti not in self._held:
+                    self._hold(record)
+            self._refresh_indicator()
+
+    def recover(self) -> None:
+        """At start: finish what the last run left (see the module docstring)."""
+        with self._lock:
+            self._apply_queued()
+            self._expire_due(self._now())
+            for record in self._store.list_requests(["pending", "approved"]):
+                self._hold(record)
+            finished = [s.value for s in TERMINAL]
+            for record in self._store.list_requests(finished):
+                if record.responded != record.status:
+                    self._release_hold(record.jti)
+                    self._answer(record, Status(record.status), self._claims_of(record))
+            for record in self._store.list_requests(["approved"]):
+                log.info("request %s was approved but not delivered: delivering again", record.jti)
+                if record.responded != "approved":
+                    self._answer(record, Status.APPROVED, self._claims_of(record))
+                self._schedule(record.jti)
+            self._refresh_indicator()
+
+    def _apply_queued(self) -> None:
+        for decision in self.decisions.queued():
+            try:
+                self.decide(decision.jti, decision.action, decision.channel, at=decision.made_at)
+            except AuditWriteError as exc:
+                log.error("stored decision on %s not applied yet: %s", decision.jti, exc)
+                return
+            except (ApprovalError, RequestNotFoundError) as exc:
+                log.warning("stored decision on %s refused: %s", decision.jti, exc)
+                self.decisions.settle(decision.id, False, exc.message)
+            else:
+                self.decisions.settle(decision.id, True)
+
+    def _expire_due(self, now: datetime) -> None:
+        for record in self._store.list_requests(["pending"]):
+            t = transition(self._state_of(record), Tick(), self.policy, now)
+            if t.status_changed:
+                try:
+                    self._execute(record, t, now)
+                except (AuditWriteError, ApprovalError) as exc:
+                    log.error("cannot expire request %s yet: %s", record.jti, exc)
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(self._tick_interval):
+            try:
+                self.tick()
+            except Exception:
+                log.exception("approval tick failed")
+
+    # -- delivery --------------------------------------------------------------------------
+
+    def _schedule(self, jti: str) -> None:
+        if jti in self._scheduled:
+            return
+        self._scheduled.add(jti)
+        with self._idle:
+            self._busy += 1
+        self._deliveries.put(jti)
+
+    def _worker(self) -> None:
+        while True:
+            jti = self._deliveries.get()
+            if jti is None or self._stop.is_set():
+                return
+            try:
+                self._deliver(jti)
+            except Exception:
+                log.exception("delivery of %s crashed; it is retried at the next start", jti)
+            finally:
+                self._scheduled.discard(jti)
+                with self._idle:
+                    self._busy -= 1
+                    self._idle.notify_all()
+
+    def _deliver(self, jti: str) -> None:
+        record = self._store.get_request(jti)
+        if record.status != "approved":
+            return
+        assert record.window_start and record.window_end and record.recipient
+        job = DeliveryJob(
+            device_id=self._device_id,
+            requester_id=record.requester_id,
+            jti=jti,
+            window_start=record.window_start,
+            window_end=record.window_end,
+            recipient=record.recipient,
+        )
+        event: Event
+        try:
+            entries = self._deliverer_factory().deliver(job)
+            event = DeliverySucceeded(len(entries))
+        except DeliveryError as exc:
+            log.error("delivery of %s failed: %s", jti, exc)
+            event = DeliveryFailed(exc.message)
+        with self._lock:
+            record = self._store.get_request(jti)
+            now = self._now()
+            t = transition(self._state_of(record), event, self.policy, now)
+            try:
+                self._execute(record, t, now)
+            except AuditWriteError as exc:
+                log.critical(
+                    "delivery of %s ended but its audit entry failed (%s); "
+                    "it stays approved and is redone at the next start",
+                    jti,
+                    exc,
+                )
+
+    # -- effects ---------------------------------------------------------------------------
+
+    def _state_of(self, record: RequestRecord) -> ApprovalState:
+        status = Status(record.status)
+        first = (
+            self.decisions.first_factor(record.jti)
+            if status is Status.PENDING and self.policy.require == "all"
+            else None
+        )
+        return ApprovalState(record.jti, status, record.received_at, record.exp, first)
+
+    def _execute(
+        self,
+        record: RequestRecord,
+        t: Transition,
+        now: datetime,
+        extra: Mapping[str, object] | None = None,
+    ) -> None:
+        for effect in t.effects:
+            if isinstance(effect, Audit):
+                self._audit.append(
+                    effect.event, **request_fields(record), **dict(effect.fields), **(extra or {})
+                )
+        if t.status_changed:
+            updated = self._store.set_status(
+                record.jti,
+                [t.before.status.value],
+                t.after.status.value,
+                **self._columns(record, t, now),
+            )
+            if updated is None:
+                log.error(
+                    "request %s changed while %s was being applied; the audit entry stands "
+                    "but nothing else was done",
+                    record.jti,
+                    t.after.status.value,
+                )
+                raise ApprovalError(f"request {record.jti} changed meanwhile; nothing was done")
+            record = updated
+        elif t.after.first_factor != t.before.first_factor and t.after.first_factor is not None:
+            self.decisions.record_factor(record.jti, t.after.first_factor)
+        for effect in t.effects:
+            if isinstance(effect, Respond):
+                self._answer(record, effect.status, dict(effect.fields))
+            elif isinstance(effect, StartDelivery):
+                self._schedule(record.jti)
+            elif isinstance(effect, ReleaseHold):
+                self._release_hold(record.jti)
+
+    def _columns(self, record: RequestRecord, t: Transition, now: datetime) -> dict[str, object]:
+        after = t.after.status
+        if after is Status.APPROVED:
+            return {
+                "channel": t.after.decided_by[-1].channel.value,
+                "decided_at": now,
+                "clips": self._clip_count(record),
+            }
+        if after is Status.DENIED:
+            return {"channel": t.after.decided_by[-1].channel.value, "decided_at": now}
+        if after is Status.EXPIRED:
+            return {"decided_at": now, "detail": "not approved before its deadline"}
+        audit = next(e for e in t.effects if isinstance(e, Audit))
+        if after is Status.DELIVERED:
+            return {"finished_at": now, "clips": audit.fields["clips"]}
+        return {"finished_at": now, "detail": str(audit.fields["error"])[:1000]}
+
+    def _clip_count(self, record: RequestRecord) -> int:
+        assert record.window_start is not None and record.window_end is not None
+        return len(self._vault.clips_overlapping(record.window_start, record.window_end))
+
+    def _claims_of(self, record: RequestRecord) -> dict[str, object]:
+        status = Status(record.status)
+        if status in (Status.APPROVED, Status.DENIED):
+            claims: dict[str, object] = {"channel": record.channel}
+            if status is Status.APPROVED:
+                claims["clips"] = record.clips if record.clips is not None else 0
+            return claims
+        if status is Status.DELIVERED:
+            return {"clips": record.clips if record.clips is not None else 0}
+        return {}
+
+    def _answer(self, record: RequestRecord, status: Status, claims: dict[str, object]) -> None:
+        if status is Status.APPROVED and "clips" not in claims:
+            claims["clips"] = record.clips if record.clips is not None else 0
+        try:
+            self._respond(record, status.value, **claims)
+        except (AgentError, ValueError) as exc:
+            log.warning("response %s to request %s not sent: %s", status.value, record.jti, exc)
+
+    def _hold(self, record: RequestRecord) -> None:
+        if record.window_start is None or record.window_end is None:
+            return
+        try:
+            self._vault.hold(record.jti, record.window_start, record.window_end)
+        except AgentError as exc:
+            log.error("cannot hold the clips of request %s: %s", record.jti, exc)
+            return
+        self._held.add(record.jti)
+
+    def _release_hold(self, jti: str) -> None:
+        try:
+            self._vault.release_hold(jti)
+        except AgentError as exc:
+            log.error("cannot release the hold of request %s: %s", jti, exc)
+        self._held.discard(jti)
+
+    def _refresh_indicator(self) -> None:
+        self._set_indicator(bool(self._store.list_requests(["pending"])))
+
+    def _set_indicator(self, lit: bool) -> None:
+        if self._indicator is None or lit == self._lit:
+            return
+        self._lit = lit
+        try:
+            self._indicator(lit)
+        except Exception:
+            log.exception("the pending indicator failed")
+
+    def _refusal_message(self, record: RequestRecord, t: Transition, channel: Channel) -> str:
+        jti = record.jti
+        if t.refusal is Refusal.NOT_PENDING:
+            return f"request {jti} is not pending (it is {t.after.status.value})"
+        if t.refusal is Refusal.EXPIRED:
+            return f"request {jti} expired at {rfc3339(t.before.deadline(self.policy))}"
+        if t.refusal is Refusal.CHANNEL_DISABLED:
+            return f"the {channel.value} channel is not enabled in approval.channels"
+        if t.refusal is Refusal.NEEDS_FIRST_FACTOR:
+            return (
+                f"approval.require is all: approve request {jti} in the app or with "
+                "`doorbell-agent approve` first, then press the button within "
+                "approval.confirm_window"
+            )
+        return f"request {jti} is not approved"

@@ -1,0 +1,148 @@
+"""The approval part of ``doorbell-agent run``: coordinator, control socket and button/LED.
+
+:func:`approval_worker` is a daemon worker factory (see :mod:`agent.daemon`). It must come after
+``requests_worker`` (it answers through ``ctx.services["requests"].service.respond`` and
+delivers through its ``delivery_publisher()``) and before the local app (which finds the
+coordinator in ``ctx.services["approval"]``).
+
+The button is optional hardware: when the ``button`` channel is on but no GPIO is usable (not a
+Raspberry Pi, no pin driver), the agent logs why and runs without it; the app and the CLI still
+decide, and ``status`` shows the button as unavailable.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from agent.approval.button import ButtonPanel
+from agent.approval.control import ControlServer, socket_path
+from agent.approval.coordinator import ApprovalCoordinator, DecisionResult
+from agent.approval.decisions import Action
+from agent.approval.machine import Channel, Policy
+from agent.errors import StateError
+from agent.release.deliver import Deliverer
+
+if TYPE_CHECKING:
+    from agent.config import Config
+    from agent.daemon import DaemonContext
+
+log = logging.getLogger(__name__)
+
+
+class ApprovalWorker:
+    """Runs the coordinator, serves ``agent.sock`` and drives the button panel."""
+
+    name = "approval"
+
+    def __init__(
+        self,
+        coordinator: ApprovalCoordinator,
+        control: ControlServer,
+        panel: ButtonPanel | None,
+        button_error: str | None = None,
+    ) -> None:
+        self.coordinator = coordinator
+        self.control = control
+        self.panel = panel
+        self.button_error = button_error
+        self._closed = False
+
+    def run(self, stop: threading.Event) -> None:
+        """Recover, serve decisions until ``stop``, then stop taking them."""
+        self.coordinator.start()
+        self.control.start()
+        stop.wait()
+        self.control.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Channels, whether the button works, and whether the LED says something is pending."""
+        return {
+            "channels": sorted(c.value for c in self.coordinator.policy.channels),
+            "require": self.coordinator.policy.require,
+            "button": "ok" if self.panel is not None else (self.button_error or "off"),
+            "pending_indicator": self.panel.blinking if self.panel is not None else None,
+        }
+
+    def close(self) -> None:
+        """Release the pins, the socket and the coordinator's threads. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.panel is not None:
+            self.panel.close()
+        self.control.close()
+        self.coordinator.close()
+
+
+def policy_of(cfg: Config) -> Policy:
+    """The approval policy of a configuration."""
+    a = cfg.approval
+    return Policy.from_settings(a.channels, a.require, a.timeout, a.confirm_window)
+
+
+def approval_worker(ctx: DaemonContext) -> ApprovalWorker:
+    """Daemon worker factory; shares the coordinator as ``ctx.services["approval"]``."""
+    cfg = ctx.config
+    requests: Any = ctx.services.get("requests")
+    store: Any = ctx.services.get("request_store")
+    if requests is None or store is None:
+        raise StateError("the approval worker needs the requests worker to be set up first")
+    policy = policy_of(cfg)
+
+    def deliverer() -> Deliverer:
+        return Deliverer(
+            vault=ctx.vault,
+            publisher=requests.delivery_publisher(),
+            signing_key=ctx.device_key,
+            topic_prefix=cfg.mqtt.topic_prefix,
+            chunk_bytes=cfg.delivery.chunk_bytes,
+            retries=cfg.delivery.retries,
+        )
+
+    panels: list[ButtonPanel] = []
+
+    def indicate(pending: bool) -> None:
+        for p in panels:
+            p.set_pending(pending)
+
+    coordinator = ApprovalCoordinator(
+        store=store,
+        audit=ctx.audit,
+        policy=policy,
+        vault=ctx.vault,
+        respond=requests.service.respond,
+        deliverer_factory=deliverer,
+        device_id=cfg.device_id,
+        indicator=indicate,
+    )
+    button_error: str | None = None
+    if Channel.BUTTON in policy.channels and cfg.approval.button.enabled:
+        b = cfg.approval.button
+        try:
+            panels.append(
+                ButtonPanel(
+                    pin=b.pin,
+                    led_pin=b.led_pin,
+                    hold_time=b.hold_time,
+                    bounce_time=b.bounce_time,
+                    on_press=coordinator.button_press,
+                    on_hold=coordinator.button_hold,
+                )
+            )
+        except Exception as exc:  # gpiozero raises its own hierarchy, and OSError on /dev/gpio*
+            button_error = f"unavailable: {exc}"
+            log.warning("approval button on GPIO %d not available: %s", b.pin, exc)
+
+    def decide(jti: str, action: Action, channel: Channel) -> dict[str, object]:
+        result: DecisionResult = coordinator.decide(jti, action, channel)
+        return result.to_json()
+
+    ctx.services["approval"] = coordinator
+    return ApprovalWorker(
+        coordinator,
+        ControlServer(socket_path(cfg.state_dir), decide),
+        panels[0] if panels else None,
+        button_error,
+    )

@@ -1,0 +1,433 @@
+"""``doorbell-agent run``: workers sharing one stop event, a status snapshot, clean shutdown.
+
+Structure
+---------
+- A **worker** is anything with ``run(stop)`` (block until the shared ``stop`` event is set,
+  then return once its in-flight work is finished) and an idempotent ``close()``. Optional:
+  a ``name`` attribute (default: the class name) and ``stats() -> dict`` (shown in
+  ``status.json``). Each worker's ``run`` gets its own thread.
+- A **factory** builds one worker from the :class:`DaemonContext` (config, stop event, clock,
+  device key, audit log, vault, and ``services``: a registry where a factory can leave an
+  object for the factories after it, e.g. ``ctx.services["mqtt"] = client``). It returns None
+  when its part is switched off. :data:`WORKER_FACTORIES` lists them in start order; a new
+  part of the agent plugs in by adding its factory there.
+- :class:`Daemon` starts every worker, turns SIGTERM/SIGINT into the stop event, writes
+  ``status.json`` every few seconds, tells systemd (``READY=1``, ``STOPPING=1``, watchdog),
+  and on stop joins the workers (the camera worker finishes its open clip) and closes them in
+  reverse order. A worker that raises stops the whole daemon (exit status 1) so systemd
+  restarts it; camera faults never get that far (the camera worker absorbs them).
+
+``status.json`` (state directory, mode 0600, replaced atomically)::
+
+    {"device_id": ..., "version": ..., "pid": ..., "state": "running"|"stopping"|"stopped",
+     "started": RFC 3339, "updated": RFC 3339,
+     "workers": {NAME: {"state": "running"|"finished"|"failed"|"not started",
+                        "error": str|null, "stats": {...}|null}}}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent import __version__
+from agent.approval.worker import approval_worker
+from agent.audit import AuditLog
+from agent.camera.frame import SystemClock
+from agent.camera.pipeline import CameraWorker
+from agent.config import Config
+from agent.errors import AgentError, AuditWriteError
+from agent.keys import load_device_key
+from agent.requests.service import requests_worker
+from agent.sdnotify import Notifier, Watchdog
+from agent.timeutil import rfc3339, utcnow
+from agent.vault import Vault
+from agent.web.server import app_worker
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+AUDIT_FILE = "audit.jsonl"
+STATUS_INTERVAL = 5.0
+"""Seconds between ``status.json`` snapshots."""
+JOIN_TIMEOUT = 30.0
+"""Seconds the daemon waits, in total, for workers to finish after the stop event."""
+RETENTION_INTERVAL = timedelta(minutes=10)
+
+
+class Worker(Protocol):
+    """A part of the daemon run in its own thread (see the module docstring)."""
+
+    def run(self, stop: threading.Event) -> None:
+        """Work until ``stop`` is set; return once in-flight work is finished."""
+        ...
+
+    def close(self) -> None:
+        """Release resources; idempotent."""
+        ...
+
+
+@dataclass
+class DaemonContext:
+    """What worker factories build from; owned and closed by :func:`run_daemon`."""
+
+    config: Config
+    stop: threading.Event
+    clock: SystemClock
+    device_key: Ed25519PrivateKey
+    audit: AuditLog
+    vault: Vault
+    resources: contextlib.ExitStack
+    """Factories register cleanups for objects they create (closed after every worker)."""
+    services: dict[str, object] = field(default_factory=dict)
+    """Objects one factory shares with the factories after it."""
+    snapshot: Callable[[], dict[str, Any]] = field(default=dict)
+    """The daemon's latest status document (``status.json``), for the app and MQTT."""
+
+
+WorkerFactory = Callable[[DaemonContext], Worker | None]
+
+
+def camera_worker(ctx: DaemonContext) -> Worker | None:
+    """camera → motion → recorder → vault."""
+    return CameraWorker.from_config(ctx.config, ctx.vault, ctx.clock)
+
+
+class RetentionWorker:
+    """Crypto-shreds clips past ``storage.retention`` or beyond ``storage.max_bytes``."""
+
+    name = "retention"
+
+    def __init__(
+        self,
+        vault: Vault,
+        *,
+        interval: timedelta = RETENTION_INTERVAL,
+        now: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.vault = vault
+        self.interval = interval
+        self.now = now
+        self.runs = 0
+        self.deleted = 0
+        self.stored_bytes: int | None = None
+        self.last_error: str | None = None
+
+    def run(self, stop: threading.Event) -> None:
+        """Enforce retention now and every ``interval`` until ``stop``."""
+        while True:
+            self.enforce()
+            if stop.wait(self.interval.total_seconds()):
+                return
+
+    def enforce(self) -> None:
+        """One pass; failures are logged and retried next time (recording goes on)."""
+        try:
+            report = self.vault.enforce_retention(self.now())
+        except (AgentError, OSError) as exc:
+            self.last_error = str(exc)
+            log.error("retention pass failed: %s", exc)
+            return
+        self.runs += 1
+        self.deleted += len(report.deleted)
+        self.stored_bytes = report.stored_bytes
+        self.last_error = None
+
+    def stats(self) -> dict[str, Any]:
+        """Passes, clips deleted, bytes stored."""
+        return {
+            "runs": self.runs,
+            "deleted": self.deleted,
+            "stored_bytes": self.stored_bytes,
+            "last_error": self.last_error,
+        }
+
+    def close(self) -> None:
+        """Nothing to release (the vault belongs to the daemon)."""
+
+
+def retention_worker(ctx: DaemonContext) -> Worker | None:
+    """Retention and quota enforcement."""
+    return RetentionWorker(ctx.vault)
+
+
+WORKER_FACTORIES: tuple[WorkerFactory, ...] = (
+    camera_worker,
+    retention_worker,
+    requests_worker,
+    approval_worker,
+    app_worker,
+)
+"""Every part of the running agent, in start order (closed in reverse)."""
+
+
+def worker_name(worker: Worker) -> str:
+    """A worker's ``name`` attribute, else its class name."""
+    name = getattr(worker, "name", None)
+    return name if isinstance(name, str) and name else type(worker).__name__
+
+
+def write_status(path: Path, document: Mapping[str, Any]) -> None:
+    """Replace ``path`` atomically with ``document`` as JSON (mode 0600)."""
+    data = json.dumps(document, indent=2, sort_keys=True, default=str).encode("utf-8")
+    fd, tmp = tempfile.mkstemp(prefix=".status-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class _Slot:
+    """One worker, its thread and how it ended."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.name = worker_name(worker)
+        self.thread: threading.Thread | None = None
+        self.error: str | None = None
+        self.finished = False
+
+    @property
+    def state(self) -> str:
+        if self.error is not None:
+            return "failed"
+        if self.thread is None:
+            return "not started"
+        if self.finished or not self.thread.is_alive():
+            return "finished"
+        return "running"
+
+
+class Daemon:
+    """Runs workers until the stop event; see the module docstring."""
+
+    def __init__(
+        self,
+        workers: Sequence[Worker],
+        stop: threading.Event,
+        *,
+        status_path: Path | None = None,
+        info: Mapping[str, Any] | None = None,
+        status_interval: float = STATUS_INTERVAL,
+        join_timeout: float = JOIN_TIMEOUT,
+        notifier: Notifier | None = None,
+        now: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.stop = stop
+        self.status_path = status_path
+        self.info = dict(info or {})
+        self.status_interval = status_interval
+        self.join_timeout = join_timeout
+        self.notifier = notifier or Notifier(None)
+        self.now = now
+        self.started = now()
+        self.state = "starting"
+        self.stop_reason: str | None = None
+        self._slots = [_Slot(w) for w in workers]
+        self._lock = threading.Lock()
+
+    def request_stop(self, reason: str) -> None:
+        """Set the stop event, remembering the first reason given."""
+        with self._lock:
+            if self.stop_reason is None:
+                self.stop_reason = reason
+        self.stop.set()
+
+    @property
+    def failed(self) -> bool:
+        """Whether a worker raised."""
+        return any(s.error is not None for s in self._slots)
+
+    def healthy(self) -> bool:
+        """No worker has failed (the systemd watchdog pings only while this holds)."""
+        return not self.failed
+
+    def snapshot(self) -> dict[str, Any]:
+        """The status document (see the module docstring)."""
+        workers: dict[str, Any] = {}
+        for slot in self._slots:
+            stats: Any = None
+            fn = getattr(slot.worker, "stats", None)
+            if callable(fn):
+                try:
+                    stats = fn()
+                except Exception as exc:
+                    stats = {"error": f"stats failed: {exc}"}
+            workers[slot.name] = {"state": slot.state, "error": slot.error, "stats": stats}
+        return {
+            **self.info,
+            "version": __version__,
+            "pid": os.getpid(),
+            "state": self.state,
+            "started": rfc3339(self.started),
+            "updated": rfc3339(self.now()),
+            "workers": workers,
+        }
+
+    def write_status(self) -> None:
+        """Write ``status.json`` now (failures are logged: status must not stop the agent)."""
+        if self.status_path is None:
+            return
+        try:
+            write_status(self.status_path, self.snapshot())
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.status_path, exc)
+
+    def _run_slot(self, slot: _Slot) -> None:
+        try:
+            slot.worker.run(self.stop)
+        except BaseException as exc:
+            slot.error = f"{type(exc).__name__}: {exc}"
+            log.exception("worker %s failed; stopping the agent", slot.name)
+            self.request_stop(f"worker {slot.name} failed")
+        else:
+            slot.finished = True
+            if not self.stop.is_set():
+                log.info("worker %s finished", slot.name)
+
+    def run(self) -> int:
+        """Start every worker, serve until stopped, shut down; 0 clean, 1 a worker failed."""
+        self.state = "running"
+        watchdog: threading.Thread | None = None
+        try:
+            for slot in self._slots:
+                slot.thread = threading.Thread(
+                    target=self._run_slot, args=(slot,), name=f"worker-{slot.name}", daemon=True
+                )
+                slot.thread.start()
+            names = ", ".join(s.name for s in self._slots)
+            log.info("agent running: %s", names)
+            self.notifier.ready(f"running: {names}")
+            dog = Watchdog.from_env(self.notifier, self.healthy, self.stop)
+            watchdog = dog.start() if dog is not None else None
+            self.write_status()
+            while not self.stop.wait(self.status_interval):
+                self.write_status()
+        finally:
+            self.request_stop("shutdown")
+            self.state = "stopping"
+            self.notifier.stopping(f"stopping: {self.stop_reason}")
+            log.info("stopping (%s)", self.stop_reason)
+            self.write_status()
+            self._join()
+            if watchdog is not None:
+                watchdog.join(1.0)
+            for slot in reversed(self._slots):
+                try:
+                    slot.worker.close()
+                except Exception:
+                    log.exception("closing worker %s failed", slot.name)
+            self.state = "stopped"
+            self.write_status()
+        return 1 if self.failed else 0
+
+    def _join(self) -> None:
+        deadline = time.monotonic() + self.join_timeout
+        for slot in self._slots:
+            if slot.thread is None:
+                continue
+            slot.thread.join(max(deadline - time.monotonic(), 0.0))
+            if slot.thread.is_alive():
+                # Its thread is a daemon thread: it cannot keep the process alive.
+                log.error("worker %s did not stop within %.0f s", slot.name, self.join_timeout)
+
+
+@contextlib.contextmanager
+def signals_set_stop(daemon: Daemon) -> Iterator[None]:
+    """While inside, SIGTERM and SIGINT ask ``daemon`` to stop (previous handlers restored)."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        daemon.request_stop(f"signal {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def run_daemon(
+    cfg: Config,
+    *,
+    factories: Sequence[WorkerFactory] = WORKER_FACTORIES,
+    stop: threading.Event | None = None,
+    status_interval: float = STATUS_INTERVAL,
+    handle_signals: bool = True,
+) -> int:
+    """Open the state, build the workers, run until SIGTERM/SIGINT (or ``stop``).
+
+    Audits ``agent_started`` before any worker runs and ``agent_stopped`` after all have
+    finished. Raises AgentError when the state cannot be opened or a worker cannot be built.
+    """
+    stop = stop or threading.Event()
+    state_dir = cfg.state_dir
+    with contextlib.ExitStack() as resources:
+        notifier = resources.enter_context(Notifier.from_env())
+        key = load_device_key(state_dir)
+        audit = resources.enter_context(AuditLog(state_dir / AUDIT_FILE, key))
+        vault = resources.enter_context(Vault.from_config(cfg, audit=audit))
+        report = vault.recover()
+        if report.recovered or report.discarded or report.unrecoverable:
+            log.warning(
+                "vault recovery: %d clip(s) recovered, %d discarded, %d unrecoverable",
+                len(report.recovered), len(report.discarded), len(report.unrecoverable),
+            )
+        ctx = DaemonContext(
+            config=cfg,
+            stop=stop,
+            clock=SystemClock(stop),
+            device_key=key,
+            audit=audit,
+            vault=vault,
+            resources=resources.enter_context(contextlib.ExitStack()),
+        )
+        workers: list[Worker] = []
+        try:
+            for factory in factories:
+                worker = factory(ctx)
+                if worker is not None:
+                    workers.append(worker)
+        except BaseException:
+            for built in reversed(workers):
+                with contextlib.suppress(Exception):
+                    built.close()
+            raise
+        daemon = Daemon(
+            workers,
+            stop,
+            status_path=state_dir / STATUS_FILE,
+            info={"device_id": cfg.device_id},
+            status_interval=status_interval,
+            notifier=notifier,
+        )
+        ctx.snapshot = daemon.snapshot
+        names = [worker_name(w) for w in workers]
+        audit.append("agent_started", version=__version__, workers=names)
+        with signals_set_stop(daemon) if handle_signals else contextlib.nullcontext():
+            code = daemon.run()
+        try:
+            audit.append(
+                "agent_stopped", reason=daemon.stop_reason or "shutdown", clean=code == 0
+            )
+        except AuditWriteError as exc:
+            log.error("could not record agent_stopped: %s", exc)
+        return code

@@ -1,0 +1,1 @@
+"""Release of approved footage: streaming age encryption, the signed manifest, and delivery."""

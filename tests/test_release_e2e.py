@@ -1,0 +1,181 @@
+"""End to end over a real mosquitto: the daemon (requests + approval workers) in a subprocess,
+``doorbell-request send --wait -o DIR``, ``doorbell-agent approve J`` over agent.sock, and a
+``kill -9`` of the daemon in the middle of the delivery: restarted, it delivers again and the
+requester ends up with the verified, decrypted clip."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent.audit import verify_file
+from agent.cli import main as agent_main
+from agent.keys import load_device_key, load_storage_key
+from agent.provision import initialise
+from agent.requester.cli import main as requester_main
+from agent.requester.keyfiles import PUBLIC_JWK, generate_keys
+from agent.requests.store import RequestStore
+from agent.timeutil import rfc3339, utcnow
+from agent.vault import Vault
+from tests.mosquitto import Mosquitto
+
+DEVICE = "front-door"
+REQUESTER = "city-police"
+DAEMON = (
+    "import sys\n"
+    "from agent import config\n"
+    "from agent.approval.worker import approval_worker\n"
+    "from agent.daemon import run_daemon\n"
+    "from agent.requests.service import requests_worker\n"
+    "sys.exit(run_daemon(config.load(sys.argv[1]), factories=(requests_worker, approval_worker)))\n"
+)
+
+
+def start_daemon(cfg_path: Path) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    return subprocess.Popen(
+        [sys.executable, "-c", DAEMON, str(cfg_path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(
+    check: Callable[[], object], what: str, proc: subprocess.Popen[str], timeout: float = 60
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited while waiting for {what}: {proc.communicate()}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(240)
+def test_send_approve_kill9_recover_receive(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    state = tmp_path / "state"
+    initialise(state, DEVICE, now=utcnow())
+    now = utcnow()
+    data = random.Random(5).randbytes(6 * 1024 * 1024)
+    with Vault(state, load_storage_key(state)) as vault:
+        writer = vault.create_clip(now - timedelta(minutes=10), "video/x-matroska")
+        for i in range(0, len(data), 1 << 20):
+            writer.write(data[i : i + (1 << 20)])
+        clip = writer.finish(now - timedelta(minutes=9), frames=60)
+    cfg = {
+        "device_id": DEVICE,
+        "state_dir": str(state),
+        "mqtt": {"host": mosquitto.host, "port": mosquitto.port},
+        "approval": {"channels": ["app", "cli"]},
+        "app": {"enabled": False},
+        "delivery": {"chunk_bytes": "16KiB", "max_inflight": 2, "retries": 3},
+    }
+    cfg_path = tmp_path / "agent.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    keys_dir = tmp_path / "keys"
+    generate_keys(keys_dir, REQUESTER, now=now)
+    assert (
+        agent_main(
+            [
+                "--config",
+                str(cfg_path),
+                "requesters",
+                "add",
+                "--id",
+                REQUESTER,
+                "--name",
+                "City Police",
+                "--kind",
+                "law-enforcement",
+                "--key",
+                str(keys_dir / PUBLIC_JWK),
+            ]
+        )
+        == 0
+    )
+
+    watcher = mosquitto.client()
+    watcher.subscribe(f"doorbell/{DEVICE}/deliveries/#")
+    daemon = start_daemon(cfg_path)
+    out = tmp_path / "footage"
+    codes: list[int] = []
+    try:
+        sender = threading.Thread(
+            target=lambda: codes.append(
+                requester_main(
+                    [
+                        "send",
+                        "--device",
+                        DEVICE,
+                        "--from",
+                        rfc3339(now - timedelta(minutes=30)),
+                        "--to",
+                        rfc3339(now - timedelta(minutes=1)),
+                        "--reason",
+                        "package theft on the porch",
+                        "--legal-basis",
+                        "consent",
+                        "--key",
+                        str(keys_dir),
+                        "--wait",
+                        "-o",
+                        str(out),
+                        "--timeout",
+                        "180s",
+                        "--host",
+                        mosquitto.host,
+                        "--port",
+                        str(mosquitto.port),
+                    ]
+                )
+            )
+        )
+        sender.start()
+        with RequestStore.open(state) as store:
+            wait_for(lambda: store.list_requests(["pending"]), "a pending request", daemon)
+            jti = store.list_requests(["pending"])[0].jti
+        assert agent_main(["--config", str(cfg_path), "approve", jti]) == 0
+        # some of the delivery is out: crash the daemon in the middle of it
+        first = watcher.get(timeout=60)
+        assert first.topic.startswith(f"doorbell/{DEVICE}/deliveries/{REQUESTER}/{jti}/")
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(30)
+        with RequestStore.open(state) as store:
+            assert store.get_request(jti).status == "approved"
+        daemon = start_daemon(cfg_path)
+        sender.join(180)
+        assert not sender.is_alive()
+        with RequestStore.open(state) as store:
+            wait_for(lambda: store.get_request(jti).status == "delivered", "delivered", daemon)
+        daemon.send_signal(signal.SIGTERM)
+        _, err = daemon.communicate(timeout=60)
+        assert daemon.returncode == 0, err
+    finally:
+        watcher.close()
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.communicate()
+    assert codes == [0]
+    assert (out / f"{clip.id}.mkv").read_bytes() == data
+    assert [p.name for p in out.iterdir()] == [f"{clip.id}.mkv"]  # no spool, no temp left
+    entries = [json.loads(line) for line in (state / "audit.jsonl").read_text().splitlines()]
+    events = [e["event"] for e in entries]
+    assert events.count("request_approved") == 1 and events.count("request_delivered") == 1
+    assert events.index("request_approved") < events.index("request_delivered")
+    assert verify_file(state / "audit.jsonl", load_device_key(state).public_key()).ok
+    with Vault(state, load_storage_key(state)) as vault:
+        assert vault.holds() == []
