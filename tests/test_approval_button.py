@@ -149,9 +149,12 @@ def test_holding_denies_the_oldest_and_the_release_does_not_approve(
     rig = rig_factory(hold_time=0.2)
     rig.coordinator.start()
     rig.button.drive_low()
-    assert eventually(lambda: h.status(JTI) == "denied")
+    # The coordinator stores the decision, then answers: wait for the answer, not the status.
+    assert eventually(lambda: len(h.responses) == 1)
+    assert h.status(JTI) == "denied"
     rig.ticks.t += 5
     rig.button.drive_high()
+    assert rig.coordinator.wait_idle(30)
     assert h.status(JTI2) == "pending"  # the release after a hold is not a press
     assert h.entries("request_denied")[0]["channel"] == "button"
     assert h.entries("request_approved") == []

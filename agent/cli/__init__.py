@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "init",
     "run",
     "config_cmd",
+    "status",
     "audit",
     "requesters",
     "clips",
