@@ -60,9 +60,9 @@ def report_error(prog: str, exc: AgentError) -> int:
     return exc.exit_code
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``doorbell-agent``; returns the process exit status."""
-    parser = build_parser()
+def run(parser: argparse.ArgumentParser, prog: str, argv: Sequence[str] | None) -> int:
+    """Parse ``argv``, set up logging and run the chosen handler, turning AgentError into the
+    contract's error output; shared by ``doorbell-agent`` and ``doorbell-request``."""
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -72,10 +72,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.func(args)
     except AgentError as exc:
-        return report_error(PROG, exc)
+        return report_error(prog, exc)
     except KeyboardInterrupt:
         return 130
     return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``doorbell-agent``; returns the process exit status."""
+    return run(build_parser(), PROG, argv)
 
 
 def entry() -> None:

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
 
 from agent import __version__
-from agent.cli import report_error
-from agent.errors import AgentError
+from agent.cli import run
 
 PROG = "doorbell-request"
 
@@ -39,19 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``doorbell-request``; returns the process exit status."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        result: int = args.func(args)
-    except AgentError as exc:
-        return report_error(PROG, exc)
-    except KeyboardInterrupt:
-        return 130
-    return result
+    return run(build_parser(), PROG, argv)
 
 
 def entry() -> None:
