@@ -60,7 +60,7 @@ def report_error(prog: str, exc: AgentError) -> int:
     return exc.exit_code
 
 
-def run(parser: argparse.ArgumentParser, prog: str, argv: Sequence[str] | None) -> int:
+def run_program(parser: argparse.ArgumentParser, prog: str, argv: Sequence[str] | None) -> int:
     """Parse ``argv``, set up logging and run the chosen handler, turning AgentError into the
     contract's error output; shared by ``doorbell-agent`` and ``doorbell-request``."""
     args = parser.parse_args(argv)
@@ -80,7 +80,7 @@ def run(parser: argparse.ArgumentParser, prog: str, argv: Sequence[str] | None) 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``doorbell-agent``; returns the process exit status."""
-    return run(build_parser(), PROG, argv)
+    return run_program(build_parser(), PROG, argv)
 
 
 def entry() -> None:

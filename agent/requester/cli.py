@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from agent import __version__
-from agent.cli import run
+from agent.cli import run_program
 
 PROG = "doorbell-request"
 
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``doorbell-request``; returns the process exit status."""
-    return run(build_parser(), PROG, argv)
+    return run_program(build_parser(), PROG, argv)
 
 
 def entry() -> None:
