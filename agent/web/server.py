@@ -274,10 +274,58 @@ def build_services(
     )
 
 
+def _scalar(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _camera_line(stats: dict[str, Any]) -> str:
+    capture = stats.get("capture") or {}
+    processing = stats.get("processing") or {}
+    recorder = stats.get("recorder") or {}
+    parts = [f"{capture.get('state', 'unknown')} {capture.get('source', '')}".strip()]
+    fps = processing.get("fps")
+    if isinstance(fps, int | float):
+        parts.append(f"{fps:.1f} fps")
+    parts.append(f"{capture.get('dropped', 0)} frames dropped")
+    parts.append(f"recorder {recorder.get('state', 'unknown')}, {recorder.get('clips', 0)} clips")
+    for error in (capture.get("last_error"), recorder.get("last_error")):
+        if error:
+            parts.append(str(error))
+    return " · ".join(parts)
+
+
+def _mqtt_line(stats: dict[str, Any]) -> str:
+    return " · ".join(
+        [
+            "connected" if stats.get("connected") else "NOT connected",
+            f"{stats.get('received', 0)} messages received",
+            f"{stats.get('dropped', 0)} dropped",
+            f"{stats.get('responses', 0)} responses sent",
+        ]
+    )
+
+
+def _generic_line(stats: dict[str, Any]) -> str:
+    return " · ".join(
+        f"{key.replace('_', ' ')}: {_scalar(value)}"
+        for key, value in stats.items()
+        if isinstance(value, str | int | float | bool)
+    )
+
+
+_SUMMARIES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
+    "camera": ("Camera", _camera_line),
+    "requests": ("MQTT", _mqtt_line),
+}
+
+
 def snapshot_items(snapshot: dict[str, Any]) -> list[StatusItem]:
     """Status-page lines for the daemon's workers (camera, requests/MQTT, ...) from its snapshot.
 
-    One line per worker: its state, its error if any, and its scalar stats.
+    One line per worker: its state (when not running), its error if any, and a summary of its
+    stats written for the owner (known workers) or its scalar stats (others).
     """
     items: list[StatusItem] = []
     workers = snapshot.get("workers")
@@ -287,17 +335,14 @@ def snapshot_items(snapshot: dict[str, Any]) -> list[StatusItem]:
         if name == AppServer.name or not isinstance(info, dict):
             continue
         state = str(info.get("state", "unknown"))
-        parts = [state]
+        label, summarise = _SUMMARIES.get(str(name), (str(name).capitalize(), _generic_line))
+        parts = [] if state == "running" else [state]
         if info.get("error"):
             parts.append(str(info["error"]))
         stats = info.get("stats")
-        if isinstance(stats, dict):
-            parts.extend(
-                f"{key}: {value}"
-                for key, value in stats.items()
-                if isinstance(value, str | int | float | bool)
-            )
-        items.append(StatusItem(str(name).capitalize(), " · ".join(parts), state == "running"))
+        if isinstance(stats, dict) and stats:
+            parts.append(summarise(stats))
+        items.append(StatusItem(label, " · ".join(parts) or state, state == "running"))
     return items
 
 

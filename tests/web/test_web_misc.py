@@ -151,18 +151,32 @@ def test_refuses_what_is_not_replayable_matroska(web: WebHarness) -> None:
 
 
 def test_daemon_snapshot_becomes_status_lines() -> None:
+    camera = {
+        "capture": {"state": "streaming", "source": "file:door.avi", "dropped": 2,
+                    "last_error": None},
+        "processing": {"fps": 9.84},
+        "recorder": {"state": "recording", "clips": 3, "last_error": "disk full"},
+    }
+    mqtt = {"connected": False, "received": 7, "dropped": 1, "responses": 6, "rejected": {}}
     items = snapshot_items(
         {
             "workers": {
-                "camera": {"state": "running", "error": None, "stats": {"fps": 9.8, "x": [1]}},
-                "requests": {"state": "failed", "error": "broker refused", "stats": None},
+                "camera": {"state": "running", "error": None, "stats": camera},
+                "requests": {"state": "running", "error": None, "stats": mqtt},
+                "approval": {"state": "failed", "error": "socket in use",
+                             "stats": {"require": "any", "button": "off", "x": [1],
+                                       "pending_indicator": True}},
                 "app": {"state": "running", "error": None, "stats": {}},
             }
         }
     )
     assert items == [
-        StatusItem("Camera", "running · fps: 9.8", True),
-        StatusItem("Requests", "failed · broker refused", False),
+        StatusItem("Camera", "streaming file:door.avi · 9.8 fps · 2 frames dropped · "
+                   "recorder recording, 3 clips · disk full", True),
+        StatusItem("MQTT", "NOT connected · 7 messages received · 1 dropped · "
+                   "6 responses sent", True),
+        StatusItem("Approval", "failed · socket in use · require: any · button: off · "
+                   "pending indicator: yes", False),
     ]
     assert snapshot_items({}) == []
 
