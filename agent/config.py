@@ -367,6 +367,10 @@ def parse(
         raise ConfigError(f"{source}: the top level must be a mapping of keys to values")
     try:
         return Config.model_validate(data)
+    except RecursionError:
+        raise ConfigError(
+            f"{source}: the configuration nests too deeply or refers to itself"
+        ) from None
     except ValidationError as exc:
         raise ConfigError(
             f"{source} is not a valid configuration",
@@ -387,18 +391,26 @@ def load(path: str | os.PathLike[str]) -> Config:
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {p}: {exc}") from None
+    lines: dict[tuple[str, ...], int] = {}
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
+        if node is not None:
+            _collect_lines(node, (), lines)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise ConfigError(f"{p}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:
+        raise ConfigError(
+            f"{p} is not a usable configuration: it nests too deeply or an alias refers to itself"
+        ) from None
+    except Exception as exc:
+        # PyYAML's constructors raise IndexError, ValueError, AttributeError... for malformed
+        # tagged scalars (``!!int`` with no digits, a bad ``!!timestamp``) instead of a YAMLError.
+        raise ConfigError(f"{p} is not valid YAML: {exc or type(exc).__name__}") from None
     if data is None:
         data = {}
-    lines: dict[tuple[str, ...], int] = {}
-    if node is not None:
-        _collect_lines(node, (), lines)
     return parse(data, source=str(p), lines=lines)
 
 

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import tempfile
 import threading
 import time
@@ -51,8 +52,10 @@ from agent.camera.frame import SystemClock
 from agent.camera.pipeline import CameraWorker
 from agent.config import Config
 from agent.errors import AgentError, AuditWriteError
+from agent.homeassistant import HomeAssistantPublisher
 from agent.keys import load_device_key
-from agent.requests.service import requests_worker
+from agent.requests.service import RequestsWorker, requests_worker
+from agent.requests.store import RequestStore
 from agent.sdnotify import Notifier, Watchdog
 from agent.timeutil import rfc3339, utcnow
 from agent.vault import Vault
@@ -67,6 +70,11 @@ STATUS_INTERVAL = 5.0
 JOIN_TIMEOUT = 30.0
 """Seconds the daemon waits, in total, for workers to finish after the stop event."""
 RETENTION_INTERVAL = timedelta(minutes=10)
+HA_POLL_INTERVAL = 1.0
+"""Seconds between the Home Assistant worker's looks at motion, pending count and connection."""
+HA_PUBLISH_TIMEOUT = 1.0
+"""Seconds a Home Assistant update may wait for room in a full MQTT outbox before it is dropped
+(the next announcement carries the current state anyway)."""
 
 
 class Worker(Protocol):
@@ -103,8 +111,10 @@ WorkerFactory = Callable[[DaemonContext], Worker | None]
 
 
 def camera_worker(ctx: DaemonContext) -> Worker | None:
-    """camera → motion → recorder → vault."""
-    return CameraWorker.from_config(ctx.config, ctx.vault, ctx.clock)
+    """camera → motion → recorder → vault; shared as ``ctx.services["camera"]``."""
+    worker = CameraWorker.from_config(ctx.config, ctx.vault, ctx.clock)
+    ctx.services["camera"] = worker
+    return worker
 
 
 class RetentionWorker:
@@ -165,12 +175,128 @@ def retention_worker(ctx: DaemonContext) -> Worker | None:
     return RetentionWorker(ctx.vault)
 
 
+class HomeAssistantWorker:
+    """Keeps Home Assistant's entities current (see :mod:`agent.homeassistant`); never images.
+
+    Polls every ``interval`` seconds: ``connection()`` (the MQTT connection's generation, None
+    while disconnected), ``motion()`` and ``pending()``. A new generation means a (re)connect:
+    the discovery configs and both states are announced again, since a broker that lost its
+    retained messages would otherwise leave Home Assistant without them. Otherwise only changed
+    states are published. Nothing is published while disconnected: the announcement on the next
+    connection carries the current state, so no stale backlog builds up.
+    """
+
+    name = "homeassistant"
+
+    def __init__(
+        self,
+        publisher: HomeAssistantPublisher,
+        *,
+        connection: Callable[[], int | None],
+        motion: Callable[[], bool],
+        pending: Callable[[], int],
+        interval: float = HA_POLL_INTERVAL,
+    ) -> None:
+        self.publisher = publisher
+        self.interval = interval
+        self._connection = connection
+        self._motion = motion
+        self._pending = pending
+        self._announced: int | None = None
+        self.announcements = 0
+        self.motion: bool | None = None
+        self.pending: int | None = None
+        self.last_error: str | None = None
+
+    def tick(self) -> None:
+        """One look: announce after a (re)connect, else publish what changed."""
+        generation = self._connection()
+        if generation is None:
+            return
+        try:
+            pending = self._pending()
+        except (AgentError, sqlite3.Error) as exc:
+            # Motion still goes out; the count follows once the store answers again.
+            self.last_error = f"cannot count pending requests: {exc}"
+            log.warning("Home Assistant: %s", self.last_error)
+            pending = None
+        motion = self._motion()
+        self.motion = motion
+        if generation != self._announced:
+            if pending is None:
+                return  # announce on a later tick, with a count
+            self.publisher.announce(motion, pending)
+            self._announced = generation
+            self.announcements += 1
+        else:
+            self.publisher.set_motion(motion)
+            if pending is not None:
+                self.publisher.set_pending(pending)
+        if pending is not None:
+            self.pending = pending
+            self.last_error = None
+
+    def run(self, stop: threading.Event) -> None:
+        """Look every ``interval`` seconds until ``stop``."""
+        while True:
+            self.tick()
+            if stop.wait(self.interval):
+                return
+
+    def stats(self) -> dict[str, Any]:
+        """What Home Assistant was last told, and how often it was announced to."""
+        return {
+            "announcements": self.announcements,
+            "motion": self.motion,
+            "pending": self.pending,
+            "last_error": self.last_error,
+        }
+
+    def close(self) -> None:
+        """Nothing to release (the MQTT client belongs to the requests worker)."""
+
+
+def homeassistant_worker(ctx: DaemonContext) -> Worker | None:
+    """Home Assistant discovery over the requests worker's MQTT connection, when
+    ``homeassistant.enabled``: motion from the camera worker, the pending count from the
+    request store."""
+    cfg = ctx.config
+    if not cfg.homeassistant.enabled:
+        return None
+    requests = ctx.services.get("requests")
+    store = ctx.services.get("request_store")
+    if not isinstance(requests, RequestsWorker) or not isinstance(store, RequestStore):
+        log.warning("homeassistant.enabled is set but the agent runs no MQTT requests worker")
+        return None
+    client = requests.client
+
+    def publish(topic: str, payload: bytes, *, retain: bool) -> object:
+        return client.publish(topic, payload, retain=retain, timeout=HA_PUBLISH_TIMEOUT)
+
+    def connection() -> int | None:
+        return client.generation if client.connected else None
+
+    camera = ctx.services.get("camera")
+
+    def motion() -> bool:
+        return isinstance(camera, CameraWorker) and camera.motion_active
+
+    def pending() -> int:
+        return len(store.list_requests(["pending"]))
+
+    publisher = HomeAssistantPublisher(
+        publish, cfg.device_id, cfg.mqtt.topic_prefix, cfg.homeassistant.discovery_prefix
+    )
+    return HomeAssistantWorker(publisher, connection=connection, motion=motion, pending=pending)
+
+
 WORKER_FACTORIES: tuple[WorkerFactory, ...] = (
     camera_worker,
     retention_worker,
     requests_worker,
     approval_worker,
     app_worker,
+    homeassistant_worker,
 )
 """Every part of the running agent, in start order (closed in reverse)."""
 

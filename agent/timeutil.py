@@ -6,6 +6,7 @@ Durations are written ``30s``, ``5m``, ``1h``, ``7d`` (also ``250ms``); sizes ``
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime, timedelta
 
@@ -36,12 +37,20 @@ def parse_duration(value: str | int | float | timedelta) -> timedelta:
         return value
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 30s, 5m, 1h or 7d")
+    seconds: float | None = None
     if isinstance(value, int | float):
-        return timedelta(seconds=value)
-    if isinstance(value, str):
+        seconds = value
+    elif isinstance(value, str):
         m = _DURATION_RE.match(value)
         if m:
-            return timedelta(seconds=float(m.group(1)) * _DURATION_UNITS[m.group(2)])
+            seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if seconds is not None:
+        if not math.isfinite(seconds):
+            raise ValueError(f"{value!r} is not a finite duration")
+        try:
+            return timedelta(seconds=seconds)
+        except OverflowError:
+            raise ValueError(f"{value!r} is too long a duration") from None
     raise ValueError(f"{value!r} is not a duration; write it as 30s, 5m, 1h or 7d")
 
 

@@ -25,7 +25,7 @@ from agent.camera.capture import Backoff, Capture, FrameQueue
 from agent.camera.frame import Clock, Frame, Image
 from agent.camera.masks import Polygon, PrivacyMasker
 from agent.camera.motion import MotionDetector, MotionParams, MotionResult
-from agent.camera.recorder import ClipSink, Recorder, RecordingParams
+from agent.camera.recorder import ClipSink, Recorder, RecordingParams, RecState
 from agent.camera.sources import Source, source_from_config
 from agent.config import Config
 
@@ -33,6 +33,18 @@ log = logging.getLogger(__name__)
 
 INITIAL_BACKOFF = 0.5
 """Seconds before the first reopen of a failed camera."""
+
+
+def single_threaded_opencv() -> None:
+    """Run OpenCV's own operations on the calling thread (process-wide).
+
+    Per frame the pipeline only calls OpenCV on small images or once per frame (a resize, a
+    blur, one JPEG encode); handing those to OpenCV's worker pool costs more than it saves: on
+    two cores the pool's wake-ups and spinning added 0.35-0.55 ms of CPU per 768x576 frame
+    (``bench/pipeline.py``) and competed with the capture thread's decoder. The agent already
+    spreads its work over threads of its own (capture, processing, MQTT).
+    """
+    cv2.setNumThreads(1)
 
 _NO_MOTION = MotionResult(motion=False)
 
@@ -83,7 +95,11 @@ class FrameProcessor:
 
     @classmethod
     def from_config(cls, cfg: Config, sink: ClipSink, *, fps: float) -> FrameProcessor:
-        """A processor for the ``motion`` and ``recording`` sections, recording into ``sink``."""
+        """A processor for the ``motion`` and ``recording`` sections, recording into ``sink``.
+
+        Also makes OpenCV single-threaded for the process (see :func:`single_threaded_opencv`).
+        """
+        single_threaded_opencv()
         encoder = FrameEncoder(
             [tuple(tuple(p) for p in poly) for poly in cfg.recording.privacy_masks],
             cfg.recording.jpeg_quality,
@@ -214,6 +230,12 @@ class CameraWorker:
             self.errors += 1
             self.last_error = str(exc) or type(exc).__name__
             log.exception("processing frame %d failed", frame.seq)
+
+    @property
+    def motion_active(self) -> bool:
+        """Whether a motion event is under way: from its first moving frame until the
+        recorder's post-roll ends (Home Assistant's motion sensor). Lock-free: one read."""
+        return self.processor.recorder.policy.state is not RecState.IDLE
 
     def stats(self) -> dict[str, Any]:
         """Capture, motion and recorder state (see ``status.json`` in the daemon)."""
