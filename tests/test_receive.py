@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -16,15 +19,26 @@ from pyrage import x25519
 from agent.errors import ReceiveError
 from agent.keys import public_jwk, sign_jws
 from agent.release.deliver import DeliveryJob
-from agent.release.manifest import RESPONSE_TYP, manifest_claims, sign_manifest, verify_manifest
+from agent.release.encrypt import encrypt_to_chunks
+from agent.release.manifest import (
+    RESPONSE_TYP,
+    ManifestClip,
+    manifest_claims,
+    sign_manifest,
+    verify_manifest,
+)
+from agent.requester import receive
 from agent.requester.cli import main as requester_main
 from agent.requester.keyfiles import generate_keys
-from agent.requester.receive import extension_for, receive_delivery
+from agent.requester.receive import DeliveryAssembler, extension_for, receive_delivery
 from agent.timeutil import utcnow
 from tests.mosquitto import Mosquitto
 from tests.test_release_deliver import (
     PREFIX,
+    T0,
+    FakeClip,
     FakeVault,
+    GeneratedClip,
     LoopbackPublisher,
     make_assembler,
     make_clips,
@@ -429,3 +443,138 @@ def test_receive_command_over_a_real_broker(
     assert [(out / f"{c.id}.avi").read_bytes() for c in vault.clips] == [
         c.data for c in vault.clips
     ]
+
+
+def test_chunks_are_decrypted_as_they_arrive_but_nothing_takes_a_final_name_before_the_manifest(
+    tmp_path: Path,
+    device_key: Ed25519PrivateKey,
+    identity: x25519.Identity,
+    delivery: tuple[DeliveryJob, FakeVault, Messages],
+) -> None:
+    job, vault, messages = delivery
+    out = tmp_path / "out"
+    with make_assembler(out, device_key, identity, job) as asm:
+        for t, p in messages[:-1]:
+            asm.feed(t, p)
+        # only temporary files so far, one per clip, holding what has authenticated
+        temps = leftovers(out)
+        assert len(temps) == 3
+        assert all(n.startswith(".clip-") and n.endswith(".part") for n in temps)
+        assert not any((out / f"{c.id}.avi").exists() for c in vault.clips)
+        asm.feed(*messages[-1])
+        received = asm.finish()
+    assert [r.path.read_bytes() for r in received] == [c.data for c in vault.clips]
+    assert leftovers(out) == ["clip-0.avi", "clip-1.avi", "clip-2.avi"]
+
+
+def test_closing_before_the_manifest_leaves_nothing(
+    tmp_path: Path,
+    device_key: Ed25519PrivateKey,
+    identity: x25519.Identity,
+    delivery: tuple[DeliveryJob, FakeVault, Messages],
+) -> None:
+    job, _vault, messages = delivery
+    out = tmp_path / "out"
+    with make_assembler(out, device_key, identity, job) as asm:
+        for t, p in messages[:-1]:
+            asm.feed(t, p)
+        assert leftovers(out)
+    assert not any(out.iterdir())
+
+
+def test_a_stale_chunk_from_an_earlier_attempt_is_replaced_and_decryption_starts_over(
+    tmp_path: Path, device_key: Ed25519PrivateKey, identity: x25519.Identity
+) -> None:
+    vault = FakeVault(make_clips())
+    job = make_job(str(identity.to_public()))
+    first, second = LoopbackPublisher(), LoopbackPublisher()
+    make_deliverer(vault, first, device_key).deliver(job)
+    make_deliverer(vault, second, device_key).deliver(job)
+    old = dict(first.messages)
+    new = second.messages
+    stale_topic = next(t for t, _ in new if t.endswith("/clip-0/3"))
+    assert old[stale_topic] != dict(new)[stale_topic]
+    out = tmp_path / "out"
+    with make_assembler(out, device_key, identity, job) as asm:
+        for t, p in new:
+            if t == stale_topic:
+                # a late copy of the first attempt's chunk lands in order, before the new one:
+                # chunks 0-2 must be decrypted again from the spool once it is replaced
+                asm.feed(t, old[t])
+            asm.feed(t, p)
+        received = asm.finish()
+    assert [r.path.read_bytes() for r in received] == [c.data for c in vault.clips]
+
+
+def test_plaintext_is_synced_in_the_background_while_chunks_arrive(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    device_key: Ed25519PrivateKey,
+    identity: x25519.Identity,
+) -> None:
+    monkeypatch.setattr(receive, "_SYNC_BYTES", 64 * 1024)
+    synced: list[int] = []
+    real = receive._sync_quietly
+
+    def sync(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(receive, "_sync_quietly", sync)
+    clip = FakeClip("big", T0, T0 + timedelta(seconds=30), "video/mp4", random.randbytes(700_000))
+    vault = FakeVault([clip])
+    pub = LoopbackPublisher()
+    job = make_job(str(identity.to_public()))
+    make_deliverer(vault, pub, device_key, chunk_bytes=16 * 1024).deliver(job)
+    with make_assembler(tmp_path / "out", device_key, identity, job) as asm:
+        for t, p in pub.messages:
+            asm.feed(t, p)
+        (received,) = asm.finish()
+    assert received.path.read_bytes() == clip.data
+    assert synced
+
+
+def test_requester_memory_stays_flat_whatever_the_clip_size(
+    tmp_path: Path, device_key: Ed25519PrivateKey, identity: x25519.Identity
+) -> None:
+    peaks = {}
+    job = make_job(str(identity.to_public()))
+    base = f"{PREFIX}/{job.device_id}/deliveries/{job.requester_id}/{job.jti}/"
+    for size in (4 * 1024**2, 32 * 1024**2):
+        source = GeneratedClip(size)
+        out = tmp_path / f"out-{size}"
+        with make_assembler(out, device_key, identity, job) as asm:
+
+            def sink(seq: int, chunk: bytes, asm: DeliveryAssembler = asm) -> None:
+                asm.feed(f"{base}clip-0/{seq}", chunk)
+
+            tracemalloc.start()
+            try:
+                result = encrypt_to_chunks(source, identity.to_public(), 256 * 1024, sink)
+                entry = ManifestClip(
+                    "clip-0",
+                    T0,
+                    T0,
+                    "video/mp4",
+                    result.chunks,
+                    result.bytes,
+                    result.sha256,
+                    result.plaintext_sha256,
+                )
+                claims = manifest_claims(
+                    device_id=job.device_id,
+                    requester_id=job.requester_id,
+                    jti=job.jti,
+                    clips=[entry],
+                    now=T0,
+                )
+                asm.feed(base + "manifest", sign_manifest(device_key, claims).encode())
+                (received,) = asm.finish()
+                peaks[size] = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+        assert received.bytes == size
+        assert received.plaintext_sha256 == source.digest.hexdigest()
+    # device and requester together: a few chunks in flight, whatever the clip size
+    assert peaks[32 * 1024**2] < 4 * 1024**2
+    assert peaks[32 * 1024**2] < peaks[4 * 1024**2] + 512 * 1024

@@ -1,6 +1,6 @@
 """Release: streaming age encryption, chunking, the signed manifest and restartable delivery.
 
-Clips go through the real pyrage encryption and an in-process publisher; the requester's side is
+Clips go through the real age encryption and an in-process publisher; the requester's side is
 the real DeliveryAssembler, and the age files are also decrypted with the stock ``age`` CLI.
 """
 
@@ -12,6 +12,7 @@ import json
 import random
 import shutil
 import subprocess
+import threading
 import tracemalloc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -387,7 +388,7 @@ def test_unsafe_topic_levels_are_refused(
     assert pub.messages == []
 
 
-class _GeneratedClip:
+class GeneratedClip:
     """A large plaintext produced on the fly so the test itself holds no copy of it."""
 
     def __init__(self, size: int) -> None:
@@ -406,7 +407,7 @@ class _GeneratedClip:
 def test_memory_stays_flat_whatever_the_clip_size(identity: x25519.Identity) -> None:
     peaks = {}
     for size in (4 * 1024**2, 32 * 1024**2):
-        source = _GeneratedClip(size)
+        source = GeneratedClip(size)
         seen = hashlib.sha256()
 
         def sink(_seq: int, chunk: bytes, seen: hashlib._Hash = seen) -> None:
@@ -438,7 +439,7 @@ def test_sink_failure_propagates_unchanged(identity: x25519.Identity) -> None:
         if len(chunk) < 4096:
             raise MQTTError("lost at the very end")
 
-    # the final short chunk is emitted after pyrage returns; its failure must surface too
+    # the final short chunk is emitted after the payload is sealed; its failure must surface too
     with pytest.raises(MQTTError, match="lost at the very end"):
         encrypt_to_chunks(io.BytesIO(clip_bytes(9000, 2)), identity.to_public(), 4096, last_sink)
 
@@ -459,3 +460,22 @@ def test_clip_that_differs_from_its_recorded_hash_is_not_vouched_for(
     make_deliverer(FakeVault(clips), LoopbackPublisher(), device_key).deliver(
         make_job(str(identity.to_public()))
     )
+
+
+def test_read_ahead_thread_ends_with_the_encryption_whatever_happens(
+    identity: x25519.Identity,
+) -> None:
+    def failing_sink(seq: int, chunk: bytes) -> None:
+        if seq == 1:
+            raise MQTTError("connection lost")
+
+    source = GeneratedClip(8 * 1024**2)
+    with pytest.raises(MQTTError):
+        encrypt_to_chunks(source, identity.to_public(), 4096, failing_sink)
+    # the reader stopped a few blocks ahead, not at the end of the clip, and may now be closed
+    assert source.left > 7 * 1024**2
+    with pytest.raises(TamperError):
+        encrypt_to_chunks(
+            TamperingReader(clip_bytes(50_000, 3)), identity.to_public(), 4096, lambda *_: None
+        )
+    assert not [t for t in threading.enumerate() if t.name == "age-read-ahead"]

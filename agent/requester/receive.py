@@ -1,11 +1,14 @@
-"""The requester's side of a delivery: reassemble, verify, decrypt, write.
+"""The requester's side of a delivery: reassemble, decrypt as it arrives, verify, write.
 
 :class:`DeliveryAssembler` is the core: feed it every ``(topic, payload)`` of
 ``P/D/deliveries/R/J/#`` in any order (duplicates welcome: QoS 1 may redeliver, and the last copy
 of a chunk wins). Chunks are spooled, still age-encrypted, to a private directory next to the
-output; once the signed manifest is in and every chunk it lists has arrived, :meth:`finish` checks
-each age file against the manifest's ``sha256``, decrypts it with the requester's age identity
-into a temporary file, checks ``plaintext_sha256`` and renames it into place.
+output, and the part of each age file that has arrived in order is decrypted at once with the
+requester's age identity into a temporary file in the output directory, both files being hashed
+on the way. Nothing takes a clip's final name until the signed manifest is in, every chunk it
+lists has arrived, the age file matches the manifest's ``sha256``, it decrypted to the end and
+the plaintext matches ``plaintext_sha256``: only then does :meth:`DeliveryAssembler.finish`
+rename the temporary file into place. On any failure the temporary file is deleted.
 
 :func:`receive_delivery` is the loop that feeds it from any message source (the MQTT client's
 inbox in ``doorbell-request receive``).
@@ -13,7 +16,9 @@ inbox in ``doorbell-request receive``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import hmac
 import logging
 import mimetypes
 import os
@@ -21,18 +26,34 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import pyrage
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from pyrage import x25519
 from tqdm import tqdm
 
 from agent.errors import ReceiveError
+from agent.release.encrypt import (
+    AGE_VERSION_LINE,
+    FILE_KEY_BYTES,
+    PAYLOAD_NONCE_BYTES,
+    SEALED_CHUNK,
+    STANZA_COLUMNS,
+    TAG_BYTES,
+    b64_decode,
+    bech32_decode,
+    chunk_nonce,
+    header_mac,
+    payload_aead,
+    x25519_wrap_key,
+)
 from agent.release.manifest import (
     NAME_RE,
     RESPONSE_TYP,
@@ -47,6 +68,11 @@ log = logging.getLogger(__name__)
 _SEQ_RE = re.compile(r"^(0|[1-9][0-9]{0,8})$")
 _READ_BYTES = 256 * 1024
 _EXTENSIONS = {"video/x-msvideo": ".avi", "video/mp4": ".mp4", "video/x-matroska": ".mkv"}
+_MAX_HEADER = 64 * 1024
+"""An age header longer than this is refused (ours is about 200 bytes)."""
+_ZERO_NONCE = bytes(12)
+_SYNC_BYTES = 8 * 1024 * 1024
+"""Decrypted bytes between background syncs, so the final fsync has little left to write."""
 
 
 @dataclass(frozen=True)
@@ -65,25 +91,271 @@ def extension_for(content_type: str) -> str:
     return _EXTENSIONS.get(content_type) or mimetypes.guess_extension(content_type) or ".bin"
 
 
+def identity_key(identity: x25519.Identity) -> X25519PrivateKey:
+    """The X25519 private key inside an age identity (``AGE-SECRET-KEY-1...``)."""
+    try:
+        secret = bech32_decode(str(identity), "age-secret-key-")
+    except ValueError as exc:
+        raise ReceiveError(f"the age identity is malformed: {exc}") from None
+    if len(secret) != 32:
+        raise ReceiveError("the age identity does not hold a 32-byte X25519 key")
+    return X25519PrivateKey.from_private_bytes(secret)
+
+
+def _sync_quietly(fd: int) -> None:
+    # A failing disk is reported by the fsync before the rename.
+    with contextlib.suppress(OSError):
+        os.fdatasync(fd)
+
+
+def _parse_stanzas(lines: list[bytes]) -> list[tuple[list[bytes], bytes]]:
+    """The recipient stanzas between the version line and ``---``, strictly as age writes them."""
+    stanzas: list[tuple[list[bytes], bytes]] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if not line.startswith(b"-> "):
+            raise ReceiveError("the age header has a malformed line")
+        args = line[3:].split(b" ")
+        if any(not a or any(c < 33 or c > 126 for c in a) for a in args):
+            raise ReceiveError("the age header has a malformed stanza")
+        body: list[bytes] = []
+        i += 1
+        while True:
+            if i >= len(lines):
+                raise ReceiveError("the age header has an unterminated stanza")
+            body.append(lines[i])
+            i += 1
+            if len(body[-1]) > STANZA_COLUMNS:
+                raise ReceiveError("the age header has an over-long stanza line")
+            if len(body[-1]) < STANZA_COLUMNS:
+                break
+        try:
+            stanzas.append((args, b64_decode(b"".join(body))))
+        except ValueError:
+            raise ReceiveError("the age header has a stanza body that is not base64") from None
+    if not stanzas:
+        raise ReceiveError("the age header has no recipient stanza")
+    return stanzas
+
+
+class AgeDecryptor:
+    """Decrypts an age v1 file for one X25519 identity as its bytes are pushed in, in order.
+
+    :meth:`feed` returns the plaintext of every payload chunk that has authenticated so far (a
+    chunk is released only once the next bytes show whether it is the last); :meth:`finish`
+    authenticates the last chunk. Every failure raises ReceiveError saying what is wrong: not
+    an age file, no stanza for this identity, a header or a chunk that fails authentication,
+    a truncated file. Memory stays at about one payload chunk plus the bytes fed at once.
+    """
+
+    def __init__(self, identity: X25519PrivateKey) -> None:
+        self._identity = identity
+        self._recipient = identity.public_key().public_bytes_raw()
+        self._buffer = bytearray()
+        self._file_key: bytes | None = None
+        self._aead: ChaCha20Poly1305 | None = None
+        self._counter = 0
+        self._finished = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Take the next bytes of the file; returns the plaintext they complete."""
+        if self._finished:
+            raise ReceiveError("the age file has data after its end")
+        if self._aead is None:
+            self._buffer += data
+            if not self._read_header():
+                return []
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        # The buffer holds at most one sealed chunk; whole chunks are opened straight from
+        # ``data``. A chunk is opened as non-final only when at least one byte follows it.
+        out: list[bytes] = []
+        view = memoryview(data)
+        pos = 0
+        if self._buffer:
+            need = SEALED_CHUNK - len(self._buffer)
+            if len(view) <= need:
+                self._buffer += view
+                return out
+            self._buffer += view[:need]
+            pos = need
+            with memoryview(self._buffer) as sealed:
+                out.append(self._open(sealed, last=False))
+            self._buffer.clear()
+        while len(view) - pos > SEALED_CHUNK:
+            out.append(self._open(view[pos : pos + SEALED_CHUNK], last=False))
+            pos += SEALED_CHUNK
+        self._buffer += view[pos:]
+        return out
+
+    def finish(self) -> bytes:
+        """Authenticate the end of the file; returns the last chunk's plaintext."""
+        if self._finished:
+            return b""
+        if self._aead is None:
+            raise ReceiveError("the age file is truncated inside its header")
+        if not self._buffer:
+            raise ReceiveError("the age file is truncated: it has no payload")
+        if len(self._buffer) < TAG_BYTES:
+            raise ReceiveError("the age file is truncated inside its last payload chunk")
+        with memoryview(self._buffer) as sealed:
+            if len(sealed) == SEALED_CHUNK and self._authentic(sealed, last=False):
+                raise ReceiveError(
+                    f"the age file is truncated: it ends after payload chunk {self._counter} "
+                    "without a final chunk"
+                )
+            last = self._open(sealed, last=True)
+        if not last and self._counter > 1:
+            raise ReceiveError("the age file ends with an empty final chunk: tampered with")
+        self._buffer.clear()
+        self._finished = True
+        return last
+
+    def _authentic(self, sealed: memoryview, *, last: bool) -> bool:
+        assert self._aead is not None
+        try:
+            self._aead.decrypt(chunk_nonce(self._counter, last), sealed, None)
+        except InvalidTag:
+            return False
+        return True
+
+    def _open(self, sealed: memoryview, *, last: bool) -> bytes:
+        assert self._aead is not None
+        try:
+            plain = self._aead.decrypt(chunk_nonce(self._counter, last), sealed, None)
+        except InvalidTag:
+            raise ReceiveError(
+                f"age payload chunk {self._counter} failed authentication: "
+                "file corrupted or tampered with"
+            ) from None
+        self._counter += 1
+        return plain
+
+    def _read_header(self) -> bool:
+        """Parse and authenticate the header once it is complete; False while it is not."""
+        if not AGE_VERSION_LINE.startswith(self._buffer[: len(AGE_VERSION_LINE)]):
+            raise ReceiveError("not an age v1 file")
+        end = self._buffer.find(b"\n---")
+        if end < 0:
+            if len(self._buffer) > _MAX_HEADER:
+                raise ReceiveError("the age header is too long")
+            return False
+        eol = self._buffer.find(b"\n", end + 1)
+        if eol < 0 or eol + 1 + PAYLOAD_NONCE_BYTES > len(self._buffer):
+            if len(self._buffer) > _MAX_HEADER:
+                raise ReceiveError("the age header is too long")
+            return False
+        header = bytes(self._buffer[: end + 4])
+        mac_line = bytes(self._buffer[end + 4 : eol])
+        lines = header.split(b"\n")
+        if lines[0] != AGE_VERSION_LINE or not mac_line.startswith(b" "):
+            raise ReceiveError("not an age v1 file")
+        file_key = self._unwrap(_parse_stanzas(lines[1:-1]))
+        try:
+            mac = b64_decode(mac_line[1:])
+        except ValueError:
+            raise ReceiveError("the age header MAC is not base64") from None
+        if not hmac.compare_digest(mac, header_mac(file_key, header)):
+            raise ReceiveError("the age header failed authentication: tampered with")
+        nonce = bytes(self._buffer[eol + 1 : eol + 1 + PAYLOAD_NONCE_BYTES])
+        self._aead = payload_aead(file_key, nonce)
+        del self._buffer[: eol + 1 + PAYLOAD_NONCE_BYTES]
+        return True
+
+    def _unwrap(self, stanzas: list[tuple[list[bytes], bytes]]) -> bytes:
+        for args, body in stanzas:
+            if args[0] != b"X25519":
+                continue  # another recipient type, or age's random "grease" stanza
+            try:
+                if len(args) != 2 or len(body) != FILE_KEY_BYTES + TAG_BYTES:
+                    raise ValueError
+                share = b64_decode(args[1])
+                shared = self._identity.exchange(X25519PublicKey.from_public_bytes(share))
+            except ValueError:
+                # Malformed, or a low-order share (all-zero secret): the spec says fail.
+                raise ReceiveError("the age header has a malformed X25519 stanza") from None
+            try:
+                return x25519_wrap_key(shared, share, self._recipient).decrypt(
+                    _ZERO_NONCE, body, None
+                )
+            except InvalidTag:
+                continue
+        raise ReceiveError("no recipient stanza in the age header is for this identity")
+
+
 class _ClipSpool:
     """One clip's age file, rebuilt from chunks that may arrive in any order, more than once.
 
-    Chunks that continue the file are appended to ``CLIP.age`` and hashed on the way, so in the
-    usual in-order case the file is complete and hashed when the last chunk lands. A chunk that
-    arrives early waits in its own file until the gap before it fills. A chunk that differs from
-    one already appended (the device restarted the delivery: a new attempt is a new age file)
-    cuts the file back to that point; the new attempt's chunks then rebuild it.
+    Chunks that continue the file are appended to ``CLIP.age`` in the private spool directory,
+    hashed, and decrypted into a temporary file in the output directory (plaintext hashed too),
+    so in the usual in-order case the clip is spooled, decrypted and hashed when its last chunk
+    lands. A chunk that arrives early waits in its own file until the gap before it fills. A
+    chunk that differs from one already appended (the device restarted the delivery: a new
+    attempt is a new age file) cuts the file back to that point and decryption starts over from
+    the spooled prefix; the new attempt's chunks then rebuild it. A decryption failure is kept,
+    not raised: only the signed manifest can tell a damaged chunk from a superseded attempt.
     """
 
-    def __init__(self, directory: Path, clip_id: str) -> None:
+    def __init__(self, directory: Path, out_dir: Path, clip_id: str, identity: X25519PrivateKey):
         self._dir = directory
         self._id = clip_id
+        self._identity = identity
         self.path = directory / f"{clip_id}.age"
         self._file = open(self.path, "w+b")  # noqa: SIM115 - closed by close()
         self._sizes: list[int] = []
         self._offset = 0
         self._digest = hashlib.sha256()
         self._early: dict[int, int] = {}
+        fd, name = tempfile.mkstemp(prefix=f".{clip_id}.", suffix=".part", dir=out_dir)
+        self.plain_path = Path(name)
+        self._plain = os.fdopen(fd, "w+b")
+        self._moved = False
+        self._syncer: threading.Thread | None = None
+        self._synced_at = 0
+        self._restart_decryption()
+
+    def _restart_decryption(self) -> None:
+        self._wait_sync()
+        self._synced_at = 0
+        self._plain.seek(0)
+        self._plain.truncate()
+        self._decryptor = AgeDecryptor(self._identity)
+        self._plain_digest = hashlib.sha256()
+        self._plain_bytes = 0
+        self.decrypt_error: ReceiveError | None = None
+
+    def _decrypt(self, data: bytes) -> None:
+        if self.decrypt_error is not None:
+            return
+        try:
+            pieces = self._decryptor.feed(data)
+        except ReceiveError as exc:
+            self.decrypt_error = exc
+            return
+        self._write_plain(pieces)
+
+    def _write_plain(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self._plain_digest.update(piece)
+            self._plain.write(piece)
+            self._plain_bytes += len(piece)
+        if self._plain_bytes - self._synced_at >= _SYNC_BYTES and self._syncer is None:
+            # Write back on a helper thread (fdatasync releases the GIL) while chunks keep
+            # arriving, instead of all at once before the rename.
+            self._plain.flush()
+            self._synced_at = self._plain_bytes
+            self._syncer = threading.Thread(
+                target=_sync_quietly, args=(self._plain.fileno(),), daemon=True
+            )
+            self._syncer.start()
+        elif self._syncer is not None and not self._syncer.is_alive():
+            self._syncer = None
+
+    def _wait_sync(self) -> None:
+        if self._syncer is not None:
+            self._syncer.join()
+            self._syncer = None
 
     def _early_path(self, seq: int) -> Path:
         return self._dir / f"{self._id}.{seq}"
@@ -116,21 +388,21 @@ class _ClipSpool:
         self._digest.update(payload)
         self._offset += len(payload)
         self._sizes.append(len(payload))
+        self._decrypt(payload)
 
     def _cut(self, seq: int, start: int) -> None:
         self._file.truncate(start)
         self._sizes = self._sizes[:seq]
         self._offset = start
-        self._digest = self._hash_prefix(start)
-
-    def _hash_prefix(self, length: int) -> Any:
-        digest = hashlib.sha256()
+        # Hash and decrypt the kept prefix again from the spool.
+        self._digest = hashlib.sha256()
+        self._restart_decryption()
         self._file.seek(0)
-        left = length
+        left = start
         while left > 0 and (block := self._file.read(min(_READ_BYTES, left))):
-            digest.update(block)
+            self._digest.update(block)
+            self._decrypt(block)
             left -= len(block)
-        return digest
 
     def missing(self, chunks: int) -> list[int]:
         """The chunk numbers below ``chunks`` not received yet."""
@@ -143,8 +415,37 @@ class _ClipSpool:
         self._file.flush()
         return self._offset, self._digest.hexdigest()
 
+    def finish_plaintext(self) -> tuple[int, str]:
+        """End decryption; returns the plaintext's length and SHA-256, synced to disk.
+
+        Raises the ReceiveError that stopped decryption, if any.
+        """
+        if self.decrypt_error is None:
+            try:
+                self._write_plain([self._decryptor.finish()])
+            except ReceiveError as exc:
+                self.decrypt_error = exc
+        if self.decrypt_error is not None:
+            raise self.decrypt_error
+        self._wait_sync()
+        self._plain.flush()
+        os.fsync(self._plain.fileno())
+        return self._plain_bytes, self._plain_digest.hexdigest()
+
+    def move_plaintext(self, final: Path) -> None:
+        """Give the verified plaintext its final name."""
+        self._wait_sync()
+        self._plain.close()
+        os.replace(self.plain_path, final)
+        self._moved = True
+
     def close(self) -> None:
+        """Close both files and delete the temporary plaintext unless it was moved away."""
+        self._wait_sync()
         self._file.close()
+        self._plain.close()
+        if not self._moved:
+            self.plain_path.unlink(missing_ok=True)
 
 
 class DeliveryAssembler:
@@ -167,7 +468,7 @@ class DeliveryAssembler:
                 raise ReceiveError(f"{name!r} is not a valid id")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._identity = identity
+        self._identity = identity_key(identity)
         self._device_key = device_public_key
         self._device_id = device_id
         self._requester_id = requester_id
@@ -222,7 +523,9 @@ class DeliveryAssembler:
         clip_id, seq = parts[0], int(parts[1])
         spool = self._clips.get(clip_id)
         if spool is None:
-            spool = self._clips[clip_id] = _ClipSpool(self._spool, clip_id)
+            spool = self._clips[clip_id] = _ClipSpool(
+                self._spool, self.out_dir, clip_id, self._identity
+            )
         self._bar.update(spool.add(seq, payload))
         return True
 
@@ -263,16 +566,17 @@ class DeliveryAssembler:
     # -- output ------------------------------------------------------------------------------
 
     def finish(self) -> list[ReceivedClip]:
-        """Verify, decrypt and write every clip of the manifest; returns them in manifest order.
+        """Verify and write every clip of the manifest; returns them in manifest order.
 
         Raises ReceiveError naming the clip when chunks are missing, the age file does not match
         the manifest, it does not decrypt with our identity, or the plaintext hash differs.
+        Every age file is checked before any clip takes its final name.
         """
         if self.manifest is None:
             raise ReceiveError(f"no manifest received for request {self.jti}")
         for clip in self.manifest.clips:
             self._check_age_file(clip)
-        written = [self._decrypt(clip) for clip in self.manifest.clips]
+        written = [self._write(clip) for clip in self.manifest.clips]
         self._bar.close()
         return written
 
@@ -287,45 +591,40 @@ class DeliveryAssembler:
         spool = self._clips.get(clip.id)
         total, digest = spool.seal(clip.chunks) if spool else (0, hashlib.sha256().hexdigest())
         if total != clip.bytes or digest != clip.sha256:
+            self._discard(clip.id)
             raise ReceiveError(
                 f"clip {clip.id}: the received age file ({total} bytes) does not match the "
                 f"signed manifest ({clip.bytes} bytes, sha256 {clip.sha256[:16]}...): "
                 "a chunk was corrupted or tampered with"
             )
 
-    def _decrypt(self, clip: ManifestClip) -> ReceivedClip:
+    def _discard(self, clip_id: str) -> None:
+        """Close a clip's spool, deleting its partial plaintext."""
+        spool = self._clips.pop(clip_id, None)
+        if spool is not None:
+            spool.close()
+
+    def _write(self, clip: ManifestClip) -> ReceivedClip:
         final = self.out_dir / f"{clip.id}{extension_for(clip.content_type)}"
-        source = self._clips[clip.id].path if clip.chunks else None
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{clip.id}.", suffix=".part", dir=self.out_dir)
-        os.close(fd)
-        tmp = Path(tmp_name)
+        spool = self._clips.get(clip.id)
         try:
-            if source is None:
+            if spool is None or not clip.chunks:
                 raise ReceiveError(f"clip {clip.id}: the manifest lists no chunks for it")
             try:
-                # Rust does the file I/O and the decryption; the file was checked against the
-                # signed manifest just before.
-                pyrage.decrypt_file(str(source), tmp_name, [self._identity])
-            except (pyrage.DecryptError, OSError) as exc:
+                size, digest = spool.finish_plaintext()
+            except ReceiveError as exc:
                 raise ReceiveError(
                     f"clip {clip.id}: cannot decrypt with this age identity: {exc}",
                     hint="use the identity made by `doorbell-request keygen` for this request",
                 ) from None
-            digest = hashlib.sha256()
-            size = 0
-            with open(tmp, "rb+") as f:
-                while block := f.read(_READ_BYTES):
-                    digest.update(block)
-                    size += len(block)
-                os.fsync(f.fileno())
-            if digest.hexdigest() != clip.plaintext_sha256:
+            if digest != clip.plaintext_sha256:
                 raise ReceiveError(
                     f"clip {clip.id}: the decrypted video does not match the manifest's "
                     "plaintext_sha256: the device's recording and this file differ"
                 )
-            os.replace(tmp, final)
+            spool.move_plaintext(final)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            self._discard(clip.id)
             raise
         return ReceivedClip(
             id=clip.id,
