@@ -58,7 +58,7 @@ from agent.requests.service import RequestsWorker, requests_worker
 from agent.requests.store import RequestStore
 from agent.sdnotify import Notifier, Watchdog
 from agent.timeutil import rfc3339, utcnow
-from agent.vault import Vault
+from agent.vault import Space, Vault
 from agent.web.server import app_worker
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ STATUS_INTERVAL = 5.0
 JOIN_TIMEOUT = 30.0
 """Seconds the daemon waits, in total, for workers to finish after the stop event."""
 RETENTION_INTERVAL = timedelta(minutes=10)
+SPACE_CHECK_INTERVAL = 5.0
+"""Seconds between the retention worker's looks at free space (a pass runs at once when low)."""
 HA_POLL_INTERVAL = 1.0
 """Seconds between the Home Assistant worker's looks at motion, pending count and connection."""
 HA_PUBLISH_TIMEOUT = 1.0
@@ -118,7 +120,9 @@ def camera_worker(ctx: DaemonContext) -> Worker | None:
 
 
 class RetentionWorker:
-    """Crypto-shreds clips past ``storage.retention`` or beyond ``storage.max_bytes``."""
+    """Crypto-shreds clips past ``storage.retention`` or beyond ``storage.max_bytes``, and the
+    oldest unheld ones early when free space falls below the vault's reserve (a full disk must
+    not stop recording or the audit log)."""
 
     name = "retention"
 
@@ -127,22 +131,38 @@ class RetentionWorker:
         vault: Vault,
         *,
         interval: timedelta = RETENTION_INTERVAL,
+        space_interval: float = SPACE_CHECK_INTERVAL,
         now: Callable[[], datetime] = utcnow,
     ) -> None:
         self.vault = vault
         self.interval = interval
+        self.space_interval = space_interval
         self.now = now
         self.runs = 0
         self.deleted = 0
         self.stored_bytes: int | None = None
         self.last_error: str | None = None
+        self.space: Space | None = None
 
     def run(self, stop: threading.Event) -> None:
-        """Enforce retention now and every ``interval`` until ``stop``."""
+        """Enforce retention now and every ``interval``, and whenever space runs low, until
+        ``stop``."""
+        due = 0.0
         while True:
-            self.enforce()
-            if stop.wait(self.interval.total_seconds()):
+            if time.monotonic() >= due or self.check_space():
+                self.enforce()
+                due = time.monotonic() + self.interval.total_seconds()
+            if stop.wait(min(self.space_interval, self.interval.total_seconds())):
                 return
+
+    def check_space(self) -> bool:
+        """Look at free space; True when it is below the reserve."""
+        try:
+            self.space = self.vault.space()
+        except OSError as exc:
+            self.last_error = f"cannot measure free space: {exc}"
+            return False
+        return self.space.low
 
     def enforce(self) -> None:
         """One pass; failures are logged and retried next time (recording goes on)."""
@@ -156,13 +176,23 @@ class RetentionWorker:
         self.deleted += len(report.deleted)
         self.stored_bytes = report.stored_bytes
         self.last_error = None
+        if self.check_space() and self.space is not None:
+            # Everything left is held (or being written): say so, recording stays paused.
+            self.last_error = (
+                f"storage full ({self.space.describe()}): the clips left are held or being "
+                "written; recording is paused"
+            )
 
     def stats(self) -> dict[str, Any]:
-        """Passes, clips deleted, bytes stored."""
+        """Passes, clips deleted, bytes stored, free space and whether storage is full."""
+        space = self.space
         return {
             "runs": self.runs,
             "deleted": self.deleted,
             "stored_bytes": self.stored_bytes,
+            "storage": None if space is None else space.state,
+            "free_bytes": None if space is None else space.free,
+            "reserve_bytes": None if space is None else space.reserve,
             "last_error": self.last_error,
         }
 

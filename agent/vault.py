@@ -17,6 +17,11 @@ A clip file is a :mod:`agent.stream` stream whose header holds a magic, the ciph
 size and the clip id; the header is authenticated, so a file swapped in from another clip, or
 with a changed cipher or chunk size, is named as such.
 
+Disk space: the vault keeps a reserve of free space on its filesystem (10 % of it, at most
+64 MiB, unless given) for the index, the audit log and ``status.json``. :meth:`Vault.create_clip`
+refuses to start a clip while free space is below it, and :meth:`Vault.enforce_retention` deletes
+the oldest unheld clips early (reason ``space``) until it is met again.
+
 Crash safety: the row and wrapped key are committed as 'writing' before any ciphertext exists,
 the writer holds an ``flock`` on its file for its whole life and fsyncs every ``sync_bytes``,
 and publishing is rename + directory fsync + one UPDATE. :meth:`Vault.recover` (run by the
@@ -50,7 +55,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from agent import stream
 from agent.errors import ClipNotFoundError, TamperError, VaultError
 from agent.keys import load_storage_key
-from agent.timeutil import rfc3339, utcnow
+from agent.timeutil import format_size, rfc3339, utcnow
 
 if TYPE_CHECKING:
     from agent.config import Config
@@ -59,12 +64,14 @@ log = logging.getLogger(__name__)
 
 CLIP_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAGIC: Final = b"DBACLIP\x01"
-DeleteReason = Literal["retention", "quota", "owner"]
-DELETE_REASONS: Final[tuple[str, ...]] = ("retention", "quota", "owner")
+DeleteReason = Literal["retention", "quota", "space", "owner"]
+DELETE_REASONS: Final[tuple[str, ...]] = ("retention", "quota", "space", "owner")
 MAX_THUMBNAIL_BYTES: Final = 1024 * 1024
 DEFAULT_CHUNK_SIZE: Final = 64 * 1024
 DEFAULT_SYNC_BYTES: Final = 1024 * 1024
 SCHEMA_VERSION: Final = 1
+RESERVE_FRACTION: Final = 0.10
+RESERVE_MAX: Final = 64 * 1024 * 1024
 
 _CIPHER_CODES: Final = {stream.AES_256_GCM: 1, stream.CHACHA20_POLY1305: 2}
 _WRAP_INFO: Final = b"doorbell-agent vault v1 clip key wrap"
@@ -126,6 +133,35 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def default_reserve(total_bytes: int) -> int:
+    """Free space the vault leaves for the index, audit log and status on a filesystem of
+    ``total_bytes``: 10 % of it, at most 64 MiB."""
+    return min(int(total_bytes * RESERVE_FRACTION), RESERVE_MAX)
+
+
+@dataclass(frozen=True)
+class Space:
+    """Free space on the vault's filesystem against the reserve it keeps."""
+
+    free: int
+    total: int
+    reserve: int
+
+    @property
+    def low(self) -> bool:
+        """Below the reserve: no new clip starts and retention deletes unheld clips early."""
+        return self.free < self.reserve
+
+    @property
+    def state(self) -> Literal["ok", "full"]:
+        """``full`` while below the reserve, else ``ok``."""
+        return "full" if self.low else "ok"
+
+    def describe(self) -> str:
+        """What an owner reads in ``status``."""
+        return f"{format_size(self.free)} free, reserve {format_size(self.reserve)}"
 
 
 def _hkdf(key: bytes, info: bytes) -> bytes:
@@ -232,7 +268,8 @@ class RetentionReport:
     """What :meth:`Vault.enforce_retention` deleted and kept."""
 
     deleted: tuple[tuple[str, str], ...]
-    """(clip id, reason) with reason 'retention' (too old) or 'quota' (over max_bytes)."""
+    """(clip id, reason) with reason 'retention' (too old), 'quota' (over max_bytes) or 'space'
+    (free space below the reserve)."""
     held: tuple[str, ...]
     """Clips retention would have deleted but a hold keeps."""
     stored_bytes: int
@@ -506,9 +543,11 @@ class Vault:
         retention: timedelta = timedelta(days=7),
         max_bytes: int | None = None,
         sync_bytes: int = DEFAULT_SYNC_BYTES,
+        reserve_bytes: int | None = None,
         now: Callable[[], datetime] = utcnow,
         rng: Callable[[int], bytes] = os.urandom,
     ) -> None:
+        """``reserve_bytes``: free space to keep (None: :func:`default_reserve`)."""
         if len(master_key) != stream.KEY_SIZE:
             raise ValueError(
                 f"the storage master key is {stream.KEY_SIZE} bytes, got {len(master_key)}"
@@ -529,6 +568,7 @@ class Vault:
         self._retention = retention
         self._max_bytes = max_bytes
         self._sync_bytes = sync_bytes
+        self._reserve = reserve_bytes
         self._now = now
         self._rng = rng
         self._lock = threading.RLock()
@@ -553,6 +593,12 @@ class Vault:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA secure_delete=ON")
+            indexed = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'clips'").fetchone()
+        except sqlite3.Error as exc:
+            raise VaultError(f"cannot open the clip index {self.db_path}: {exc}") from exc
+        if indexed is None:
+            self._refuse_lost_index()
+        try:
             db.executescript(_SCHEMA)
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version <= SCHEMA_VERSION:
@@ -564,6 +610,20 @@ class Vault:
                 f"{self.db_path} was written by a newer doorbell-agent (schema {version}, "
                 f"this one knows {SCHEMA_VERSION})",
                 hint="upgrade doorbell-agent",
+            )
+
+    def _refuse_lost_index(self) -> None:
+        """A new (empty) index beside existing clip files means the index was lost: starting
+        afresh would leave those clips undecryptable and recovery would delete them as leftovers.
+        """
+        leftovers = [p for p in self.dir.iterdir() if p.suffix in (".clip", ".part")]
+        if leftovers:
+            raise VaultError(
+                f"the clip index {self.db_path} is missing or empty but {self.dir} holds "
+                f"{len(leftovers)} clip file(s): the index was lost or damaged; refusing to "
+                "start a new one (the clips' keys are only in the index)",
+                hint="restore vault.db from a backup, or move the vault directory aside to "
+                "start over with an empty vault",
             )
 
     @classmethod
@@ -590,17 +650,33 @@ class Vault:
         """One write transaction, taken at once so that checks and changes are atomic."""
         with self._lock:
             db = self._conn()
-            db.execute("BEGIN IMMEDIATE")
             try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                    db.execute("COMMIT")
+                except BaseException:
+                    # A failed COMMIT (disk full) can leave the transaction open.
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise self._index_error(exc) from exc
 
     def _query(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
-            return list(self._conn().execute(sql, params))
+            try:
+                return list(self._conn().execute(sql, params))
+            except sqlite3.Error as exc:
+                raise self._index_error(exc) from exc
+
+    def _index_error(self, exc: sqlite3.Error) -> VaultError:
+        if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+            return VaultError(
+                f"the clip index {self.db_path} cannot be written: {exc}",
+                hint="the disk is full: free space in the state directory",
+            )
+        return VaultError(f"the clip index {self.db_path} failed: {exc}")
 
     @contextlib.contextmanager
     def _vault_lock(self) -> Iterator[None]:
@@ -614,8 +690,7 @@ class Vault:
 
     def _checkpoint(self) -> None:
         """Copy the WAL into the database and empty it, so shredded keys leave the WAL too."""
-        with self._lock:
-            busy, _, _ = self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        busy, _, _ = self._query("PRAGMA wal_checkpoint(TRUNCATE)")[0]
         if busy:
             log.info("WAL checkpoint deferred: another connection is reading the clip index")
 
@@ -680,11 +755,27 @@ class Vault:
         """A fresh id: the start as UTC ``YYYYmmddTHHMMSSZ`` plus a random suffix."""
         return f"{start.astimezone(UTC):%Y%m%dT%H%M%SZ}-{self._rng(6).hex()}"
 
+    def space(self) -> Space:
+        """Free space on the vault's filesystem and the reserve kept (see the module doc)."""
+        st = os.statvfs(self.root)
+        total = st.f_blocks * st.f_frsize
+        reserve = default_reserve(total) if self._reserve is None else self._reserve
+        return Space(free=st.f_bavail * st.f_frsize, total=total, reserve=reserve)
+
     def create_clip(self, start: datetime, content_type: str) -> ClipWriter:
-        """Start a clip: its row and wrapped key are committed before any ciphertext."""
+        """Start a clip: its row and wrapped key are committed before any ciphertext.
+
+        Raises VaultError while free space is below the reserve (see :meth:`space`).
+        """
         start_us = _to_us(start)
         if not content_type or len(content_type) > 255:
             raise ValueError("content_type must be 1-255 characters")
+        space = self.space()
+        if space.low:
+            raise VaultError(
+                f"storage full ({space.describe()}): no new clip until space is freed",
+                hint="delete clips, release holds or free space in the state directory",
+            )
         clip_id = self.new_clip_id(start)
         key = self._rng(stream.KEY_SIZE)
         with self._vault_lock():
@@ -760,10 +851,12 @@ class Vault:
         return dataclasses.replace(info, has_thumbnail=has_thumb)
 
     def _drop_unpublished(self, clip_id: str) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM clips WHERE id = ? AND state = 'writing'", (clip_id,))
+        # The file goes first: on a full disk its space is what lets the index change commit
+        # (a 'writing' row left without a file is discarded by recovery).
         for state in ("writing", "final"):
             self._path(clip_id, state).unlink(missing_ok=True)
+        with self._tx() as db:
+            db.execute("DELETE FROM clips WHERE id = ? AND state = 'writing'", (clip_id,))
         self._checkpoint()
 
     def _store_thumbnail(self, clip_id: str, key: bytes, cipher: str, jpeg: bytes) -> None:
@@ -947,7 +1040,8 @@ class Vault:
         return [Hold(h, _from_us(s), _from_us(e)) for h, s, e in rows]
 
     def enforce_retention(self, now: datetime | None = None) -> RetentionReport:
-        """Shred clips that ended before ``now - retention``, then the oldest beyond max_bytes.
+        """Shred clips that ended before ``now - retention``, then the oldest beyond max_bytes,
+        then the oldest while free space is below the reserve (reason ``space``).
 
         Held clips and clips being written are never deleted.
         """
@@ -976,6 +1070,18 @@ class Vault:
                     continue
                 if self._delete_for_retention(clip.id, "quota", deleted):
                     total -= clip.stored_bytes
+        gone = {cid for cid, _ in deleted}
+        for clip in kept:
+            if not self.space().low:
+                break
+            if clip.id in gone:
+                continue
+            if any(h.covers(clip) for h in holds):
+                if clip.id not in held:
+                    held.append(clip.id)
+                continue
+            if self._delete_for_retention(clip.id, "space", deleted):
+                total -= clip.stored_bytes
         return RetentionReport(tuple(deleted), tuple(held), total)
 
     def _delete_for_retention(

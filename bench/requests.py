@@ -9,22 +9,20 @@ CPU sections (no broker), each against a baseline measured in the same run:
   oversize, token-shaped junk, ``alg: none``, unknown kid, bad signature on a known kid).
 
 Flood section (``flood``): forged requests at ``--rate`` per second for ``--duration`` seconds
-(default 2,000/s for 30 s), published QoS 1 by a separate process through a real mosquitto at an
-agent (``RequestsWorker``) running in this process next to a real-time 10 fps frame loop.
-Half the forgeries name an unknown kid, half the enrolled requester's kid with a bad signature
-(so the flood pays for Ed25519 verification too). Reported, flood vs a no-flood baseline
-measured in the same run:
+(default 2,000/s for 30 s), published QoS 1 by a separate process through a real mosquitto at
+the real agent: ``run_daemon`` with every worker (camera, retention, requests, approval) in its
+own process, logging at INFO as ``doorbell-agent run`` does, recording from a ``file:`` camera
+paced in real time (``--video``, default /work/shared/data/vtest.avi; the synthetic camera when
+the file is missing). Half the forgeries name an unknown kid, half the kid of the requester
+whose valid requests are timed (bad signatures, so the flood pays for Ed25519 verification and
+shares that requester's queue). Reported, flood vs a no-flood baseline measured in the same run:
 
-- frames dropped by the frame loop (goal 0),
-- latency of a valid request to its ``pending`` response (goal <= 2 s),
-- MQTT disconnects of the agent (keep-alive holds: goal 0),
-- RSS: before, peak and after the flood (flat memory).
-
-The frame loop stands in for the camera pipeline (agent/camera + agent/daemon.py were not
-ready): it decodes ``--video`` (default /work/shared/data/vtest.avi) paced at the file's frame
-rate, converts to grey, blurs, diffs against the last frame and JPEG-encodes each frame, and
-counts a frame as dropped when it is more than one frame period late (a live camera would have
-overwritten it).
+- frames the camera lost (goal 0): frames dropped from the capture queue because processing
+  fell behind, plus frames a live camera would have overwritten because capture itself ran late
+  (the file's timeline re-anchored: fewer frames captured than its frame rate allows);
+- latency of a valid request to its ``pending`` response (goal <= 2 s);
+- MQTT disconnects of the agent (keep-alive holds: goal 0);
+- the agent process's RSS: before, peak (``VmHWM``) and after the flood.
 
 Usage: ``python bench/requests.py [verify] [garbage] [flood] [--count N] [--rate N]
 [--duration S] [--video FILE]``.
@@ -52,7 +50,6 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import cv2  # noqa: E402
 import paho.mqtt.client as paho  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
@@ -60,12 +57,10 @@ from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 from pyrage import x25519  # noqa: E402
 
-from agent import config  # noqa: E402
 from agent.audit import AuditLog  # noqa: E402
-from agent.keys import create_device_keys, kid_for  # noqa: E402
+from agent.keys import kid_for, load_device_key  # noqa: E402
 from agent.release.manifest import RESPONSE_TYP, verify_device_jws  # noqa: E402
 from agent.requester.build import build_request  # noqa: E402
-from agent.requests.service import RequestsWorker  # noqa: E402
 from agent.requests.store import RequestStore  # noqa: E402
 from agent.timeutil import utcnow  # noqa: E402
 from tests.mosquitto import Mosquitto  # noqa: E402
@@ -122,55 +117,102 @@ print(json.dumps({"sent": sent, "acked": acked, "elapsed": elapsed}), flush=True
 """
 
 
-def rss_mib() -> float:
-    """Current resident set size of this process in MiB."""
-    with open("/proc/self/status") as f:
+AGENT = """
+import logging, sys
+from agent import config
+from agent.daemon import run_daemon
+logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                    format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+sys.exit(run_daemon(config.load(sys.argv[1]), status_interval=0.5))
+"""
+
+
+def rss_mib(pid: int | str = "self", field: str = "VmRSS") -> float:
+    """A memory figure of a process from /proc (default: this process's RSS), in MiB."""
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
-class FrameLoop(threading.Thread):
-    """Decode a video in real time and do per-frame camera-like work; count late frames."""
+def load() -> str:
+    """The load average, for judging how busy the shared machine was."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
-    def __init__(self, video: Path) -> None:
-        super().__init__(name="frame-loop", daemon=True)
-        self.video = video
-        self.frames = 0
-        self.dropped = 0
-        self.stop = threading.Event()
 
-    def reset(self) -> None:
-        self.frames = self.dropped = 0
+class Agent:
+    """The real agent in a subprocess; its counters come from ``status.json``."""
 
-    def run(self) -> None:
-        cap = cv2.VideoCapture(str(self.video))
-        period = 1.0 / (cap.get(cv2.CAP_PROP_FPS) or 10.0)
-        prev = None
-        due = time.monotonic()
-        while not self.stop.is_set():
-            ok, frame = cap.read()
-            if not ok:
-                cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
-                continue
-            grey = cv2.GaussianBlur(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), (3, 3), 0)
-            if prev is not None:
-                cv2.absdiff(grey, prev)
-            prev = grey
-            cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 85])
-            self.frames += 1
-            due += period
-            late = time.monotonic() - due
-            if late > period:
-                skipped = int(late / period)
-                self.dropped += skipped
-                for _ in range(skipped):
-                    cap.grab()
-                due += skipped * period
-            else:
-                time.sleep(max(0.0, due - time.monotonic()))
-        cap.release()
+    def __init__(self, cfg_path: Path, state: Path, log_path: Path) -> None:
+        self.status_path = state / "status.json"
+        self._log = log_path.open("w")
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", AGENT, str(cfg_path)],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=self._log,
+        )
+
+    def status(self) -> dict[str, Any]:
+        """The latest status document (retried while it is being replaced)."""
+        for _ in range(50):
+            try:
+                doc: dict[str, Any] = json.loads(self.status_path.read_text())
+                return doc
+            except (OSError, ValueError):
+                time.sleep(0.1)
+        raise RuntimeError("the agent wrote no readable status.json")
+
+    def wait_running(self, timeout: float = 60.0) -> None:
+        """Until the requests worker is connected and the camera streams."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the agent exited with {self.proc.returncode}")
+            if self.status_path.exists():
+                workers = self.status()["workers"]
+                req = (workers.get("requests") or {}).get("stats") or {}
+                cam = (workers.get("camera") or {}).get("stats") or {}
+                if req.get("connected") and cam.get("capture", {}).get("frames", 0) > 10:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError("the agent did not come up")
+
+    def counters(self) -> dict[str, Any]:
+        """Camera and request counters now, with this process's monotonic time."""
+        workers = self.status()["workers"]
+        cam = workers["camera"]["stats"]
+        return {
+            "at": time.monotonic(),
+            "captured": cam["capture"]["frames"],
+            "queue_dropped": cam["capture"]["dropped"],
+            "processed": cam["processing"]["frames"],
+            "fps": cam["capture"].get("fps") or 10.0,
+            "requests": workers["requests"]["stats"],
+        }
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def frames_lost(before: dict[str, Any], after: dict[str, Any]) -> tuple[int, int, int]:
+    """(captured, dropped from the queue, not captured in time) between two counter samples.
+
+    ``status.json`` is written every 0.5 s, so the expected count allows the samples' age:
+    one status interval at each end, i.e. 10 frames at 10 fps.
+    """
+    captured = after["captured"] - before["captured"]
+    dropped = after["queue_dropped"] - before["queue_dropped"]
+    expected = (after["at"] - before["at"]) * after["fps"]
+    late = max(0, int(expected - captured - 2 * 0.5 * after["fps"]))
+    return captured, dropped, late
 
 
 class Prober:
@@ -239,42 +281,54 @@ def _probe_series(prober: Prober, seconds: float, every: float) -> list[float | 
     return out
 
 
+def _write_config(root: Path, broker: Mosquitto, video: Path) -> tuple[Path, Path, str]:
+    state = root / "state"
+    camera = f"file:{video}" if video.is_file() else "synthetic"
+    cfg_path = root / "agent.yaml"
+    cfg_path.write_text(json.dumps({
+        "device_id": DEVICE,
+        "state_dir": str(state),
+        "camera": {"source": camera, "fps": 10, "realtime": True, "loop": True},
+        "mqtt": {"host": broker.host, "port": broker.port, "topic_prefix": PREFIX},
+        # The probe sends one request a second; the default rate limit (10/h) would refuse it.
+        "requests": {"rate_limit": 1000},
+        "approval": {"channels": ["cli"]},
+        "app": {"enabled": False},
+    }))
+    return cfg_path, state, camera
+
+
 def flood(
     rate: float, duration: float, video: Path, baseline: float = 8.0, progress: bool = False
 ) -> None:
-    """Run the flood bench and print its report."""
+    """Run the flood bench against the real agent and print its report."""
+    from agent.provision import initialise
+
     with tempfile.TemporaryDirectory(prefix="bench-flood-") as tmp:
         root = Path(tmp)
         broker = Mosquitto(root / "broker", persistence=False)
         broker.start()
-        state = root / "state"
-        state.mkdir(mode=0o700)
-        device_key = create_device_keys(state)
+        cfg_path, state, camera = _write_config(root, broker, video)
+        initialise(state, DEVICE, now=utcnow())
+        device_key = load_device_key(state)
         requester = Ed25519PrivateKey.generate()
-        # The probe sends one request a second; the default rate limit (10/h) would refuse it.
-        cfg = config.parse({
-            "device_id": DEVICE,
-            "state_dir": str(state),
-            "mqtt": {"host": broker.host, "port": broker.port, "topic_prefix": PREFIX},
-            "requests": {"rate_limit": 1000},
-        })
-        store = RequestStore.open(state)
-        audit = AuditLog(state / "audit.jsonl", device_key)
-        store.add_requester("bench", "Bench", "other", requester.public_key(), audit=audit)
-        worker = RequestsWorker(cfg, signing_key=device_key, store=store, audit=audit)
-        frames = FrameLoop(video)
+        audit_log = AuditLog(state / "audit.jsonl", device_key)
+        with RequestStore.open(state) as store, audit_log as audit:
+            store.add_requester("bench", "Bench", "other", requester.public_key(), audit=audit)
+        agent = Agent(cfg_path, state, root / "agent.log")
         flooder: subprocess.Popen[str] | None = None
+        prober: Prober | None = None
         try:
-            worker.start()
-            worker.client.wait_ready(10)
-            frames.start()
+            agent.wait_running()
+            pid = agent.proc.pid
             prober = Prober(broker.host, broker.port, requester, device_key.public_key())
-            time.sleep(2.0)  # let the frame loop and connections settle
+            time.sleep(2.0)  # let the camera and the connections settle
 
-            frames.reset()
-            rss_before = rss_mib()
+            load_before = load()
+            rss_before = rss_mib(pid)
+            c0 = agent.counters()
             base_lat = _probe_series(prober, baseline, 1.0)
-            base_frames, base_dropped = frames.frames, frames.dropped
+            c1 = agent.counters()
 
             flooder = subprocess.Popen(
                 [sys.executable, "-c", FLOODER, broker.host, str(broker.port), REQUESTS,
@@ -283,23 +337,23 @@ def flood(
             )
             assert flooder.stdin is not None and flooder.stdout is not None
             assert flooder.stdout.readline().strip() == "ready"
-            disconnects = worker.client.stats.disconnects
-            frames.reset()
-            peak = [rss_mib()]
+            c2 = agent.counters()
+            peak = [rss_mib(pid)]
             sampling = threading.Event()
 
             def sample() -> None:
                 tick = 0
                 while not sampling.wait(0.25):
-                    peak.append(rss_mib())
+                    peak.append(rss_mib(pid))
                     tick += 1
                     if progress and tick % 4 == 0:
-                        st = worker.service.stats
-                        print(f"  t={tick / 4:.0f}s received {st.received} unverifiable "
-                              f"{sum(st.unverifiable.values())} dropped {st.dropped} "
-                              f"queues {worker.service._queue.qsize()}/"
-                              f"{worker.service._suspects.qsize()} frames {frames.frames} "
-                              f"dropped frames {frames.dropped}", file=sys.stderr, flush=True)
+                        c = agent.counters()
+                        r = c["requests"]
+                        print(f"  t={tick / 4:.0f}s received {r['received']} unverifiable "
+                              f"{sum(r['unverifiable'].values())} dropped {r['dropped']} "
+                              f"frames captured {c['captured']} processed {c['processed']} "
+                              f"queue-dropped {c['queue_dropped']} load {load()}",
+                              file=sys.stderr, flush=True)
 
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
@@ -308,42 +362,42 @@ def flood(
             flood_lat = _probe_series(prober, duration, 1.0)
             result = json.loads(flooder.stdout.readline())
             flooder.wait(30)
-            flood_frames, flood_dropped = frames.frames, frames.dropped
+            c3 = agent.counters()
+            load_flood = load()
             # The broker may still hold queued forgeries: wait until the agent is idle again.
             drain_start = time.monotonic()
-            stats = worker.service.stats
             seen, idle_since = -1, time.monotonic()
             while time.monotonic() - idle_since < 2.0 and time.monotonic() - drain_start < 120:
-                if stats.received != seen:
-                    seen, idle_since = stats.received, time.monotonic()
+                received = agent.counters()["requests"]["received"]
+                if received != seen:
+                    seen, idle_since = received, time.monotonic()
                 time.sleep(0.1)
             drain = idle_since - drain_start
             sampling.set()
             sampler.join()
             after_lat = prober.latency()
-            rss_after = rss_mib()
-            prober.close()
+            c4 = agent.counters()
             _report(
-                rate=rate, duration=duration, video=video, result=result, stats=stats,
-                base=(base_frames, base_dropped, base_lat), flood=(flood_frames, flood_dropped,
-                flood_lat), after_lat=after_lat, drain=drain,
-                disconnects=worker.client.stats.disconnects - disconnects,
-                rss=(rss_before, max(peak), rss_after),
+                rate=rate, duration=duration, camera=camera, result=result,
+                stats=c4["requests"], base=(frames_lost(c0, c1), base_lat),
+                flood=(frames_lost(c2, c3), flood_lat), after_lat=after_lat, drain=drain,
+                disconnects=c4["requests"]["disconnects"] - c2["requests"]["disconnects"],
+                rss=(rss_before, max(*peak, rss_mib(pid, "VmHWM")), rss_mib(pid)),
                 audit_lines=len((state / "audit.jsonl").read_bytes().splitlines()),
+                load=(load_before, load_flood),
             )
         finally:
-            frames.stop.set()
+            if prober is not None:
+                prober.close()
             if flooder is not None and flooder.poll() is None:
                 flooder.kill()
-            worker.close()
-            store.close()
-            audit.close()
+            agent.close()
             broker.close()
 
 
 def _report(**r: Any) -> None:
-    base_frames, base_dropped, base_lat = r["base"]
-    flood_frames, flood_dropped, flood_lat = r["flood"]
+    (base_cap, base_qd, base_late), base_lat = r["base"]
+    (flood_cap, flood_qd, flood_late), flood_lat = r["flood"]
     stats = r["stats"]
     rss_before, rss_peak, rss_after = r["rss"]
     sent, acked, elapsed = r["result"]["sent"], r["result"]["acked"], r["result"]["elapsed"]
@@ -360,29 +414,32 @@ def _report(**r: Any) -> None:
         xs = [x for x in samples if x is not None]
         return statistics.median(xs) if xs else float("nan")
 
-    print("== flood: forged requests through mosquitto at a running agent ==")
+    unverifiable = stats["unverifiable"]
+    print("== flood: forged requests through mosquitto at the running agent ==")
+    print(f"load average: before {r['load'][0]}; at the end of the flood {r['load'][1]} "
+          f"({os.cpu_count()} CPUs)")
     print(f"flood: {sent} forged QoS 1 requests published in {elapsed:.1f} s "
           f"({sent / elapsed:.0f}/s, asked {r['rate']:.0f}/s for {r['duration']:.0f} s), "
           f"{acked} acknowledged by the broker")
-    print("camera: stand-in real-time frame loop on "
-          f"{r['video'].name} (agent/camera pipeline not wired yet)")
-    print(f"frames: baseline {base_frames} processed, {base_dropped} dropped; "
-          f"flood {flood_frames} processed, {flood_dropped} dropped (goal 0)")
+    print(f"camera: {r['camera']} at real time, recording through the agent's pipeline")
+    print(f"frames: baseline {base_cap} captured, {base_qd + base_late} lost "
+          f"({base_qd} dropped from the queue, {base_late} not captured in time); flood "
+          f"{flood_cap} captured, {flood_qd + flood_late} lost ({flood_qd} dropped from the "
+          f"queue, {flood_late} not captured in time) (goal 0)")
     after = r["after_lat"]
     print(f"valid request -> pending: baseline {lat(base_lat)}; flood {lat(flood_lat)} "
           f"(goal <= 2000 ms); after flood "
           f"{'no answer' if after is None else f'{after * 1000:.0f} ms'}")
     print(f"latency ratio flood/baseline (median): {median(flood_lat) / median(base_lat):.1f}x")
-    print(f"agent: received {stats.received}, handled {sum(stats.unverifiable.values())} "
-          f"unverifiable {dict(stats.unverifiable)}, dropped {stats.dropped} (queue full), "
-          f"pending {stats.pending}; broker backlog drained {r['drain']:.1f} s after the flood "
-          f"({acked - (stats.received - stats.pending)} acknowledged forgeries never reached "
-          "the agent: the broker drops QoS 1 messages beyond max_queued_messages)")
+    print(f"agent: received {stats['received']}, handled {sum(unverifiable.values())} "
+          f"unverifiable {dict(unverifiable)}, dropped {stats['dropped']} (queue full), "
+          f"pending {stats['pending']}; broker backlog drained {r['drain']:.1f} s after the "
+          f"flood ({acked - (stats['received'] - stats['pending'])} acknowledged forgeries never "
+          "reached the agent: the broker drops QoS 1 messages beyond max_queued_messages)")
     print(f"MQTT disconnects during flood: {r['disconnects']} (goal 0)")
     print(f"audit log: {r['audit_lines']} lines in total")
-    print(f"RSS: before {rss_before:.1f} MiB, peak {rss_peak:.1f} MiB, after "
-          f"{rss_after:.1f} MiB (peak/before {rss_peak / rss_before:.2f}x); "
-          f"ru_maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} MiB")
+    print(f"agent RSS: before {rss_before:.1f} MiB, peak {rss_peak:.1f} MiB, after "
+          f"{rss_after:.1f} MiB (peak/before {rss_peak / rss_before:.2f}x)")
 
 
 # --- CPU sections: verification and garbage rejection (no broker) ------------------------------

@@ -21,13 +21,14 @@ from agent.release.manifest import RESPONSE_TYP, verify_device_jws
 from agent.requests.service import (
     REJECTION_DETAIL,
     Budget,
+    FairQueue,
     RequestService,
     Tally,
     peek_kid,
     response_claims,
 )
 from agent.requests.store import RequestStore
-from agent.requests.verify import ERROR_CODES, RequestPolicy
+from agent.requests.verify import ERROR_CODES, RequestPolicy, TrustedKey
 from agent.status import Coalescer, status_payload
 from tests.test_mqtt_service import TOPIC_REQUESTS, Requester, eventually, request
 
@@ -299,3 +300,148 @@ def test_suspects_are_acked_at_once_and_enrolled_kids_are_queued_unacked(
     eventually(lambda: 8 in client.acked)
     claims = verify_device_jws(client.published[-1][1], svc._key.public_key(), RESPONSE_TYP)
     assert (claims["req"], claims["status"]) == (jti, "pending")
+
+
+# --- fairness and the enrolled-key snapshot -------------------------------------------------
+
+
+def test_fair_queue_serves_keys_round_robin_within_its_capacity() -> None:
+    q: FairQueue[str] = FairQueue(5)
+    for i in range(3):
+        assert q.put_nowait("flood", f"f{i}")
+    assert q.put_nowait("bob", "b0")
+    assert q.put_nowait("carol", "c0")
+    assert not q.put_nowait("bob", "b1")  # full: nothing stored
+    assert q.qsize() == 5
+    assert [q.get() for _ in range(5)] == ["f0", "b0", "c0", "f1", "f2"]
+    assert q.get() is None and q.get(timeout=0.01) is None
+    q.put_nowait("bob", "b2")
+    q.clear()
+    assert q.qsize() == 0 and q.get() is None
+
+
+def _unstarted_service(
+    tmp_path: Path, *names: str, kid_refresh: float = 3600.0
+) -> tuple[RequestService, FakeClient, RequestStore, dict[str, Requester]]:
+    key = Ed25519PrivateKey.generate()
+    store = RequestStore(tmp_path / "requests.db")
+    people: dict[str, Requester] = {}
+    for name in names:
+        k = Ed25519PrivateKey.generate()
+        store.add_requester(name, name.title(), "neighbor", k.public_key())
+        people[name] = Requester(name, k, kid_for(k.public_key()),
+                                 str(x25519.Identity.generate().to_public()))
+    svc = RequestService(
+        topics=Topics("doorbell", "front-door"),
+        policy=RequestPolicy(device_id="front-door", rate_limit=1000),
+        store=store,
+        audit=AuditLog(tmp_path / "audit.jsonl", key),
+        signing_key=key,
+        kid_refresh=kid_refresh,
+    )
+    client = FakeClient()
+    svc.attach(client)
+    return svc, client, store, people
+
+
+def _forged(victim: Requester) -> str:
+    token, _ = request(victim)
+    head, payload, _sig = token.split(".")
+    other = Requester(victim.id, Ed25519PrivateKey.generate(), victim.kid, victim.recipient)
+    return f"{head}.{payload}.{request(other)[0].split('.')[2]}"
+
+
+def test_a_flood_under_one_kid_does_not_delay_another_requester(tmp_path: Path) -> None:
+    svc, client, store, people = _unstarted_service(tmp_path, "alice", "bob")
+    for mid in range(1, 41):
+        svc.on_message(inbound(_forged(people["alice"]), mid))
+    token, jti = request(people["bob"])
+    svc.on_message(inbound(token, 99))
+    svc.start()
+    try:
+        eventually(lambda: len(client.acked) == 41)
+        # Round robin by kid: bob's request is second, not behind alice's forty forgeries.
+        assert client.acked.index(99) <= 1
+        assert svc.stats.unverifiable["bad_signature"] == 40
+        claims = verify_device_jws(client.published[0][1], svc._key.public_key(), RESPONSE_TYP)
+        assert (claims["req"], claims["status"]) == (jti, "pending")
+        assert len(client.published) == 1  # nothing answered the forgeries
+    finally:
+        svc.close()
+        store.close()
+
+
+def test_forgeries_under_an_enrolled_kid_cost_no_database_read(tmp_path: Path) -> None:
+    svc, client, store, people = _unstarted_service(tmp_path, "alice")
+    reads: list[str] = []
+    real = store.key_for_kid
+
+    def counting(kid: str) -> TrustedKey | None:
+        reads.append(kid)
+        return real(kid)
+
+    store.key_for_kid = counting  # type: ignore[method-assign]
+    svc.start()
+    try:
+        for mid in range(1, 21):
+            svc.on_message(inbound(_forged(people["alice"]), mid))
+        eventually(lambda: svc.stats.unverifiable["bad_signature"] == 20)
+        assert reads == [] and client.published == []
+        token, jti = request(people["alice"])
+        svc.on_message(inbound(token, 21))
+        eventually(lambda: 21 in client.acked)
+        assert reads  # a verified signature reads the requester fresh
+        claims = verify_device_jws(client.published[0][1], svc._key.public_key(), RESPONSE_TYP)
+        assert (claims["req"], claims["status"]) == (jti, "pending")
+    finally:
+        svc.close()
+        store.close()
+
+
+def test_a_revocation_after_the_snapshot_applies_at_once(tmp_path: Path) -> None:
+    svc, client, store, people = _unstarted_service(tmp_path, "alice")
+    svc.start()
+    try:
+        store.revoke_requester("alice")  # the snapshot (kid_refresh 1 h) still says enrolled
+        token, jti = request(people["alice"])
+        svc.on_message(inbound(token, 1))
+        eventually(lambda: 1 in client.acked)
+        claims = verify_device_jws(client.published[-1][1], svc._key.public_key(), RESPONSE_TYP)
+        assert (claims["req"], claims["status"], claims["error"]) == (jti, "rejected", "revoked")
+        assert svc.stats.pending == 0
+    finally:
+        svc.close()
+        store.close()
+
+
+def test_a_requester_enrolled_after_the_snapshot_is_heard(tmp_path: Path) -> None:
+    svc, client, store, _ = _unstarted_service(tmp_path)
+    svc.start()
+    try:
+        k = Ed25519PrivateKey.generate()
+        store.add_requester("carol", "Carol", "neighbor", k.public_key())
+        carol = Requester("carol", k, kid_for(k.public_key()),
+                          str(x25519.Identity.generate().to_public()))
+        token, jti = request(carol)
+        svc.on_message(inbound(token, 1))  # unknown to the snapshot: the suspect lane
+        eventually(lambda: svc.stats.pending == 1)
+        claims = verify_device_jws(client.published[-1][1], svc._key.public_key(), RESPONSE_TYP)
+        assert (claims["req"], claims["status"]) == (jti, "pending")
+    finally:
+        svc.close()
+        store.close()
+
+
+def test_suspects_past_their_rate_wait_and_are_all_handled(tmp_path: Path) -> None:
+    svc, client, store, _ = _unstarted_service(tmp_path)
+    svc._suspect_budget = Budget(5, 0.5)  # 10 a second instead of 500
+    for mid in range(1, 21):
+        svc.on_message(inbound(f"garbage-{mid}", mid))
+    assert sorted(client.acked) == list(range(1, 21))  # acknowledged at intake
+    svc.start()
+    try:
+        eventually(lambda: sum(svc.stats.unverifiable.values()) == 20)
+        assert svc.stats.dropped == 0 and client.published == []
+    finally:
+        svc.close()
+        store.close()

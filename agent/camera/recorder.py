@@ -37,7 +37,7 @@ import numpy as np
 from agent.camera.frame import Frame, Image, jpeg_size
 from agent.camera.mkv import CONTENT_TYPE, MatroskaMuxer
 from agent.config import RecordingConfig
-from agent.errors import VaultError
+from agent.errors import AuditError, VaultError
 from agent.timeutil import rfc3339
 
 log = logging.getLogger(__name__)
@@ -414,7 +414,9 @@ class Recorder:
             return
         try:
             info = clip.writer.finish(clip.last_wall, clip.frames)
-        except (VaultError, OSError, ValueError) as exc:
+        except (AuditError, VaultError, OSError, ValueError) as exc:
+            # AuditError: clip_recorded could not be made durable (disk full), so the clip was
+            # not published; it is a recording failure like any other, shown in status.
             self._failed(clip, f"clip {clip.writer.id} could not be finished: {exc}")
             return
         self.clips += 1

@@ -71,6 +71,7 @@ def collect(cfg: Config, *, now: datetime) -> dict[str, Any]:
     cert = state_dir / TLS_DIR / TLS_CERT
     with Vault.from_config(cfg) as vault:
         clips = vault.list_clips()
+        space = vault.space()
     with RequestStore.open(state_dir) as store:
         pending = len(store.list_requests(["pending"]))
     last = AuditLog(state_dir / AUDIT_FILE, key).last_entry()
@@ -87,6 +88,12 @@ def collect(cfg: Config, *, now: datetime) -> dict[str, Any]:
             "stored_bytes": stored,
             "max_bytes": cfg.storage.max_bytes,
             "retention": format_duration(cfg.storage.retention),
+        },
+        "disk": {
+            "state": space.state,
+            "free_bytes": space.free,
+            "reserve_bytes": space.reserve,
+            "detail": space.describe(),
         },
         "requests": {"pending": pending},
         "audit": {"seq": last.seq, "hash": last.hash} if last else {"seq": 0, "hash": None},
@@ -111,6 +118,31 @@ def _worker_lines(snapshot: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _camera_lines(snapshot: dict[str, Any] | None) -> list[str]:
+    """The camera's and recorder's state in words, with the last error of each."""
+    workers = snapshot.get("workers") if snapshot else None
+    camera = workers.get("camera") if isinstance(workers, dict) else None
+    stats = camera.get("stats") if isinstance(camera, dict) else None
+    if not isinstance(stats, dict):
+        return []
+    lines = []
+    capture = stats.get("capture")
+    if isinstance(capture, dict):
+        error = capture.get("last_error")
+        lines.append(
+            f"camera: {capture.get('state')} ({capture.get('source')})"
+            + (f"; last error: {error}" if error and capture.get("state") != "streaming" else "")
+        )
+    recorder = stats.get("recorder")
+    if isinstance(recorder, dict):
+        error = recorder.get("last_error")
+        lines.append(
+            f"recording: {recorder.get('state')}, {recorder.get('clips')} clips, "
+            f"{recorder.get('failures')} failures" + (f"; last error: {error}" if error else "")
+        )
+    return lines
+
+
 def handler(args: argparse.Namespace) -> int:
     """Print the status as text or one JSON document."""
     cfg = load_config(args)
@@ -128,9 +160,17 @@ def handler(args: argparse.Namespace) -> int:
     print(f"agent: {doc['agent']['state']}")
     for line in _worker_lines(doc["agent"]["snapshot"]):
         print(line)
+    for line in _camera_lines(doc["agent"]["snapshot"]):
+        print(line)
     print(
         f"storage: {storage['clips']} clips, {format_size(storage['stored_bytes'])} of "
         f"{format_size(storage['max_bytes'])}, retention {storage['retention']}"
+    )
+    disk = doc["disk"]
+    full = disk["state"] == "full"
+    print(
+        f"disk: {'FULL' if full else 'ok'} ({disk['detail']})"
+        + ("; no new clip is recorded until space is freed" if full else "")
     )
     print(f"requests pending: {doc['requests']['pending']}")
     print(f"audit head: seq {audit['seq']}" + (f" hash {audit['hash']}" if audit["hash"] else ""))

@@ -10,19 +10,26 @@ Flow of one message on ``P/D/requests``:
    - the *enrolled* lane, for a kid of an enrolled requester. QoS 1 messages here are
      acknowledged only once handled, so the broker's flow control (our Receive Maximum, half the
      lane) bounds how many are queued; QoS 0 ones (a flooder's choice, not the contract's) may
-     only use the other half and are dropped and counted when it is full.
+     only use the other half and are dropped and counted when it is full. The lane is served
+     round robin by kid (:class:`FairQueue`): a flood of forgeries naming one requester's kid
+     delays that requester's own requests, never another requester's.
    - the *suspect* lane, for everything else (unknown kid, no readable header). These are
-     acknowledged at once, handled only when the enrolled lane is empty, and dropped and
-     counted when their lane is full.
+     acknowledged at once, handled only when the enrolled lane is empty and at most
+     ``suspect_rate`` a second, and dropped and counted when their lane is full.
 
    A flood of forgeries that do not name an enrolled kid therefore cannot delay a genuine
    request at all, and one that does is bounded by signature checks. The set of enrolled kids
    is refreshed from the store every ``kid_refresh`` seconds; a request from a requester
    enrolled since the last refresh takes the suspect lane once (it is still handled).
-2. The worker thread verifies (:func:`agent.requests.verify.verify_request`). Unverifiable
-   messages get no response; they are counted and written to the audit log as one
-   ``request_unverifiable`` entry per interval (count and reasons histogram), so a flood cannot
-   fill the disk.
+2. The worker thread verifies (:func:`agent.requests.verify.verify_request`) against a snapshot
+   of the enrolled keys taken with the kid set (:class:`TrustSnapshot`; renewed before a suspect
+   younger than it, at most every ``SNAPSHOT_MIN_AGE``), so a forgery costs one Ed25519
+   verification and, under a flood, no database read: a kid names one key for ever (it is the key's
+   thumbprint), and whatever can change about its requester (revocation, id, kind) is read
+   fresh from the store for every message whose signature verifies. Unverifiable messages get
+   no response; they are counted and written to the audit log as one ``request_unverifiable``
+   entry per interval (count and reasons histogram), so a flood cannot fill the disk; the local
+   log names the precise reason of the first ``log_burst`` a minute and summarises the rest.
 3. A signed message: ``request_received`` is audited, then the store records it and audits
    ``request_pending`` / ``request_rejected`` in the same transaction, then the signed response
    goes to ``P/D/responses/R`` where ``R`` is the id enrolled for the signing key (never a topic
@@ -63,12 +70,14 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.audit import AuditEntry, AuditLog
+from agent.audit import AuditEntry, AuditLog, iter_log_lines, parse_entry
 from agent.config import Config
 from agent.errors import AgentError, AuditWriteError, MQTTError, RequestNotFoundError
 from agent.keys import sign_jws
@@ -80,6 +89,8 @@ from agent.requests.verify import (
     MAX_HEADER_SEGMENT,
     Rejection,
     RequestPolicy,
+    TrustedKey,
+    TrustView,
     Unverifiable,
     VerifiedRequest,
     verify_request,
@@ -211,12 +222,133 @@ def peek_kid(payload: bytes) -> str | None:
     head, dot, _ = payload.partition(b".")
     if not dot or len(head) > MAX_HEADER_SEGMENT:
         return None
+    return _kid_of_header(head)
+
+
+T = TypeVar("T")
+
+SNAPSHOT_MIN_AGE: Final = 0.02
+"""Seconds: the enrolled-key snapshot is renewed for suspects at most this often."""
+
+
+@lru_cache(maxsize=256)
+def _kid_of_header(head: bytes) -> str | None:
+    # Cached: a requester's messages, and a flood under an enrolled kid, repeat one header.
     try:
         header = json.loads(base64.urlsafe_b64decode(head + b"=" * (-len(head) % 4)))
     except (ValueError, binascii.Error):
         return None
     kid = header.get("kid") if isinstance(header, dict) else None
     return kid if isinstance(kid, str) else None
+
+
+class FairQueue(Generic[T]):
+    """A bounded queue of items filed by key, served round robin by key (thread-safe).
+
+    Each key keeps its own arrival order; ``get`` takes the oldest item of the key whose turn it
+    is, so a key with a thousand items waiting delays another key's next item by at most one.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("a queue needs room for at least one item")
+        self.capacity = capacity
+        self._items: dict[str, deque[T]] = {}
+        self._turns: deque[str] = deque()
+        self._size = 0
+        self._cond = threading.Condition()
+
+    def qsize(self) -> int:
+        """How many items wait."""
+        return self._size
+
+    def put_nowait(self, key: str, item: T) -> bool:
+        """File ``item`` under ``key``; False (nothing stored) when the queue is full."""
+        with self._cond:
+            if self._size >= self.capacity:
+                return False
+            waiting = self._items.get(key)
+            if waiting is None:
+                waiting = self._items[key] = deque()
+                self._turns.append(key)
+            waiting.append(item)
+            self._size += 1
+            self._cond.notify()
+            return True
+
+    def get(self, timeout: float = 0.0) -> T | None:
+        """The next item in round-robin order, waiting up to ``timeout`` s; None if none came."""
+        with self._cond:
+            if not self._size and timeout > 0:
+                self._cond.wait(timeout)
+            if not self._size:
+                return None
+            key = self._turns.popleft()
+            waiting = self._items[key]
+            item = waiting.popleft()
+            self._size -= 1
+            if waiting:
+                self._turns.append(key)
+            else:
+                del self._items[key]
+            return item
+
+    def clear(self) -> None:
+        """Forget every waiting item."""
+        with self._cond:
+            self._items.clear()
+            self._turns.clear()
+            self._size = 0
+
+    def wake(self) -> None:
+        """Wake a waiting ``get`` (it returns None unless an item came)."""
+        with self._cond:
+            self._cond.notify_all()
+
+
+class TrustSnapshot:
+    """Enrolled keys as of one read of the store, as a :class:`TrustView` per message.
+
+    A kid is the RFC 7638 thumbprint of its key, so a kid found here names the right key for
+    ever: a signature checked with it is checked correctly. What can change about its requester
+    (revoked, id, kind) may be stale; the service reads it fresh once a signature verified. A
+    kid not found here is unknown to a message that arrived before the snapshot was taken (it
+    was not enrolled then); for a younger message the store is asked.
+    """
+
+    def __init__(self, keys: Mapping[str, TrustedKey], taken: float, store: TrustView) -> None:
+        self.keys = keys
+        self.taken = taken
+        self._store = store
+
+    @classmethod
+    def read(cls, store: RequestStore, taken: float) -> TrustSnapshot:
+        """The enrolled keys now (revoked ones included); ``taken`` is the caller's clock."""
+        keys = {
+            r.kid: TrustedKey(r.id, r.kind, r.kid, r.public_key, r.revoked)
+            for r in store.list_requesters()
+        }
+        return cls(keys, taken, store)
+
+    def view(self, arrived: float) -> TrustView:
+        """The trust view for a message that arrived at ``arrived`` (the same clock)."""
+        return _SnapshotView(self, arrived)
+
+    def lookup(self, kid: str, arrived: float) -> TrustedKey | None:
+        """The key enrolled for ``kid`` as far as a message that arrived then can tell."""
+        key = self.keys.get(kid)
+        if key is not None or arrived <= self.taken:
+            return key
+        return self._store.key_for_kid(kid)
+
+
+@dataclass(frozen=True)
+class _SnapshotView:
+    snapshot: TrustSnapshot
+    arrived: float
+
+    def key_for_kid(self, kid: str) -> TrustedKey | None:
+        return self.snapshot.lookup(kid, self.arrived)
 
 
 class Tally:
@@ -313,9 +445,6 @@ class Publisher(Protocol):
         ...
 
 
-_STOP: Final = object()
-
-
 class RequestService:
     """The worker thread between the MQTT client and the request store.
 
@@ -337,6 +466,9 @@ class RequestService:
         rejection_burst: int = 20,
         revocation_poll: float = 2.0,
         kid_refresh: float = 0.5,
+        log_burst: int = 20,
+        suspect_rate: int = 500,
+        admission_audited: Callable[[str, str], bool] | None = None,
         now: Callable[[], datetime] = utcnow,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -353,10 +485,15 @@ class RequestService:
         # only get the rest of the queue.
         self.receive_maximum = max(1, queue_size // 2)
         self._qos0_room = queue_size - self.receive_maximum
-        self._queue: queue.Queue[InboundMessage | object] = queue.Queue(maxsize=queue_size)
-        self._suspects: queue.Queue[InboundMessage] = queue.Queue(maxsize=queue_size)
-        self._known_kids: frozenset[str] = frozenset()
+        # Items are (message, arrival time on ``clock``).
+        self._queue: FairQueue[tuple[InboundMessage, float]] = FairQueue(queue_size)
+        self._suspects: queue.Queue[tuple[InboundMessage, float]] = queue.Queue(maxsize=queue_size)
+        self._stopping = threading.Event()
+        self._trust = TrustSnapshot({}, -math.inf, store)
         self._kid_refresh = kid_refresh
+        self._log_budget = Budget(log_burst, 60.0)
+        self._suspect_budget = Budget(suspect_rate, 1.0)
+        self._admission_audited = admission_audited
         self._unverifiable = Tally(summary_interval)
         self._suppressed: dict[str, Tally] = {}
         self._summary_interval = summary_interval
@@ -395,17 +532,14 @@ class RequestService:
             return
         self._closed = True
         if self._started:
-            while True:
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    break
+            self._stopping.set()
+            self._queue.clear()
             while True:
                 try:
                     self._suspects.get_nowait()
                 except queue.Empty:
                     break
-            self._queue.put(_STOP)
+            self._queue.wake()
             self._thread.join(timeout)
         self._write_summaries(force=True)
         self._mark_sent(wait=timeout)
@@ -438,26 +572,29 @@ class RequestService:
             if client is not None:
                 client.ack(message)
             return
-        if peek_kid(message.payload) not in self._known_kids:
+        kid = peek_kid(message.payload)
+        arrived = self._clock()
+        if kid is None or kid not in self._trust.keys:
             # Acknowledged now: a suspect must not hold one of the broker's in-flight slots.
             if client is not None:
                 client.ack(message)
             try:
                 # Queued as QoS 0 so the worker's ack is a no-op: a second PUBACK for this
                 # packet id could acknowledge another message the broker has sent under it.
-                self._suspects.put_nowait(dataclasses.replace(message, qos=0))
+                self._suspects.put_nowait((dataclasses.replace(message, qos=0), arrived))
             except queue.Full:
-                self.stats.dropped += 1
+                self._dropped()
             return
         if message.qos == 0 and self._queue.qsize() >= self._qos0_room:
-            self.stats.dropped += 1
+            self._dropped()
             return
-        try:
-            self._queue.put_nowait(message)
-        except queue.Full:
-            self.stats.dropped += 1
+        if not self._queue.put_nowait(kid, (message, arrived)):
+            self._dropped()
             if client is not None:
                 client.ack(message)
+
+    def _dropped(self) -> None:
+        self.stats.dropped += 1
 
     # -- responses -------------------------------------------------------------------------
 
@@ -496,13 +633,13 @@ class RequestService:
 
     def _run(self) -> None:
         next_poll = next_kids = self._clock()
-        while True:
+        while not self._stopping.is_set():
             item = self._next_item(max(0.0, min(next_poll, next_kids) - self._clock()))
-            if item is _STOP:
+            if self._stopping.is_set():
                 return
-            if isinstance(item, InboundMessage):
+            if item is not None:
                 try:
-                    self._handle(item)
+                    self._handle(*item)
                 except Exception:
                     # One bad message must not stop the service; it stays unacknowledged.
                     log.exception("handling a request failed")
@@ -516,34 +653,65 @@ class RequestService:
                 next_poll = now + self._revocation_poll
                 self._answer_revocations()
 
-    def _next_item(self, timeout: float) -> InboundMessage | object | None:
+    def _next_item(self, timeout: float) -> tuple[InboundMessage, float] | None:
         """The next enrolled-lane item, else a suspect, else wait up to ``timeout`` (and 0.1 s,
         so suspects arriving meanwhile are not left waiting long)."""
-        try:
-            return self._queue.get_nowait()
-        except queue.Empty:
-            pass
-        try:
-            return self._suspects.get_nowait()
-        except queue.Empty:
-            pass
-        try:
+        item = self._queue.get()
+        if item is not None:
+            return item
+        now = self._clock()
+        # Suspects share the process with paho's network thread: verifying every one of a
+        # flood takes the CPU that reading the socket needs, and the broker then queues a
+        # genuine request behind the backlog. Past ``suspect_rate`` they wait, and their full
+        # lane drops (and counts) the rest.
+        if not self._suspects.qsize() or not self._suspect_budget.allow("suspects", now):
             return self._queue.get(timeout=min(timeout, 0.1))
+        try:
+            suspect = self._suspects.get_nowait()
         except queue.Empty:
             return None
+        if suspect[1] > self._trust.taken and now - self._trust.taken >= SNAPSHOT_MIN_AGE:
+            # One read of the enrolled keys settles the kid of every suspect queued so far
+            # (see TrustSnapshot): under a flood that replaces a database read per message.
+            self._refresh_kids()
+        return suspect
 
     def _refresh_kids(self) -> None:
+        taken = self._clock()
         try:
-            self._known_kids = frozenset(r.kid for r in self._store.list_requesters())
+            self._trust = TrustSnapshot.read(self._store, taken)
         except AgentError as exc:
             log.warning("cannot read the enrolled requesters: %s", exc)
 
-    def _handle(self, message: InboundMessage) -> None:
+    def _verify(
+        self, message: InboundMessage, arrived: float, now: datetime
+    ) -> VerifiedRequest | Rejection | Unverifiable:
+        snapshot = self._trust
+        result = verify_request(
+            message.payload, snapshot.view(arrived), self._store, self.policy, now
+        )
+        if isinstance(result, Unverifiable):
+            return result
+        # Signed by an enrolled key: judge it on what the store says now (revoked since the
+        # snapshot, say). A kid keeps its key, so only a changed requester needs a second look.
+        fresh = self._store.key_for_kid(result.kid)
+        cached = snapshot.keys.get(result.kid)
+        if fresh is None or cached is None or (
+            (fresh.requester_id, fresh.kind, fresh.revoked)
+            != (cached.requester_id, cached.kind, cached.revoked)
+        ):
+            result = verify_request(message.payload, self._store, self._store, self.policy, now)
+        return result
+
+    def _handle(self, message: InboundMessage, arrived: float) -> None:
         assert self._client is not None
         now = self._now()
-        result = verify_request(message.payload, self._store, self._store, self.policy, now)
+        result = self._verify(message, arrived, now)
         if isinstance(result, Unverifiable):
-            log.info("unverifiable request (%s): %s", result.reason, result.detail)
+            if self._log_budget.allow("unverifiable", self._clock()):
+                log.info("unverifiable request (%s): %s", result.reason, result.detail)
+            else:
+                log.debug("unverifiable request (%s): %s", result.reason, result.detail)
             self.stats.unverifiable[result.reason] += 1
             self._unverifiable.add(result.reason)
             self._client.ack(message)
@@ -566,7 +734,7 @@ class RequestService:
                 self.policy,
                 now,
                 correlation=message.correlation_data,
-                audit=self._audit,
+                audit=self._admission_sink(message),
             )
         except AuditWriteError as exc:
             # No action without its audit entry: leave the message unacknowledged so the
@@ -592,6 +760,18 @@ class RequestService:
             )
             self._respond_logged(target, "rejected", error=final.error)
         self._client.ack(message)
+
+    def _admission_sink(self, message: InboundMessage) -> AuditSink:
+        """Where ``admit`` writes ``request_pending``/``request_rejected`` for ``message``.
+
+        A redelivered message whose jti the store does not know may come from a run that
+        crashed after writing the admission entry but before committing the row (the entry is
+        written inside the transaction). That entry stands for this admission: writing it again
+        would make the log say the jti was accepted twice.
+        """
+        if not message.dup or self._admission_audited is None:
+            return self._audit
+        return _AdmissionAudit(self._audit, self._admission_audited)
 
     def _duplicate(self, message: InboundMessage, rejection: Rejection) -> None:
         assert self._client is not None
@@ -683,6 +863,48 @@ class RequestService:
             self._respond_logged(record, record.status, **claims)
 
 
+ADMISSION_EVENTS: Final = ("request_pending", "request_rejected")
+
+
+def admission_audited(path: Path, event: str, jti: str) -> bool:
+    """Whether the audit log at ``path`` has an ``event`` entry (an admission) for ``jti``.
+
+    Read only for redelivered messages (after a reconnect or a crash), so a full scan is
+    affordable; lines that cannot contain the jti are skipped without parsing.
+    """
+    needle = f'"jti":{json.dumps(jti)}'.encode()
+    for line in iter_log_lines(path):
+        if needle not in line:
+            continue
+        try:
+            entry = parse_entry(line)
+        except ValueError:
+            continue  # a torn tail; `audit verify` reports it, it proves nothing here
+        if entry.event == event and entry.fields.get("jti") == jti:
+            return True
+    return False
+
+
+class _AdmissionAudit:
+    """An audit sink that skips an admission entry the log already holds (see
+    :meth:`RequestService._admission_sink`); every other entry goes through."""
+
+    def __init__(self, audit: AuditSink, audited: Callable[[str, str], bool]) -> None:
+        self._audit = audit
+        self._audited = audited
+
+    def append(self, event: str, **fields: object) -> object:
+        jti = fields.get("jti")
+        if event in ADMISSION_EVENTS and isinstance(jti, str):
+            try:
+                if self._audited(event, jti):
+                    log.info("request %s: %s already audited before a crash", jti, event)
+                    return None
+            except AgentError as exc:
+                log.warning("cannot check the audit log for %s of %s: %s", event, jti, exc)
+        return self._audit.append(event, **fields)
+
+
 def _received_fields(result: VerifiedRequest | Rejection) -> dict[str, Any]:
     fields = dict(result.audit_fields())
     fields.pop("error", None)
@@ -741,6 +963,7 @@ class RequestsWorker:
             queue_size=cfg.requests.queue_size,
             summary_interval=summary_interval,
             revocation_poll=revocation_poll,
+            admission_audited=lambda event, jti: admission_audited(audit.path, event, jti),
             now=now,
         )
         self.client = MQTTClient(

@@ -25,6 +25,7 @@ the requester is under its rate limit (so a misbehaving requester cannot fill th
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import threading
@@ -268,19 +269,58 @@ class RequestStore:
         self.path = Path(path)
         self._now = now
         self._lock = threading.RLock()
-        # Created 0600 before SQLite opens it: it holds who may ask for footage and what they asked.
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-        self._conn: sqlite3.Connection | None = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=10.0
-        )
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        with self.transaction() as conn:
-            # One statement at a time: executescript() would commit our transaction first.
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+        self._conn: sqlite3.Connection | None = None
+        self._fd = -1
+        # Created 0600 before SQLite opens it: it holds who may ask for footage and what they
+        # asked. The creator holds an flock until its schema is committed, so another process
+        # opening the store meanwhile waits instead of taking it for a wiped one. The descriptor
+        # stays open while the store is: closing it would drop SQLite's POSIX locks on the file.
+        try:
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                created = True
+            except FileExistsError:
+                self._fd = os.open(self.path, os.O_RDONLY)
+                created = False
+        except OSError as exc:
+            raise RequestError(f"cannot open the request store {self.path}: {exc}") from exc
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX if created else fcntl.LOCK_SH)
+            self._open_db(created)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_db(self, created: bool) -> None:
+        try:
+            self._conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=10.0
+            )
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            with self.transaction() as conn:
+                found = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'requests'")
+                if not created and found.fetchone() is None:
+                    # Starting afresh would silently forget enrolled requesters, pending
+                    # requests and the replay cache (old tokens would be accepted again).
+                    raise RequestError(
+                        f"the request store {self.path} is empty: it was wiped or truncated; "
+                        "refusing to start a new one in its place",
+                        hint="restore requests.db from a backup; if this device never enrolled "
+                        "a requester, delete the file",
+                    )
+                # One statement at a time: executescript() would commit our transaction first.
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+        except sqlite3.DatabaseError as exc:
+            raise RequestError(
+                f"the request store {self.path} is damaged: {exc}",
+                hint="restore requests.db from a backup; the agent does not replace it (it holds "
+                "the enrolled requesters, pending requests and the replay cache)",
+            ) from exc
 
     @classmethod
     def open(cls, state_dir: Path, *, now: Callable[[], datetime] = utcnow) -> RequestStore:
@@ -304,6 +344,9 @@ class RequestStore:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -596,13 +639,21 @@ class RequestStore:
         ]
 
     def mark_responded(self, jti: str, status: str) -> None:
-        """Record that the response for ``status`` was published for this request."""
+        """Record that the response for ``status`` was published for this request.
+
+        Only a response for the request's current status counts: ``responded`` says whether
+        that status was answered. Another one (the ``rejected``/``replayed`` answer to a replay
+        of the token, a late acknowledgement of an earlier status) records nothing; recording
+        it would make the next start answer the current status again.
+        """
         _check_status(status)
         with self.transaction() as conn:
             if conn.execute(
-                "UPDATE requests SET responded = ?, updated_at = ? WHERE jti = ?",
-                (status, db_time(self._now()), jti),
-            ).rowcount == 0:
+                "UPDATE requests SET responded = ?, updated_at = ? WHERE jti = ? AND status = ?",
+                (status, db_time(self._now()), jti, status),
+            ).rowcount == 0 and not conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM requests WHERE jti = ?)", (jti,)
+            ).fetchone()[0]:
                 raise RequestNotFoundError(f"no request {jti!r} is known")
 
 
