@@ -31,8 +31,15 @@ _DEVICE_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def new_jti() -> str:
-    """A fresh random jti (32 characters of base64url, 192 bits)."""
-    return secrets.token_urlsafe(24)
+    """A fresh random jti (32 characters of base64url, 192 bits).
+
+    Never one starting with ``-``: the owner types it after ``doorbell-agent approve``, where
+    it would be read as an option.
+    """
+    while True:
+        jti = secrets.token_urlsafe(24)
+        if not jti.startswith("-"):
+            return jti
 
 
 def build_request(  # noqa: PLR0917 - the positional signature `send` is written against

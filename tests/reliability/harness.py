@@ -660,7 +660,10 @@ class AgentProcess:
         """Run ``doorbell-agent --config CFG ARGS`` in this process (fast; same code path)."""
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = agent_main(["--config", str(self.config_path), *args])
+            try:
+                code = agent_main(["--config", str(self.config_path), *args])
+            except SystemExit as exc:  # argparse refusing the arguments (exit status 2)
+                code = exc.code if isinstance(exc.code, int) else 2
         return CliResult(code, out.getvalue(), err.getvalue())
 
     def cli_subprocess(self, *args: str, timeout: float = 120.0) -> CliResult:
@@ -679,12 +682,13 @@ class AgentProcess:
         return CliResult(done.returncode, done.stdout, done.stderr)
 
     def approve(self, jti: str) -> CliResult:
-        """``doorbell-agent approve J`` (over agent.sock, or stored for the next start)."""
-        return self.cli("approve", jti)
+        """``doorbell-agent approve -- J`` (over agent.sock, or stored for the next start; ``--``
+        because a jti may start with ``-``)."""
+        return self.cli("approve", "--", jti)
 
     def deny(self, jti: str) -> CliResult:
         """``doorbell-agent deny J``."""
-        return self.cli("deny", jti)
+        return self.cli("deny", "--", jti)
 
     def verify_clips(self, *, subprocess_: bool = False) -> CliResult:
         """``doorbell-agent clips verify``; asserts exit 0."""

@@ -31,6 +31,7 @@ import base64
 import hashlib
 import json
 import random
+import secrets
 import time
 from collections import Counter
 from concurrent.futures import Future
@@ -47,7 +48,7 @@ from agent.errors import RequestNotFoundError
 from agent.keys import load_device_key
 from agent.mqtt import InboundMessage, Topics
 from agent.provision import initialise
-from agent.requester.build import build_request
+from agent.requester.build import build_request, new_jti
 from agent.requester.keyfiles import generate_keys
 from agent.requests.service import RequestService, admission_audited
 from agent.requests.store import RequestStore
@@ -414,6 +415,14 @@ def test_a_replay_answer_does_not_unmark_the_requests_own_answer(tmp_path: Path)
         assert store.get_request(admitted.jti).responded == "pending"
         with pytest.raises(RequestNotFoundError):
             store.mark_responded("no-such-request-jti", "pending")
+
+
+def test_generated_jtis_never_look_like_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kill runs tripped on it: ``doorbell-agent approve -Xy...`` is an unknown option, so
+    ``doorbell-request`` never makes a jti starting with ``-``."""
+    drawn = iter(["-" + "a" * 31, "b" * 32])
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda _n: next(drawn))
+    assert new_jti() == "b" * 32
 
 
 def audit_lines(state: Path) -> list[dict[str, object]]:
