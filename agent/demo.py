@@ -185,7 +185,8 @@ In a second terminal, be the requester (asks for the last 30 minutes and waits):
   doorbell-request send --key {demo / "requester"} --host {HOST} --port {cfg.mqtt.port} \\
       --device {cfg.device_id} --from "$(date -u -d '-30 min' +%Y-%m-%dT%H:%M:%SZ)" \\
       --to "$(date -u +%Y-%m-%dT%H:%M:%SZ)" --reason "Parcel theft reported at 12 Main St" \\
-      --legal-basis warrant --legal-ref "W-2026-0042" --wait -o {demo / "received"}
+      --legal-basis warrant --legal-ref "W-2026-0042" \
+      --wait -o {demo / "evidence"}/"$(date -u +%H%M%S)"
 
 In a third terminal (same two first lines), be the homeowner: see the request and approve it
 (or approve it in the local app):
@@ -194,9 +195,12 @@ In a third terminal (same two first lines), be the homeowner: see the request an
   doorbell-agent approve <id shown by pending>
 
 The requester's terminal then receives the footage, checks the device's signed manifest and
-hashes, decrypts it with its age identity and writes the clips to {demo / "received"}/.
-Check one with the stock tools:  ffprobe {demo / "received"}/<clip>.mkv
-The requester's raw age files can also be decrypted with the stock age CLI:
+hashes, decrypts it with its age identity, keeps the evidence (request, signed responses and
+manifest, age files, videos, receipt) in {demo / "evidence"}/<time>/ and sends the receipt.
+Check a video with the stock tools:  ffprobe {demo / "evidence"}/<time>/<file>.mkv
+Re-check the whole evidence set offline:
+  doorbell-request verify {demo / "evidence"}/<time> --key {demo / "requester"}
+The age files can also be decrypted with the stock age CLI:
   age -d -i {demo / "requester" / "age-identity.txt"} FILE.age > clip.mkv
 Audit trail:  doorbell-agent audit show   and   doorbell-agent audit verify
 

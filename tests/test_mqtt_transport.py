@@ -303,13 +303,14 @@ def test_send_publishes_a_request_the_device_accepts(
 
 
 def test_send_wait_prints_pending_then_exits_1_when_revoked(
-    harness: AgentHarness, enrolled_keys: Path
+    harness: AgentHarness, enrolled_keys: Path, tmp_path: Path
 ) -> None:
     harness.start()
     proc = subprocess.Popen(
         [sys.executable, "-c",
          "import sys; from agent.requester.cli import main; sys.exit(main(sys.argv[1:]))",
-         *_send_args(harness, enrolled_keys), "--wait", "--timeout", "60s"],
+         *_send_args(harness, enrolled_keys), "--wait", "--timeout", "60s",
+         "-o", str(tmp_path / "evidence")],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

@@ -278,8 +278,8 @@ def test_plaintext_hash_mismatch_is_refused_and_temp_file_removed(
             asm.feed(t, p)
         with pytest.raises(ReceiveError, match="clip clip-1: the decrypted video does not match"):
             asm.finish()
-    # clip-0 was verified and kept; clip-1's temporary plaintext is gone
-    assert leftovers(out) == ["clip-0.avi"]
+    # clip-0 (video and age file) was verified and kept; clip-1's temporary plaintext is gone
+    assert leftovers(out) == ["clip-0.age", "clip-0.avi"]
 
 
 def test_foreign_and_malformed_topics(
@@ -464,7 +464,13 @@ def test_chunks_are_decrypted_as_they_arrive_but_nothing_takes_a_final_name_befo
         asm.feed(*messages[-1])
         received = asm.finish()
     assert [r.path.read_bytes() for r in received] == [c.data for c in vault.clips]
-    assert leftovers(out) == ["clip-0.avi", "clip-1.avi", "clip-2.avi"]
+    # each verified video beside its age file as received (the requester's evidence)
+    assert leftovers(out) == [f"clip-{i}.{ext}" for i in range(3) for ext in ("age", "avi")]
+    assert asm.manifest is not None
+    for listed, age in zip(asm.manifest.clips, sorted(out.glob("*.age")), strict=True):
+        assert age.name == f"{listed.id}.age"
+        assert age.stat().st_mode & 0o777 == 0o600
+        assert hashlib.sha256(age.read_bytes()).hexdigest() == listed.sha256
 
 
 def test_closing_before_the_manifest_leaves_nothing(

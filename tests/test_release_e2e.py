@@ -5,6 +5,7 @@ requester ends up with the verified, decrypted clip."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -22,7 +23,7 @@ import yaml
 
 from agent.audit import verify_file
 from agent.cli import main as agent_main
-from agent.keys import load_device_key, load_storage_key
+from agent.keys import b64url_decode, load_device_key, load_storage_key
 from agent.provision import initialise
 from agent.requester.cli import main as requester_main
 from agent.requester.keyfiles import PUBLIC_JWK, generate_keys
@@ -110,6 +111,8 @@ def test_send_approve_kill9_recover_receive(tmp_path: Path, mosquitto: Mosquitto
 
     watcher = mosquitto.client()
     watcher.subscribe(f"doorbell/{DEVICE}/deliveries/#")
+    receipts = mosquitto.client()
+    receipts.subscribe(f"doorbell/{DEVICE}/receipts")
     daemon = start_daemon(cfg_path)
     out = tmp_path / "footage"
     codes: list[int] = []
@@ -164,14 +167,33 @@ def test_send_approve_kill9_recover_receive(tmp_path: Path, mosquitto: Mosquitto
         daemon.send_signal(signal.SIGTERM)
         _, err = daemon.communicate(timeout=60)
         assert daemon.returncode == 0, err
+        receipt = receipts.get(timeout=30)
     finally:
         watcher.close()
+        receipts.close()
         if daemon.poll() is None:
             daemon.kill()
             daemon.communicate()
     assert codes == [0]
     assert (out / f"{clip.id}.mkv").read_bytes() == data
-    assert [p.name for p in out.iterdir()] == [f"{clip.id}.mkv"]  # no spool, no temp left
+    # the evidence set, and no spool or temporary file left
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{clip.id}.mkv", f"{clip.id}.age", "device.jwk", "manifest.jws", "receipt.jws",
+         "request.jws", "responses"]
+    )
+    assert out.stat().st_mode & 0o777 == 0o700
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in out.iterdir() if p.is_file())
+    statuses = [p.name.split("-", 1)[1] for p in sorted((out / "responses").iterdir())]
+    assert statuses[0] == "pending.jws" and statuses[-1] == "delivered.jws"
+    # the receipt the device got is the one kept, and names this manifest
+    assert receipt.payload == (out / "receipt.jws").read_bytes()
+    claims = json.loads(b64url_decode(receipt.payload.decode().split(".")[1]))
+    assert claims["req"] == jti and claims["iss"] == REQUESTER and claims["aud"] == DEVICE
+    assert claims["manifest"] == hashlib.sha256((out / "manifest.jws").read_bytes()).hexdigest()
+    assert requester_main(
+        ["verify", str(out), "--key", str(keys_dir), "--identity",
+         str(keys_dir / "age-identity.txt")]
+    ) == 0
     entries = [json.loads(line) for line in (state / "audit.jsonl").read_text().splitlines()]
     events = [e["event"] for e in entries]
     assert events.count("request_approved") == 1 and events.count("request_delivered") == 1

@@ -133,11 +133,14 @@ def sign_manifest(private_key: Ed25519PrivateKey, claims: Mapping[str, Any]) -> 
     return sign_jws(private_key, MANIFEST_TYP, dict(claims))
 
 
-def verify_device_jws(token: str | bytes, public_key: Ed25519PublicKey, typ: str) -> dict[str, Any]:
-    """Verify a device-signed compact JWS of type ``typ`` and return its claims.
+def verify_device_jws(
+    token: str | bytes, public_key: Ed25519PublicKey, typ: str, *, signer: str = "device"
+) -> dict[str, Any]:
+    """Verify a compact JWS of type ``typ`` signed by ``public_key`` and return its claims.
 
     Checks the algorithm (EdDSA/Ed25519 only), the explicit ``typ``, that ``kid`` is the
-    thumbprint of ``public_key``, and the signature. Raises ReceiveError.
+    thumbprint of ``public_key``, and the signature. ``signer`` names the key's owner in error
+    messages (the device, or a requester for receipts). Raises ReceiveError.
     """
     if isinstance(token, bytes):
         try:
@@ -148,7 +151,8 @@ def verify_device_jws(token: str | bytes, public_key: Ed25519PublicKey, typ: str
         obj = jws.deserialize_compact(token, okp_public(public_key), algorithms=list(VERIFY_ALGS))
     except JoseError as exc:
         raise ReceiveError(
-            f"the {typ} signature does not verify with the device key: {exc.description or exc}"
+            f"the {typ} signature does not verify with the {signer} key: "
+            f"{exc.description or exc}"
         ) from None
     except ValueError as exc:
         raise ReceiveError(f"the {typ} is not a compact JWS: {exc}") from None
@@ -156,7 +160,7 @@ def verify_device_jws(token: str | bytes, public_key: Ed25519PublicKey, typ: str
     if header.get("typ") != typ:
         raise ReceiveError(f"expected a {typ}, got typ {header.get('typ')!r}")
     if header.get("kid") != kid_for(public_key):
-        raise ReceiveError(f"the {typ} names kid {header.get('kid')!r}, not the device key's")
+        raise ReceiveError(f"the {typ} names kid {header.get('kid')!r}, not the {signer} key's")
     try:
         claims = json.loads(obj.payload)
     except (ValueError, UnicodeDecodeError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
@@ -9,11 +10,12 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 import pyrage
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from joserfc import jws
 
 from agent.errors import RequestError
-from agent.keys import okp_private
+from agent.keys import okp_private, sign_jws
+from agent.release.manifest import verify_device_jws
 from agent.requests.verify import (
     JTI_RE,
     JWS_REGISTRY,
@@ -27,6 +29,7 @@ from agent.requests.verify import (
 from agent.timeutil import rfc3339, to_epoch
 
 SIGN_ALG: Final = "EdDSA"
+RECEIPT_TYP: Final = "doorbell-receipt+jwt"
 _DEVICE_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -133,3 +136,35 @@ def _check(  # noqa: PLR0917 - mirrors build_request's arguments
         raise RequestError("the request lifetime must be positive")
     if jti is not None and not JTI_RE.fullmatch(jti):
         raise RequestError("jti must be 16-128 characters of A-Z, a-z, 0-9, _ and -")
+
+
+def build_receipt(  # noqa: PLR0917 - every claim is required and named
+    signing_key: Ed25519PrivateKey,
+    requester_id: str,
+    device_id: str,
+    jti: str,
+    manifest_token: bytes,
+    audit_head: str | None,
+    now: datetime,
+) -> str:
+    """A signed receipt (CONTRACT §5.2) for the delivery whose manifest JWS is ``manifest_token``.
+
+    ``manifest`` is the hex SHA-256 of the manifest exactly as received; ``audit_head`` is the
+    newest device-signed audit head this requester has seen (omitted when it has seen none), so
+    the device learns that someone outside it witnessed its log up to there.
+    """
+    claims: dict[str, Any] = {
+        "iss": requester_id,
+        "aud": device_id,
+        "iat": to_epoch(now),
+        "req": jti,
+        "manifest": hashlib.sha256(manifest_token).hexdigest(),
+    }
+    if audit_head is not None:
+        claims["audit_head"] = audit_head
+    return sign_jws(signing_key, RECEIPT_TYP, claims)
+
+
+def verify_receipt(token: str | bytes, requester_key: Ed25519PublicKey) -> dict[str, Any]:
+    """The claims of a receipt signed by ``requester_key``; raises ReceiveError."""
+    return verify_device_jws(token, requester_key, RECEIPT_TYP, signer="requester")

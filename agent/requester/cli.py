@@ -18,7 +18,7 @@ from agent.cli import run_program
 PROG = "doorbell-request"
 
 # Modules under agent.requester that contribute subcommands, in --help order.
-COMMAND_MODULES: tuple[str, ...] = ("keygen", "send", "receive_cli")
+COMMAND_MODULES: tuple[str, ...] = ("keygen", "send", "receive_cli", "verify_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,12 +9,21 @@ Files (private ones 0600, created exclusively so nothing is ever overwritten):
   (``age -d -i age-identity.txt`` decrypts released footage)
 - ``age-recipient.txt`` — its ``age1...`` recipient
 - ``requester.json`` — ``{"id", "kid", "recipient"}``, so ``send`` knows who it is
+
+Written later by ``send`` and ``receive``:
+
+- ``devices/D.jwk`` — each device's public key, pinned on first use (or from ``--device-key``);
+  a delivery signed by any other key is refused
+- ``requests/J.json`` — ``{"device", "topic_prefix", "exp", "request"}`` of each request sent
+  (``request`` is the signed JWS), so that ``receive J`` can resume its persistent session and
+  put the request into the evidence
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,11 +31,19 @@ from typing import Any, Final
 
 import pyrage
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.errors import KeyFileError, RequestError, StateError
-from agent.keys import b64url, b64url_decode, check_secret, kid_for, public_jwk, write_secret
-from agent.requests.verify import REQUESTER_ID_RE
+from agent.keys import (
+    b64url,
+    b64url_decode,
+    check_secret,
+    kid_for,
+    parse_public_key,
+    public_jwk,
+    write_secret,
+)
+from agent.requests.verify import JTI_RE, REQUESTER_ID_RE
 from agent.timeutil import rfc3339
 
 SIGNING_JWK: Final = "signing-key.jwk"
@@ -35,6 +52,8 @@ PUBLIC_JWK: Final = "public-key.jwk"
 AGE_IDENTITY: Final = "age-identity.txt"
 AGE_RECIPIENT: Final = "age-recipient.txt"
 REQUESTER_JSON: Final = "requester.json"
+DEVICES_DIR: Final = "devices"
+REQUESTS_DIR: Final = "requests"
 ALL_FILES: Final = (
     SIGNING_JWK, SIGNING_PEM, PUBLIC_JWK, AGE_IDENTITY, AGE_RECIPIENT, REQUESTER_JSON
 )
@@ -172,3 +191,95 @@ def load_keys(directory: Path) -> RequesterKeys:
     if jwk.get("x") != public_jwk(key.public_key())["x"]:
         raise KeyFileError(f"{jwk_path}: the private and public halves do not match")
     return RequesterKeys(requester_id, directory, key, kid_for(key.public_key()), recipient)
+
+
+_DEVICE_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _device_pin_path(directory: Path, device_id: str) -> Path:
+    if not _DEVICE_ID_RE.fullmatch(device_id):
+        raise KeyFileError(f"device id {device_id!r} is invalid")
+    return directory / DEVICES_DIR / f"{device_id}.jwk"
+
+
+def pinned_device_key(directory: Path, device_id: str) -> Ed25519PublicKey | None:
+    """The key pinned for ``device_id`` in the key directory, or None before first use."""
+    path = _device_pin_path(directory, device_id)
+    if not path.is_file():
+        return None
+    try:
+        return parse_public_key(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"cannot read the pinned key {path}: {exc}") from None
+
+
+def pin_device_key(directory: Path, device_id: str, key: Ed25519PublicKey) -> Ed25519PublicKey:
+    """Pin ``key`` for ``device_id`` on first use; afterwards refuse any other key.
+
+    Returns the pinned key. A device that really was re-keyed (a new SD card, a new ``init``)
+    is trusted again only when the requester removes the old pin on purpose.
+    """
+    path = _device_pin_path(directory, device_id)
+    pinned = pinned_device_key(directory, device_id)
+    if pinned is None:
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        try:
+            _write_public(path, _json_bytes({**public_jwk(key), "kid": kid_for(key)}))
+        except FileExistsError:
+            return pin_device_key(directory, device_id, key)
+        return key
+    if public_jwk(pinned) != public_jwk(key):
+        raise KeyFileError(
+            f"device {device_id} presents key {kid_for(key)}, but {kid_for(pinned)} is pinned "
+            f"for it in {path}; refusing a delivery signed by another key",
+            hint="if the owner really re-initialised the device, confirm its new key with them "
+            f"and remove {path}",
+        )
+    return pinned
+
+
+@dataclass(frozen=True)
+class SentRequest:
+    """What ``receive J`` needs to resume a request sent earlier from this key directory."""
+
+    jti: str
+    device_id: str
+    topic_prefix: str
+    exp: int
+    token: str
+
+
+def record_request(directory: Path, sent: SentRequest) -> None:
+    """Remember a sent request (``requests/J.json``) for ``receive J``."""
+    folder = directory / REQUESTS_DIR
+    folder.mkdir(mode=0o700, exist_ok=True)
+    data = {
+        "device": sent.device_id,
+        "topic_prefix": sent.topic_prefix,
+        "exp": sent.exp,
+        "request": sent.token,
+    }
+    _write_public(folder / f"{sent.jti}.json", _json_bytes(data))
+
+
+def load_request(directory: Path, jti: str) -> SentRequest | None:
+    """The request ``jti`` recorded by :func:`record_request`, or None when unknown here."""
+    if not JTI_RE.fullmatch(jti):
+        raise KeyFileError(f"{jti!r} is not a request id")
+    path = directory / REQUESTS_DIR / f"{jti}.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        sent = SentRequest(
+            jti,
+            str(data["device"]),
+            str(data["topic_prefix"]),
+            int(data["exp"]),
+            str(data["request"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise KeyFileError(f"{path} is unreadable: {exc}") from None
+    if not _DEVICE_ID_RE.fullmatch(sent.device_id):
+        raise KeyFileError(f"{path} names an invalid device id")
+    return sent

@@ -8,7 +8,8 @@ requester's age identity into a temporary file in the output directory, both fil
 on the way. Nothing takes a clip's final name until the signed manifest is in, every chunk it
 lists has arrived, the age file matches the manifest's ``sha256``, it decrypted to the end and
 the plaintext matches ``plaintext_sha256``: only then does :meth:`DeliveryAssembler.finish`
-rename the temporary file into place. On any failure the temporary file is deleted.
+rename the temporary file into place, with the age file as received beside it (``CLIP.age``,
+part of the requester's evidence). On any failure the temporary file is deleted.
 
 :func:`receive_delivery` is the loop that feeds it from any message source (the MQTT client's
 inbox in ``doorbell-request receive``).
@@ -439,6 +440,13 @@ class _ClipSpool:
         os.replace(self.plain_path, final)
         self._moved = True
 
+    def keep_age_file(self, final: Path) -> None:
+        """Move the verified age file, as received, beside the plaintext (0600)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        os.chmod(self.path, 0o600)
+        os.replace(self.path, final)
+
     def close(self) -> None:
         """Close both files and delete the temporary plaintext unless it was moved away."""
         self._wait_sync()
@@ -467,7 +475,7 @@ class DeliveryAssembler:
             if not NAME_RE.match(name):
                 raise ReceiveError(f"{name!r} is not a valid id")
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._identity = identity_key(identity)
         self._device_key = device_public_key
         self._device_id = device_id
@@ -478,6 +486,7 @@ class DeliveryAssembler:
         self._spool = Path(tempfile.mkdtemp(prefix=f".{jti}.", suffix=".partial", dir=self.out_dir))
         self._clips: dict[str, _ClipSpool] = {}
         self.manifest: Manifest | None = None
+        self.manifest_token: bytes | None = None
         self._bar = tqdm(
             total=None,
             unit="B",
@@ -514,6 +523,7 @@ class DeliveryAssembler:
                 requester_id=self._requester_id,
                 jti=self.jti,
             )
+            self.manifest_token = payload
             self._bar.total = sum(c.bytes for c in self.manifest.clips)
             self._bar.refresh()
             return True
@@ -521,6 +531,10 @@ class DeliveryAssembler:
         if len(parts) != 2 or not NAME_RE.match(parts[0]) or not _SEQ_RE.match(parts[1]):
             raise ReceiveError(f"unexpected delivery topic {topic!r}")
         clip_id, seq = parts[0], int(parts[1])
+        if not self._clips:
+            # The bar's clock starts with the first chunk, not while the owner was deciding,
+            # so its rate is the real throughput.
+            self._bar.reset(total=self._bar.total)
         spool = self._clips.get(clip_id)
         if spool is None:
             spool = self._clips[clip_id] = _ClipSpool(
@@ -623,6 +637,7 @@ class DeliveryAssembler:
                     "plaintext_sha256: the device's recording and this file differ"
                 )
             spool.move_plaintext(final)
+            spool.keep_age_file(self.out_dir / f"{clip.id}.age")
         except BaseException:
             self._discard(clip.id)
             raise

@@ -1,9 +1,10 @@
-"""``doorbell-request receive``: collect the delivery of a request already sent.
+"""``doorbell-request receive J``: collect the answer and delivery of a request already sent.
 
-For when ``send`` ran without ``--wait`` (or was interrupted): subscribe to the request's delivery
-topics and responses, then reassemble, verify and decrypt the clips into ``-o DIR`` with a
-progress bar. The broker does not keep messages for a subscriber that did not exist yet, so
-start this before the owner approves (or ask the owner to deliver again).
+``send`` opened the request's persistent session at the broker before publishing it (CONTRACT
+§5.2), so everything the device sent meanwhile (responses, chunks, the manifest) waits there;
+``receive J`` resumes that session, reassembles, verifies and decrypts the delivery into the
+evidence directory (``-o DIR``, default ``./J``; an interrupted ``send --wait`` set of the same
+request is continued, a complete one is never overwritten), then sends the signed receipt.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import argparse
 import os
 import queue
-import secrets
+import time
+from datetime import timedelta
 from pathlib import Path
 
 from agent.errors import UsageError
-from agent.keys import parse_public_key
-from agent.mqtt import InboundMessage, MQTTClient, Topics
-from agent.requester.keyfiles import load_keys
+from agent.mqtt import InboundMessage, Topics
+from agent.requester.evidence import DEVICE_KEY_FILE, REQUEST_FILE, EvidenceDir
+from agent.requester.keyfiles import load_keys, load_request, pin_device_key
 from agent.requester.receive import DeliveryAssembler, receive_delivery
 from agent.requester.send import (
     CONNECT_TIMEOUT,
@@ -27,7 +29,13 @@ from agent.requester.send import (
     broker_settings,
     device_key_from_status,
 )
-from agent.timeutil import parse_duration
+from agent.requester.session import (
+    RequestEvidence,
+    evidence_path,
+    known_device_key,
+    request_session,
+)
+from agent.timeutil import from_epoch, parse_duration, utcnow
 
 DEFAULT_TIMEOUT = "1d"
 
@@ -36,21 +44,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``receive`` command."""
     p = sub.add_parser(
         "receive",
-        help="receive, verify and decrypt the footage of a request already sent",
-        description="Wait for the delivery of request J, verify the signed manifest and every "
-        "file's hash, decrypt the clips with your age identity and write them to DIR. Exit "
-        "status 0 when every clip is written, 1 when the delivery failed, is incomplete or "
+        help="collect the delivery of a request already sent",
+        description="Resume request J's session at the broker, wait for its delivery, verify "
+        "the signed manifest and every file's hash, decrypt the footage with your age identity "
+        "and write the evidence directory, then send the device a signed receipt. Exit "
+        "status 0 when everything verified, 1 when the delivery failed, is incomplete or "
         "does not verify.",
     )
-    p.add_argument("--device", required=True, metavar="D", help="the device id")
-    p.add_argument("--request", required=True, metavar="J", help="the request id (jti)")
+    p.add_argument("jti", nargs="?", metavar="J", help="the request id (printed by send)")
+    p.add_argument("--request", dest="request_opt", metavar="J", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--device",
+        metavar="D",
+        help="the device id (default: the one this key directory sent J to)",
+    )
     p.add_argument(
         "-o",
         "--output",
-        required=True,
         type=Path,
         metavar="DIR",
-        help="where the decrypted clips go",
+        help="the evidence directory (default ./J)",
     )
     p.add_argument(
         "--key",
@@ -61,7 +74,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--device-key",
         metavar="FILE",
-        help="the device's public key (JWK/PEM); default: from the retained status",
+        help="the device's public key (JWK/PEM); default: the key pinned when J was sent",
     )
     p.add_argument(
         "--timeout",
@@ -75,51 +88,78 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def handler(args: argparse.Namespace) -> int:
     """Run ``receive``."""
+    jti = args.jti or args.request_opt
+    if not jti:
+        raise UsageError("name the request: doorbell-request receive J")
     try:
         timeout = parse_duration(args.timeout).total_seconds()
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     settings = broker_settings(args)
     keys = load_keys(args.key or Path(os.environ.get(KEY_DIR_ENV, ".")))
-    topics = Topics(settings.topic_prefix, args.device)
-    device_key = parse_public_key(args.device_key) if args.device_key else None
+    sent = load_request(keys.directory, jti)
+    device_id = args.device or (sent.device_id if sent else None)
+    if device_id is None:
+        raise UsageError(
+            f"request {jti} was not sent from {keys.directory}, so its device is unknown",
+            hint="pass --device D",
+        )
+    topics = Topics(settings.topic_prefix, device_id)
+    remaining = (
+        from_epoch(sent.exp) - utcnow() if sent is not None else timedelta(seconds=timeout)
+    )
+    device_key = known_device_key(keys, device_id, args.device_key)
+    evidence = EvidenceDir.open(evidence_path(args.output, jti), jti)
     inbox: queue.Queue[InboundMessage] = queue.Queue()
-    subscriptions = [
-        topics.deliveries(keys.requester_id, args.request) + "/#",
-        topics.responses(keys.requester_id),
-    ]
-    if device_key is None:
-        subscriptions.append(topics.status)
-
-    def next_message(wait: float) -> tuple[str, bytes] | None:
-        try:
-            message = inbox.get(timeout=wait)
-        except queue.Empty:
-            return None
-        return message.topic, message.payload
-
-    with MQTTClient(
-        settings,
-        client_id=f"doorbell-request-{keys.requester_id}-{secrets.token_hex(4)}",
-        subscriptions=subscriptions,
-        on_message=inbox.put,
+    extra = [topics.status] if device_key is None else []
+    with request_session(
+        settings, keys, topics, jti, remaining, extra=extra, on_message=inbox.put
     ) as client:
         client.wait_ready(CONNECT_TIMEOUT)
         if device_key is None:
-            device_key = device_key_from_status(inbox, topics)
+            device_key = pin_device_key(
+                keys.directory, device_id, device_key_from_status(inbox, topics)
+            )
+        if sent is not None and not (evidence.path / REQUEST_FILE).exists():
+            evidence.add_request(sent.token)
+        if not (evidence.path / DEVICE_KEY_FILE).exists():
+            evidence.add_device_key(device_key)
         with DeliveryAssembler(
-            args.output,
+            evidence.path,
             identity=keys.age_identity(),
             device_public_key=device_key,
-            device_id=args.device,
+            device_id=device_id,
             requester_id=keys.requester_id,
-            jti=args.request,
+            jti=jti,
             topic_prefix=topics.prefix,
             progress=True,
         ) as assembler:
-            print(f"waiting for the delivery of request {args.request}", flush=True)
+            collector = RequestEvidence(
+                evidence, assembler, keys=keys, topics=topics, jti=jti, device_key=device_key
+            )
+
+            def next_message(wait: float) -> tuple[str, bytes] | None:
+                try:
+                    message = inbox.get(timeout=wait)
+                except queue.Empty:
+                    return None
+                if message.topic == topics.audit_head:
+                    collector.offer_head(message.payload.decode("ascii", "replace"))
+                    return None
+                if message.topic == assembler.responses_topic:
+                    collector.offer_response(message.payload)
+                return message.topic, message.payload
+
+            print(f"waiting for the delivery of request {jti}", flush=True)
             clips = receive_delivery(assembler, next_message, timeout=timeout, grace=DELIVERY_GRACE)
+            # The device publishes `delivered` after the manifest, on another topic: keep it
+            # in the evidence too when it is on its way.
+            deadline = time.monotonic() + DELIVERY_GRACE
+            while "delivered" not in collector.statuses and time.monotonic() < deadline:
+                next_message(max(0.0, deadline - time.monotonic()))
+            collector.acknowledge(client)
     for clip in clips:
         print(f"{clip.path}  {clip.bytes} bytes  sha256 {clip.plaintext_sha256}")
-    print(f"footage of request {args.request} verified and written ({len(clips)} clips)")
+    print(f"footage of request {jti} verified ({len(clips)} files); receipt sent")
+    print(f"evidence written to {evidence.path}")
     return 0

@@ -1,16 +1,17 @@
 """``doorbell-request send``: sign a request, publish it, and with ``--wait`` follow the answers.
 
-Without ``--wait`` the command returns once the broker has acknowledged the request (QoS 1).
-With ``--wait`` it subscribes to ``P/D/responses/R`` (and, with ``-o DIR``, to the request's
-delivery topics) *before* publishing, so nothing the device sends can be missed; it then prints
-each response whose signature verifies with the device key (from ``--device-key FILE``, else
-from the retained ``P/D/status``), and exits 0 once the request is ``delivered`` (1 when it is
-``rejected``, ``denied``, ``expired`` or ``failed``). Responses that do not verify, or that
-answer another request, are reported on stderr and ignored.
-
-After ``approved`` a :class:`DeliveryStep` (the requester's delivery assembler, with ``-o DIR``)
-is fed every delivery message; when ``delivered`` arrives it gets ``grace`` seconds for chunks
-still in flight and then writes the verified, decrypted clips.
+The request gets its own persistent MQTT session (CONTRACT §5.2, :mod:`agent.requester.session`)
+subscribed to the device's responses and the request's delivery topics *before* it is
+published, so nothing the device sends can be missed: without ``--wait`` the command returns
+once the broker acknowledged the request, and ``doorbell-request receive J`` later collects
+whatever the device sent meanwhile. With ``--wait`` it prints each response whose signature
+verifies with the device key (``--device-key FILE``, else the key pinned for the device, else
+the retained ``P/D/status``, pinned on first use), and writes the evidence directory (``-o DIR``,
+default ``./J``): the request, every response, the manifest, the age files as received, the
+decrypted videos and the receipt it then signs and publishes. It exits 0 once the request is
+``delivered`` and verified (1 when it is ``rejected``, ``denied``, ``expired`` or ``failed``).
+Responses that do not verify, or that answer another request, are reported on stderr and
+ignored.
 """
 
 from __future__ import annotations
@@ -35,11 +36,26 @@ from agent.keys import b64url_decode, kid_for, parse_public_key
 from agent.mqtt import InboundMessage, MQTTClient, Topics
 from agent.release.manifest import RESPONSE_TYP, verify_device_jws
 from agent.requester.build import build_request
-from agent.requester.keyfiles import RequesterKeys, load_keys
+from agent.requester.evidence import EvidenceDir
+from agent.requester.keyfiles import (
+    RequesterKeys,
+    SentRequest,
+    load_keys,
+    pin_device_key,
+    record_request,
+)
 from agent.requester.receive import DeliveryAssembler
-from agent.timeutil import from_epoch, parse_duration, parse_rfc3339, rfc3339, utcnow
+from agent.requester.session import (
+    RequestEvidence,
+    evidence_path,
+    known_device_key,
+    request_session,
+)
+from agent.timeutil import from_epoch, parse_duration, parse_rfc3339, rfc3339, to_epoch, utcnow
 
-TERMINAL_EXIT = {"delivered": 0, "rejected": 1, "denied": 1, "expired": 1, "failed": 1}
+TERMINAL_EXIT = {
+    "delivered": 0, "acknowledged": 0, "rejected": 1, "denied": 1, "expired": 1, "failed": 1
+}
 CONNECT_TIMEOUT = 30.0
 STATUS_TIMEOUT = 10.0
 DELIVERY_GRACE = 10.0
@@ -123,8 +139,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "send",
         help="sign and publish a footage request",
         description="Sign a footage request with your key and publish it to the device. With "
-        "--wait, print each signed response as it arrives (verified against the device key) "
-        "and, with -o DIR, receive and decrypt the footage after approval. Exit status: 0 "
+        "--wait, print each signed response as it arrives (verified against the device key), "
+        "and after approval receive, verify and decrypt the footage into an evidence "
+        "directory and send the device a signed receipt. Exit status: 0 "
         "when delivered (or, without --wait, when the broker took the request), 1 when "
         "rejected, denied, expired or failed.",
     )
@@ -146,7 +163,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--device-key", metavar="FILE",
                    help="the device's public key (JWK/PEM); default: from the retained status")
     p.add_argument("-o", "--output", type=Path, metavar="DIR",
-                   help="with --wait: receive the footage into DIR after approval")
+                   help="with --wait: the evidence directory (default ./J); never overwritten")
     p.add_argument("--timeout", metavar="DURATION",
                    help="with --wait: give up after this long (default: wait for a final answer)")
     add_broker_options(p)
@@ -165,42 +182,49 @@ def handler(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     settings = broker_settings(args)
     keys = load_keys(args.key or Path(os.environ.get(KEY_DIR_ENV, ".")))
+    now = utcnow()
     token = build_request(
         keys.signing_key, keys.kid, keys.requester_id, args.device, start, end, args.reason,
-        args.legal_basis, args.legal_ref, args.case, keys.recipient, utcnow(), lifetime,
+        args.legal_basis, args.legal_ref, args.case, keys.recipient, now, lifetime,
     )
     jti = str(json.loads(b64url_decode(token.split(".")[1]))["jti"])
     topics = Topics(settings.topic_prefix, args.device)
-    device_key = parse_public_key(args.device_key) if args.device_key else None
-    if not args.wait:
-        with _client(settings, keys, []) as client:
-            client.wait_ready(CONNECT_TIMEOUT)
-            _publish(client, topics, token, secrets.token_bytes(16))
-        print(f"sent request {jti} to {args.device}")
-        return 0
-
+    device_key = known_device_key(keys, args.device, args.device_key)
+    # Refuse an existing evidence set before anything is published.
+    evidence = EvidenceDir.create(evidence_path(args.output, jti)) if args.wait else None
     inbox: queue.Queue[InboundMessage] = queue.Queue()
-    # Subscribe to everything the device may send before publishing, so nothing is missed.
-    subscriptions = [topics.responses(keys.requester_id)]
-    if device_key is None:
-        subscriptions.append(topics.status)
-    if args.output is not None:
-        subscriptions.append(topics.deliveries(keys.requester_id, jti) + "/#")
-    step: DeliveryStep | None = None
-    try:
-        with _client(settings, keys, subscriptions, inbox.put) as client:
-            client.wait_ready(CONNECT_TIMEOUT)
-            if device_key is None:
-                device_key = device_key_from_status(inbox, topics)
-            if args.output is not None:
-                step = _delivery_step(args.output, keys, topics, jti, device_key)
-            exchange = Exchange(topics, keys.requester_id, jti, device_key, secrets.token_bytes(16))
-            _publish(client, topics, token, exchange.correlation)
+    extra = [topics.status] if device_key is None else []
+    with request_session(
+        settings, keys, topics, jti, lifetime, extra=extra, on_message=inbox.put
+    ) as client:
+        client.wait_ready(CONNECT_TIMEOUT)
+        if device_key is None:
+            device_key = pin_device_key(
+                keys.directory, args.device, device_key_from_status(inbox, topics)
+            )
+        record_request(
+            keys.directory,
+            SentRequest(jti, args.device, topics.prefix, to_epoch(now + lifetime), token),
+        )
+        exchange = Exchange(topics, keys.requester_id, jti, device_key, secrets.token_bytes(16))
+        _publish(client, topics, token, exchange.correlation)
+        if evidence is None:
+            print(f"sent request {jti} to {args.device}")
+            print(f"collect the answer and footage later with: doorbell-request receive {jti}")
+            return 0
+        evidence.add_request(token)
+        evidence.add_device_key(device_key)
+        with _delivery_step(evidence.path, keys, topics, jti, device_key) as assembler:
+            collector = RequestEvidence(
+                evidence, assembler, keys=keys, topics=topics, jti=jti, device_key=device_key
+            )
             print(f"sent request {jti} to {args.device}; waiting for responses", flush=True)
-            return follow(exchange, inbox.get, timeout=timeout, step=step)
-    finally:
-        if step is not None:
-            step.close()
+            code = follow(
+                exchange, inbox.get, timeout=timeout, collector=collector, client=client
+            )
+    if code == 0:
+        print(f"evidence of request {jti} written to {evidence.path}")
+    return code
 
 
 def follow(
@@ -208,15 +232,18 @@ def follow(
     next_message: Callable[[bool, float | None], InboundMessage],
     *,
     timeout: float | None,
-    step: DeliveryStep | None = None,
+    collector: RequestEvidence | None = None,
+    client: MQTTClient | None = None,
     grace: float = DELIVERY_GRACE,
     out: Callable[[str], None] = print,
 ) -> int:
     """Print each verified response to ``exchange`` until a final one; return the exit status.
 
     ``next_message(block, timeout)`` is ``queue.Queue.get``: it raises ``queue.Empty`` on
-    timeout. Delivery messages go to ``step``; after ``delivered`` it gets ``grace`` seconds to
-    have every chunk before ``finish``. Raises MQTTError when ``timeout`` passes first.
+    timeout. With a ``collector``, each verified response is kept as evidence, delivery
+    messages go to its assembler, and after ``delivered`` the assembler gets ``grace`` seconds
+    to have every chunk before the evidence is completed and the receipt published through
+    ``client``. Raises MQTTError when ``timeout`` passes first.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     responses = exchange.topics.responses(exchange.requester_id)
@@ -226,22 +253,35 @@ def follow(
         except queue.Empty:
             raise MQTTError(
                 f"no final answer to request {exchange.jti} within {timeout:g} s",
-                hint="the owner may not have decided yet; the request stays pending on the device",
+                hint="the request stays on the device until it expires; collect the answer "
+                f"later with `doorbell-request receive {exchange.jti}`",
             ) from None
         if message.topic != responses:
-            if step is not None and message.topic != exchange.topics.status:
-                _feed(step, message)
+            if collector is not None:
+                _route(collector, exchange.topics, message)
             continue
         claims = verify_response(message.payload, exchange)
         if claims is None:
             continue
+        if collector is not None:
+            collector.keep_response(message.payload, claims)
         out(describe(claims))
         status = claims["status"]
-        if status == "delivered" and step is not None:
-            _complete(step, next_message, grace)
-            out(f"footage of request {exchange.jti} verified and written")
+        if status == "delivered" and collector is not None and client is not None:
+            _complete(collector.assembler, next_message, grace)
+            clips = collector.assembler.finish()
+            collector.acknowledge(client)
+            out(f"footage of request {exchange.jti} verified ({len(clips)} files); receipt sent")
         if status in TERMINAL_EXIT:
             return TERMINAL_EXIT[status]
+
+
+def _route(collector: RequestEvidence, topics: Topics, message: InboundMessage) -> None:
+    """A non-response message: an audit head to remember, or part of the delivery."""
+    if message.topic == topics.audit_head:
+        collector.offer_head(message.payload.decode("ascii", "replace"))
+    elif message.topic != topics.status:
+        _feed(collector.assembler, message)
 
 
 def verify_response(payload: bytes, exchange: Exchange) -> dict[str, Any] | None:
@@ -308,22 +348,6 @@ def _complete(
             break
         if message.topic.startswith(step.topic_filter.rstrip("#")):
             _feed(step, message)
-    step.finish()
-
-
-def _client(
-    settings: MQTTConfig,
-    keys: RequesterKeys,
-    subscriptions: list[str],
-    on_message: Callable[[InboundMessage], None] | None = None,
-) -> MQTTClient:
-    return MQTTClient(
-        settings,
-        client_id=f"doorbell-request-{keys.requester_id}-{secrets.token_hex(4)}",
-        subscriptions=subscriptions,
-        on_message=on_message,
-        persistent=False,
-    )
 
 
 def _publish(client: MQTTClient, topics: Topics, token: str, correlation: bytes) -> None:
@@ -385,7 +409,7 @@ def _delivery_step(
     topics: Topics,
     jti: str,
     device_key: Ed25519PublicKey,
-) -> DeliveryStep:
+) -> DeliveryAssembler:
     return DeliveryAssembler(
         output,
         identity=keys.age_identity(),

@@ -185,7 +185,8 @@ def test_owner_flow_against_the_running_agent(
     assert "Delivered 1 clip" in page.inner_text(f"#req-{first_jti}")
 
     # What the requester decrypted is the recorded video, byte for byte, and it plays.
-    assert [p.name for p in received.iterdir()] == [f"{clip.id}.mkv"]
+    assert sorted(p.name for p in received.glob("*.mkv")) == [f"{clip.id}.mkv"]
+    assert (received / "manifest.jws").is_file() and (received / "receipt.jws").is_file()
     footage = received / f"{clip.id}.mkv"
     exported = tmp_path / "owner-copy.mkv"
     assert agent.agent("clips", "export", clip.id, "-o", str(exported)) == 0
@@ -212,7 +213,8 @@ def test_owner_flow_against_the_running_agent(
     assert second.result() == 1, second.stdout + second.stderr
     assert f"{second_jti} denied channel=app" in second.stdout
     # Nothing was released: no file for the requester, no delivery message at all.
-    assert not refused.exists() or list(refused.iterdir()) == []
+    # The evidence holds the request and the signed answers, and no footage.
+    assert sorted(p.name for p in refused.iterdir()) == ["device.jwk", "request.jws", "responses"]
     assert [m.topic for m in deliveries.drain()] == []
 
     # A third, with markup in its reason, stays pending: it is shown as text.
