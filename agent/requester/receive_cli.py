@@ -103,6 +103,7 @@ def handler(args: argparse.Namespace) -> int:
         client_id=f"doorbell-request-{keys.requester_id}-{secrets.token_hex(4)}",
         subscriptions=subscriptions,
         on_message=inbox.put,
+        fail_fast=True,
     ) as client:
         client.wait_ready(CONNECT_TIMEOUT)
         if device_key is None:
