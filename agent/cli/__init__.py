@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "clips",
     "requests",
     "decide",
+    "report",
     "app",
 )
 
