@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent import keys
 from agent.approval.control import ControlServer, socket_path
 from agent.cli import main
+from agent.demo import prepare_state, write_config
 from tests.test_approval_control import add_request, config, h  # noqa: F401 - fixtures
 from tests.test_approval_coordinator import JTI, Harness
 from tests.test_cli_requesters import Device
@@ -137,3 +138,19 @@ def test_a_client_leaving_early_is_not_a_daemon_warning(
             time.sleep(0.05)
     assert any("left before the answer" in r.getMessage() for r in caplog.records)
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_demo_says_when_the_password_was_changed(tmp_path: Path) -> None:
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    cfg = write_config(demo, "synthetic", 1883, 8443)
+    first = prepare_state(cfg, demo)
+    assert len(first) >= 12 and "(" not in first
+    assert prepare_state(cfg, demo) == first  # unchanged: the same password is still right
+    new = tmp_path / "new-password"
+    new.write_text("a brand new app password\n")
+    assert main(["--config", str(demo / "agent.yaml"), "app", "set-password",
+                 "--password-file", str(new)]) == 0
+    shown = prepare_state(cfg, demo)
+    assert first not in shown
+    assert shown == "(changed with doorbell-agent app set-password: use the one you set)"
