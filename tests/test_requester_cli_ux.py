@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import logging
 import queue
+import time
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.config import MQTTConfig
 from agent.errors import MQTTError
 from agent.keys import sign_jws
-from agent.mqtt import InboundMessage, Topics
+from agent.mqtt import InboundMessage, MQTTClient, Topics
 from agent.release.manifest import RESPONSE_TYP
 from agent.requester.cli import main
 from agent.requester.send import Exchange, follow
-from tests.mosquitto import free_port
+from tests.mosquitto import Mosquitto, free_port
 
 WINDOW = ["--from", "2026-12-06T13:00:00Z", "--to", "2026-12-06T13:30:00Z"]
 
@@ -108,3 +110,37 @@ def test_pending_then_nothing_says_the_owner_has_not_decided(
     assert "no final answer" in info.value.message
     assert info.value.hint is not None
     assert "the owner has not decided yet" in info.value.hint
+
+
+def _settings(port: int) -> MQTTConfig:
+    return MQTTConfig(host="127.0.0.1", port=port)
+
+
+def test_broker_down_is_one_warning_not_an_error_per_attempt(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    client = MQTTClient(_settings(free_port()), client_id="ux-down", reconnect_min=1,
+                        reconnect_max=1)
+    client.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and sum(
+            "Client is not connected" in r.getMessage() for r in caplog.records
+        ) < 2:
+            time.sleep(0.1)  # paho retries every second: wait for a few attempts
+    finally:
+        client.close()
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.levelname for r in noisy] == ["WARNING"], [r.getMessage() for r in noisy]
+    assert "retrying in the background" in noisy[0].getMessage()
+
+
+def test_clean_stop_logs_no_error(mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    client = MQTTClient(_settings(mosquitto.port), client_id="ux-clean")
+    client.start()
+    client.wait_ready(10)
+    client.close()
+    time.sleep(0.5)  # paho's loop thread says its last words after the disconnect
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
