@@ -45,3 +45,22 @@ def test_status_has_one_pending_figure(
     out = capsys.readouterr().out
     assert "requests pending: 0" in out
     assert "pending=" not in out and "admitted=1" in out
+
+
+def test_status_text_has_one_storage_figure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"device_id: porch\nstate_dir: {tmp_path / 'state'}\n")
+    assert main(["--config", str(cfg), "init"]) == 0
+    retention = {"runs": 3, "deleted": 0, "stored_bytes": 0, "storage": "ok",
+                 "free_bytes": 79365754880, "reserve_bytes": 1 << 30, "last_error": None}
+    snapshot = {"state": "running", "pid": os.getpid(), "updated": rfc3339(utcnow()),
+                "workers": {"retention": {"state": "running", "error": None, "stats": retention}}}
+    (tmp_path / "state" / "status.json").write_text(json.dumps(snapshot))
+    capsys.readouterr()
+    assert main(["--config", str(cfg), "status"]) == 0
+    out = capsys.readouterr().out
+    assert "  retention: running (deleted=0, runs=3)" in out
+    assert "79365754880" not in out and "stored_bytes" not in out and "None" not in out
+    assert out.count("storage: 0 clips, 0 B of 8.0 GiB") == 1
