@@ -202,6 +202,7 @@ class WebApp:
         )
         env.filters["when"] = lambda d: views.human_time(d, self.tz)
         env.filters["day"] = views.human_day
+        env.filters["time_of_day"] = lambda d: d.astimezone(self.tz).strftime("%H:%M:%S %Z")
         env.filters["duration"] = views.human_duration
         env.filters["size"] = format_size
         env.filters["iso"] = lambda d: rfc3339(d) if d is not None else ""
