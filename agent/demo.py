@@ -26,10 +26,17 @@ from agent.config import Config
 from agent.daemon import AUDIT_FILE, run_daemon
 from agent.errors import AgentError, StateError
 from agent.keys import load_device_key, parse_public_key
-from agent.provision import TLS_CERT, TLS_DIR, certificate_fingerprint, initialise
+from agent.provision import (
+    APP_PASSWORD,
+    TLS_CERT,
+    TLS_DIR,
+    certificate_fingerprint,
+    initialise,
+)
 from agent.requester.keyfiles import generate_keys
 from agent.requests.store import RequestStore
 from agent.timeutil import utcnow
+from agent.web.auth import PasswordFile
 
 DEVICE_ID = "demo-door"
 REQUESTER_ID = "demo-police"
@@ -164,9 +171,14 @@ def prepare_state(cfg: Config, demo: Path) -> str:
                     "records@police.example", audit=audit,
                 )
     try:
-        return password_file.read_text().strip()
+        password = password_file.read_text().strip()
     except OSError:
         return "(set one with: doorbell-agent app set-password)"
+    # The owner may have changed it since (`app set-password` keeps only a hash): never
+    # print a password that no longer works.
+    if PasswordFile(cfg.state_dir / APP_PASSWORD).verify(password) is None:
+        return "(changed with doorbell-agent app set-password: use the one you set)"
+    return password
 
 
 def instructions(cfg: Config, demo: Path, password: str, repo: Path) -> str:

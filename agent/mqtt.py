@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -40,8 +41,27 @@ from agent.errors import ConfigError, MQTTError
 from agent.keys import check_secret
 
 log = logging.getLogger(__name__)
+paho_log = logging.getLogger("agent.mqtt.paho")
 
 _STOP = object()
+_PAHO_LEVELS: dict[int, int] = {
+    paho.MQTT_LOG_INFO: logging.INFO,
+    paho.MQTT_LOG_NOTICE: logging.INFO,
+    paho.MQTT_LOG_WARNING: logging.WARNING,
+    paho.MQTT_LOG_ERR: logging.ERROR,
+    paho.MQTT_LOG_DEBUG: logging.DEBUG,
+}
+# paho's network loop logs this at ERROR on every pass without a socket: after a clean
+# disconnect and on each reconnect attempt while the broker is down. Our own connect, disconnect
+# and connect-failure messages already say what matters, once.
+_PAHO_NO_SOCKET = "Client is not connected"
+
+
+def _paho_log(_client: paho.Client, _userdata: Any, level: int, message: str) -> None:
+    if message.startswith(_PAHO_NO_SOCKET):
+        paho_log.debug("%s", message)
+        return
+    paho_log.log(_PAHO_LEVELS.get(level, logging.DEBUG), "%s", message)
 
 
 @dataclass(frozen=True)
@@ -155,7 +175,9 @@ class MQTTClient:
     ``on_message`` runs on paho's network thread and must not block. ``on_connect`` (also on the
     network thread) is told whether the broker still had our session; use it to (re)announce
     state through ``publish`` (which only enqueues). ``will_factory``, if given, is called before
-    every connection attempt so the will can carry the attempt's time.
+    every connection attempt so the will can carry the attempt's time. With ``fail_fast`` (a
+    command line, not the daemon) :meth:`wait_ready` gives up as soon as one connection attempt
+    fails (refused at once, or after paho's connect timeout) instead of waiting out retries.
     """
 
     def __init__(
@@ -174,6 +196,7 @@ class MQTTClient:
         outbox_size: int = 256,
         reconnect_min: int = 1,
         reconnect_max: int = 60,
+        fail_fast: bool = False,
     ) -> None:
         self.settings = settings
         self.client_id = client_id
@@ -195,6 +218,10 @@ class MQTTClient:
         self._connected = threading.Event()
         self._ready = threading.Event()
         self._refused: str | None = None
+        self._fail_fast = fail_fast
+        self._attempt_failed = threading.Event()
+        self._failure: str | None = None
+        self._down_reported = False
         self._closing = threading.Event()
         self._closed = False
         self._started = False
@@ -208,7 +235,7 @@ class MQTTClient:
             protocol=paho.MQTTv5,
             manual_ack=manual_ack,
         )
-        self._client.enable_logger(logging.getLogger("agent.mqtt.paho"))
+        self._client.on_log = _paho_log
         self._client.max_inflight_messages_set(max_inflight)
         # paho's own queue stays unbounded only in theory: our semaphore never lets more than
         # max_inflight QoS 1 messages reach it.
@@ -235,6 +262,7 @@ class MQTTClient:
                 ) from None
         self._client.on_pre_connect = self._on_pre_connect
         self._client.on_connect = self._on_connect
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
@@ -289,12 +317,18 @@ class MQTTClient:
 
         Raises MQTTError if the broker refused a subscription or ``timeout`` passed first.
         """
-        if not self._ready.wait(timeout):
-            raise MQTTError(
-                f"could not connect to the MQTT broker at {self.settings.host}:{self.settings.port}"
-                f" within {timeout:g} s",
-                hint="check --host/--port (mqtt.host/mqtt.port), TLS and credentials",
-            )
+        where = f"{self.settings.host}:{self.settings.port}"
+        hint = "check --host/--port (mqtt.host/mqtt.port), TLS and credentials"
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+            if self._fail_fast and self._attempt_failed.is_set():
+                raise MQTTError(self._failure or f"could not connect to the MQTT broker at {where}",
+                                hint=hint)
+            if time.monotonic() >= deadline:
+                raise MQTTError(
+                    f"could not connect to the MQTT broker at {where} within {timeout:g} s",
+                    hint=hint,
+                )
         if self._refused is not None:
             raise MQTTError(self._refused, hint="check the broker's ACL for this user")
 
@@ -455,11 +489,14 @@ class MQTTClient:
         _props: Properties | None,
     ) -> None:
         if reason.is_failure:
-            log.error(
-                "MQTT broker %s:%s refused the connection: %s",
-                self.settings.host, self.settings.port, reason.getName(),
+            self._failure = (
+                f"the MQTT broker at {self.settings.host}:{self.settings.port} refused the "
+                f"connection: {reason.getName()}"
             )
+            self._attempt_failed.set()
+            log.log(logging.DEBUG if self._fail_fast else logging.ERROR, "%s", self._failure)
             return
+        self._down_reported = False
         self._generation += 1
         self.stats.connects += 1
         self._connected.set()
@@ -483,6 +520,21 @@ class MQTTClient:
                 self._connect_hook(flags.session_present)
             except Exception:
                 log.exception("on_connect hook failed")
+
+    def _on_connect_fail(self, _client: paho.Client, _userdata: Any) -> None:
+        # paho does not pass the OSError; refused, unreachable and timed out all end here.
+        self._failure = (
+            f"could not connect to the MQTT broker at {self.settings.host}:{self.settings.port}"
+            f" (no answer, or the connection was refused; one attempt waits at most "
+            f"{self._client.connect_timeout:g} s)"
+        )
+        self._attempt_failed.set()
+        if self._fail_fast or self._down_reported or self._closing.is_set():
+            log.debug("%s", self._failure)
+            return
+        # Once per outage: paho retries with backoff, and a line per attempt says nothing new.
+        self._down_reported = True
+        log.warning("%s; retrying in the background", self._failure)
 
     def _on_subscribe(
         self,
@@ -515,6 +567,7 @@ class MQTTClient:
         self._connected.clear()
         self.stats.disconnects += 1
         if not self._closing.is_set():
+            self._down_reported = True  # the failed reconnects that follow are the same outage
             log.warning("lost the MQTT connection (%s); reconnecting", reason.getName())
 
     def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:

@@ -129,6 +129,11 @@ class ControlServer:
                 conn.settimeout(self._timeout)
                 try:
                     self._handle(conn)
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    # The client went away before our answer (killed, or its output closed):
+                    # its business, not a fault of the agent. A decision it asked for is
+                    # applied and audited either way.
+                    log.debug("control socket client left before the answer: %s", exc)
                 except OSError as exc:
                     log.warning("control socket connection failed: %s", exc)
 

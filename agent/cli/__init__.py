@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -28,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "clips",
     "requests",
     "decide",
+    "report",
     "app",
 )
 
@@ -71,11 +73,27 @@ def run_program(parser: argparse.ArgumentParser, prog: str, argv: Sequence[str] 
     )
     try:
         result: int = args.func(args)
+        # Flush here, not at exit, so a reader that closed the pipe is handled below.
+        sys.stdout.flush()
     except AgentError as exc:
         return report_error(prog, exc)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_left()
     return result
+
+
+def _reader_left() -> int:
+    """The reader of stdout went away (``doorbell-agent status | head``): stop quietly.
+
+    stdout is pointed at /dev/null so the interpreter's final flush cannot fail again and
+    print a traceback; exit 1 like any other unfinished command.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

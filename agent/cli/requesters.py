@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from agent.audit import AuditLog
 from agent.cli.common import add_json_flag, load_config, print_json, require_initialised
@@ -63,13 +65,60 @@ def _audit(cfg: Config) -> AuditLog:
     return AuditLog(cfg.state_dir / AUDIT_LOG, load_device_key(cfg.state_dir))
 
 
+def _names_missing_file(value: str) -> bool:
+    """Whether ``--key`` was meant as a file name that does not exist.
+
+    A key given inline is a JWK (``{``), a PEM block (``-----BEGIN``) or base64url, which has
+    no ``/`` or ``.``; anything else names a file.
+    """
+    text = value.strip()
+    if text.startswith(("{", "-----BEGIN")):
+        return False
+    try:
+        if Path(text).exists():
+            return False
+    except OSError:
+        return False
+    return "/" in text or "." in text or text.startswith("~")
+
+
+def _refuse_private_key(value: str) -> None:
+    """Refuse a requester's private key: the owner needs only the public half, and a private
+    key that left the requester must be replaced."""
+    text = value
+    try:
+        path = Path(value)
+        if len(value) < 4096 and path.is_file():
+            text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return
+    private = "PRIVATE KEY-----" in text
+    if text.lstrip().startswith("{"):
+        try:
+            jwk = json.loads(text)
+        except ValueError:
+            jwk = None
+        private = private or (isinstance(jwk, dict) and "d" in jwk)
+    if private:
+        raise UsageError(
+            "--key: this is a private signing key; enrol only the requester's public key",
+            hint="use public-key.jwk from the requester's key directory (never signing-key.*); "
+            "a private key that left the requester is no longer secret: they should make a "
+            "new one with doorbell-request keygen",
+        )
+
+
 def add_handler(args: argparse.Namespace) -> int:
     """Enrol a requester (audited) and print its kid."""
     cfg = load_config(args)
     require_initialised(cfg)
+    _refuse_private_key(args.key)
     try:
         public_key = parse_public_key(args.key)
     except KeyFileError as exc:
+        if _names_missing_file(args.key):
+            raise UsageError(f"--key: the key file {args.key} does not exist",
+                             hint=KEY_HINT) from None
         raise UsageError(f"--key: {exc.message}", hint=KEY_HINT) from None
     with _audit(cfg) as audit, RequestStore.open(cfg.state_dir) as store:
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from agent.approval.decisions import Decision, DecisionLog
 from agent.cli.common import add_json_flag, load_config, print_json, require_initialised
 from agent.requests.store import RequestRecord, RequestStore
 from agent.timeutil import rfc3339
@@ -47,15 +48,26 @@ def _show(args: argparse.Namespace, statuses: list[str] | None, *, empty: str) -
     require_initialised(cfg)
     with RequestStore.open(cfg.state_dir) as store:
         records = store.list_requests(statuses)
+        # Decisions made with `approve`/`deny` while the agent was stopped wait here.
+        stored = {d.jti: d for d in DecisionLog(store).queued()}
     if args.json:
-        print_json([r.to_json() for r in records])
+        print_json([_json(r, stored.get(r.jti)) for r in records])
         return 0
     if not records:
         print(empty)
         return 0
     for record in records:
-        print(_format(record))
+        print(_format(record, stored.get(record.jti)))
     return 0
+
+
+def _json(record: RequestRecord, stored: Decision | None) -> dict[str, object]:
+    out = record.to_json()
+    out["stored_decision"] = (
+        None if stored is None
+        else {"action": stored.action, "made_at": rfc3339(stored.made_at)}
+    )
+    return out
 
 
 def escape(text: str) -> str:
@@ -65,7 +77,7 @@ def escape(text: str) -> str:
     )
 
 
-def _format(record: RequestRecord) -> str:
+def _format(record: RequestRecord, stored: Decision | None = None) -> str:
     start = rfc3339(record.window_start) if record.window_start else "?"
     end = rfc3339(record.window_end) if record.window_end else "?"
     status = record.status + (f" ({record.error})" if record.error else "")
@@ -79,4 +91,10 @@ def _format(record: RequestRecord) -> str:
         f"  legal basis: {basis}" + (f"  case: {record.case}" if record.case else ""),
         f"  reason:      {record.reason if record.reason is not None else '?'}",
     ]
+    if stored is not None and record.status == "pending":
+        verb = "approval" if stored.action == "approve" else "denial"
+        lines.append(
+            f"  decision:    your {verb} (made {rfc3339(stored.made_at)}) is stored; the agent "
+            "applies it when it starts"
+        )
     return "\n".join(escape(line) for line in lines)

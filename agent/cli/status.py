@@ -106,13 +106,21 @@ def collect(cfg: Config, *, now: datetime) -> dict[str, Any]:
     }
 
 
+_SHOWN_ELSEWHERE = frozenset({"stored_bytes", "free_bytes", "reserve_bytes", "storage"})
+
+
 def _worker_lines(snapshot: dict[str, Any] | None) -> list[str]:
     if not snapshot or not isinstance(snapshot.get("workers"), dict):
         return []
     lines = []
     for name, worker in sorted(snapshot["workers"].items()):
         stats = worker.get("stats") or {}
-        detail = ", ".join(f"{k}={v}" for k, v in sorted(stats.items()) if not isinstance(v, dict))
+        detail = ", ".join(
+            f"{k}={format_size(v) if k.endswith('_bytes') and isinstance(v, int) else v}"
+            for k, v in sorted(stats.items())
+            # The storage and disk lines are the one source of those figures; None says nothing.
+            if not isinstance(v, dict | list) and v is not None and k not in _SHOWN_ELSEWHERE
+        )
         error = f" error: {worker['error']}" if worker.get("error") else ""
         lines.append(f"  {name}: {worker.get('state')}{error}" + (f" ({detail})" if detail else ""))
     return lines

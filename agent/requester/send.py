@@ -31,7 +31,14 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.config import MQTTConfig, MQTTTLSConfig
-from agent.errors import AgentError, KeyFileError, MQTTError, ReceiveError, UsageError
+from agent.errors import (
+    AgentError,
+    KeyFileError,
+    MQTTError,
+    ReceiveError,
+    RequestError,
+    UsageError,
+)
 from agent.keys import b64url_decode, kid_for, parse_public_key
 from agent.mqtt import InboundMessage, MQTTClient, Topics
 from agent.release.manifest import RESPONSE_TYP, verify_device_jws
@@ -60,6 +67,13 @@ CONNECT_TIMEOUT = 30.0
 STATUS_TIMEOUT = 10.0
 DELIVERY_GRACE = 10.0
 KEY_DIR_ENV = "DOORBELL_REQUEST_KEYS"
+SILENCE_NOTICE = 30.0
+NO_ANSWER_HINT = (
+    "a device answers every request it can verify within seconds (at least 'pending'); "
+    "silence means it is offline, --device or --topic-prefix is wrong, or it cannot verify "
+    "the request: your key is not enrolled there (ask the homeowner to enrol your "
+    "public-key.jwk) or it signs with another key"
+)
 
 
 class DeliveryStep(Protocol):
@@ -183,10 +197,14 @@ def handler(args: argparse.Namespace) -> int:
     settings = broker_settings(args)
     keys = load_keys(args.key or Path(os.environ.get(KEY_DIR_ENV, ".")))
     now = utcnow()
-    token = build_request(
-        keys.signing_key, keys.kid, keys.requester_id, args.device, start, end, args.reason,
-        args.legal_basis, args.legal_ref, args.case, keys.recipient, now, lifetime,
-    )
+    try:
+        token = build_request(
+            keys.signing_key, keys.kid, keys.requester_id, args.device, start, end, args.reason,
+            args.legal_basis, args.legal_ref, args.case, keys.recipient, now, lifetime,
+        )
+    except RequestError as exc:
+        # Every value checked here came from the command line: a usage error (CONTRACT §8).
+        raise UsageError(exc.message, hint=exc.hint) from None
     jti = str(json.loads(b64url_decode(token.split(".")[1]))["jti"])
     topics = Topics(settings.topic_prefix, args.device)
     device_key = known_device_key(keys, args.device, args.device_key)
@@ -236,6 +254,7 @@ def follow(
     client: MQTTClient | None = None,
     grace: float = DELIVERY_GRACE,
     out: Callable[[str], None] = print,
+    silence: float = SILENCE_NOTICE,
 ) -> int:
     """Print each verified response to ``exchange`` until a final one; return the exit status.
 
@@ -243,19 +262,29 @@ def follow(
     timeout. With a ``collector``, each verified response is kept as evidence, delivery
     messages go to its assembler, and after ``delivered`` the assembler gets ``grace`` seconds
     to have every chunk before the evidence is completed and the receipt published through
-    ``client``. Raises MQTTError when ``timeout`` passes first.
+    ``client``. Raises MQTTError when ``timeout`` passes first, saying whether the device
+    answered at all. With no answer after ``silence`` seconds, says once on stderr why a device
+    stays silent (it answers every request it can verify at once).
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     responses = exchange.topics.responses(exchange.requester_id)
+    silence_deadline: float | None = time.monotonic() + silence
+    answered = False
     while True:
+        wait = _remaining(deadline)
+        if silence_deadline is not None:
+            wait = min(wait, _remaining(silence_deadline) or 0.0) if wait is not None else (
+                _remaining(silence_deadline))
         try:
-            message = next_message(True, _remaining(deadline))
+            message = next_message(True, wait)
         except queue.Empty:
-            raise MQTTError(
-                f"no final answer to request {exchange.jti} within {timeout:g} s",
-                hint="the request stays on the device until it expires; collect the answer "
-                f"later with `doorbell-request receive {exchange.jti}`",
-            ) from None
+            if deadline is not None and time.monotonic() >= deadline:
+                raise _no_final_answer(exchange.jti, timeout, answered) from None
+            if silence_deadline is not None and time.monotonic() >= silence_deadline:
+                silence_deadline = None
+                print(f"no answer yet after {silence:g} s: {NO_ANSWER_HINT}; still waiting",
+                      file=sys.stderr, flush=True)
+            continue
         if message.topic != responses:
             if collector is not None:
                 _route(collector, exchange.topics, message)
@@ -263,6 +292,8 @@ def follow(
         claims = verify_response(message.payload, exchange)
         if claims is None:
             continue
+        answered = True
+        silence_deadline = None
         if collector is not None:
             collector.keep_response(message.payload, claims)
         out(describe(claims))
@@ -282,6 +313,17 @@ def _route(collector: RequestEvidence, topics: Topics, message: InboundMessage) 
         collector.offer_head(message.payload.decode("ascii", "replace"))
     elif message.topic != topics.status:
         _feed(collector.assembler, message)
+
+
+def _no_final_answer(jti: str, timeout: float | None, answered: bool) -> MQTTError:
+    if answered:
+        return MQTTError(
+            f"no final answer to request {jti} within {timeout:g} s",
+            hint="the owner has not decided yet; the request stays on the device until it is "
+            f"decided or expires: collect the answer later with `doorbell-request receive {jti}`",
+        )
+    return MQTTError(f"the device did not answer request {jti} within {timeout:g} s",
+                     hint=NO_ANSWER_HINT)
 
 
 def verify_response(payload: bytes, exchange: Exchange) -> dict[str, Any] | None:

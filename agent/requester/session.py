@@ -81,6 +81,7 @@ def request_session(
         ],
         on_message=on_message,
         persistent=True,
+        fail_fast=True,
     )
 
 

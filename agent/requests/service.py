@@ -1015,7 +1015,7 @@ class RequestsWorker:
             "dropped": s.dropped,
             "unverifiable": dict(s.unverifiable),
             "rejected": dict(s.rejected),
-            "pending": s.pending,
+            "admitted": s.pending,
             "duplicates": s.duplicates,
             "suppressed": s.suppressed,
             "responses": s.responses,

@@ -24,10 +24,11 @@ import logging
 import re
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import datetime, tzinfo
+from datetime import date, datetime, time, tzinfo
 from functools import wraps
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlencode
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from starlette.applications import Starlette
@@ -46,7 +47,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agent import __version__
+from agent import __version__, report
 from agent.audit import AuditEntry, VerifyResult, read_entries
 from agent.errors import (
     AgentError,
@@ -59,9 +60,10 @@ from agent.errors import (
     RequestNotFoundError,
 )
 from agent.keys import kid_for, parse_public_key, public_jwk
+from agent.report import Report
 from agent.requests.store import Requester, RequestRecord, Revocation
 from agent.requests.verify import REQUESTER_KINDS
-from agent.timeutil import format_duration, format_size, rfc3339, utcnow
+from agent.timeutil import format_size, rfc3339, utcnow
 from agent.vault import ClipInfo
 from agent.web import views
 from agent.web.auth import (
@@ -200,9 +202,20 @@ class WebApp:
         )
         env.filters["when"] = lambda d: views.human_time(d, self.tz)
         env.filters["day"] = views.human_day
+        env.filters["time_of_day"] = lambda d: d.astimezone(self.tz).strftime("%H:%M:%S %Z")
         env.filters["duration"] = views.human_duration
         env.filters["size"] = format_size
         env.filters["iso"] = lambda d: rfc3339(d) if d is not None else ""
+        env.filters["playtime"] = lambda clip: views.clock_duration(
+            views.clip_seconds(clip, self.services.camera_fps)
+        )
+        env.filters["window"] = lambda r: views.human_window(r.window_start, r.window_end, self.tz)
+        env.filters["kind"] = views.kind_name
+        env.filters["status_name"] = lambda status: views.STATUS_NAMES.get(status, status)
+        env.filters["legal"] = lambda r: views.legal_phrase(r.legal_basis, r.legal_ref)
+        env.filters["channel"] = lambda c: views.CHANNEL_PHRASES.get(c or "", "")
+        env.filters["seconds"] = report.seconds_text
+        env.filters["rejection"] = lambda e: views.REJECTION_WORDS.get(e or "", e or "a rule")
         self.templates = Jinja2Templates(env=env)
 
     # ------------------------------------------------------------------ assembly
@@ -230,6 +243,8 @@ class WebApp:
                 "/requesters/{rid}/revoke", self._page(self.requester_revoke), methods=["POST"]
             ),
             Route("/status", self._page(self.status_page)),
+            Route("/report", self._page(self.report_page)),
+            Route("/api/report", self._api(self.api_report)),
             Route("/api/session", self._api(self.api_session)),
             Route("/api/requests", self._api(self.api_requests)),
             Route("/api/requests/{jti}", self._api(self.api_request)),
@@ -566,7 +581,7 @@ class WebApp:
         """One clip: the player, its details, download and delete."""
         clip = await run_in_threadpool(self._clip, request)
         return self._render(
-            request, session, "clip.html", {"clip": clip, "duration": clip.end - clip.start}
+            request, session, "clip.html", {"clip": clip}
         )
 
     async def clip_delete_confirm(self, request: Request, session: Session) -> Response:
@@ -586,12 +601,13 @@ class WebApp:
     async def api_clips(self, request: Request, session: Session) -> Response:
         """``GET /api/clips``."""
         clips = await run_in_threadpool(self.services.vault.list_clips)
-        return JSONResponse({"clips": [views.clip_json(c) for c in clips]})
+        fps = self.services.camera_fps
+        return JSONResponse({"clips": [views.clip_json(c, fps) for c in clips]})
 
     async def api_clip(self, request: Request, session: Session) -> Response:
         """``GET /api/clips/{id}``."""
         clip = await run_in_threadpool(self._clip, request)
-        return JSONResponse({"clip": views.clip_json(clip)})
+        return JSONResponse({"clip": views.clip_json(clip, self.services.camera_fps)})
 
     async def api_clip_delete(self, request: Request, session: Session) -> Response:
         """``DELETE /api/clips/{id}``."""
@@ -688,36 +704,52 @@ class WebApp:
         return result
 
     def _audit_entries(
-        self, requester: str | None, before: int | None
+        self, where: views.AuditFilter, before: int | None
     ) -> tuple[list[AuditEntry], bool]:
         if not self.services.audit.path.exists():
             return [], False
         return views.newest_entries(
             read_entries(self.services.audit.path),
-            requester=requester,
             before=before,
             limit=AUDIT_PAGE,
+            where=where,
         )
 
-    @staticmethod
-    def _audit_query(request: Request) -> tuple[str | None, int | None]:
-        requester = request.query_params.get("requester") or None
+    def _audit_query(self, request: Request) -> tuple[views.AuditFilter, int | None]:
+        params = request.query_params
+        requester = params.get("requester") or None
         if requester is not None and not ID_RE.fullmatch(requester):
             raise RequestError("the requester filter is not a valid requester id")
-        before_text = request.query_params.get("before")
+        kind = params.get("kind") or None
+        if kind is not None and kind not in views.EVENT_KINDS:
+            raise RequestError(f"kind must be one of {', '.join(views.EVENT_KINDS)}")
+        day = None
+        if day_text := params.get("date"):
+            try:
+                day = date.fromisoformat(day_text)
+            except ValueError:
+                raise RequestError("date must be a day written YYYY-MM-DD") from None
+        before_text = params.get("before")
         before = None
         if before_text:
             if not before_text.isdigit():
                 raise RequestError("before must be an audit seq number")
             before = int(before_text)
-        return requester, before
+        return views.AuditFilter(requester, kind, day, self.tz), before
 
     async def audit_page(self, request: Request, session: Session) -> Response:
-        """The log newest first, the chain check, a requester filter and export."""
-        requester, before = self._audit_query(request)
+        """The log newest first, as sentences, with the chain check, filters and export."""
+        where, before = self._audit_query(request)
         verify = await run_in_threadpool(self._verify_audit)
-        entries, more = await run_in_threadpool(self._audit_entries, requester, before)
+        entries, more = await run_in_threadpool(self._audit_entries, where, before)
         requesters = await run_in_threadpool(self.services.requests.list_requesters)
+        names = {r.id: r.name for r in requesters}
+        query = {
+            k: v for k, v in (
+                ("requester", where.requester), ("kind", where.kind),
+                ("date", where.day.isoformat() if where.day else None),
+            ) if v
+        }
         return self._render(
             request,
             session,
@@ -726,17 +758,22 @@ class WebApp:
                 "verify": verify,
                 "entries": entries,
                 "more": more,
-                "requester": requester,
+                "where": where,
+                "query": urlencode(query),
                 "requesters": requesters,
+                "kinds": views.EVENT_KINDS,
+                "sentence": lambda e: views.entry_sentence(e, names, self.tz),
+                "event_name": views.event_name,
                 "summary": views.entry_summary,
             },
         )
 
     async def api_audit(self, request: Request, session: Session) -> Response:
-        """``GET /api/audit[?requester=R][&before=SEQ]``: verification and 100 entries."""
-        requester, before = self._audit_query(request)
+        """``GET /api/audit[?requester=R][&kind=K][&date=YYYY-MM-DD][&before=SEQ]``:
+        verification and 100 entries."""
+        where, before = self._audit_query(request)
         verify = await run_in_threadpool(self._verify_audit)
-        entries, more = await run_in_threadpool(self._audit_entries, requester, before)
+        entries, more = await run_in_threadpool(self._audit_entries, where, before)
         return JSONResponse(
             {
                 "verify": views.verify_json(verify),
@@ -746,15 +783,17 @@ class WebApp:
         )
 
     async def api_audit_export(self, request: Request, session: Session) -> Response:
-        """``GET /api/audit/export[?requester=R]``: every (matching) entry as a JSON array."""
-        requester, _ = self._audit_query(request)
+        """``GET /api/audit/export[?requester=R][&kind=K][&date=D]``: every matching entry as a
+        JSON array."""
+        where, _ = self._audit_query(request)
+        requester = where.requester
         path = self.services.audit.path
         entries: Iterator[AuditEntry] = (
             iter(read_entries(path)) if path.exists() else iter(())
         )
 
         def next_line() -> bytes | None:
-            return next((e.line for e in entries if views.entry_matches(e, requester)), None)
+            return next((e.line for e in entries if where.matches(e)), None)
 
         async def body() -> AsyncIterator[bytes]:
             yield b"["
@@ -903,24 +942,26 @@ class WebApp:
     def _status_items(self) -> tuple[list[StatusItem], dict[str, Any]]:
         services = self.services
         clips = services.vault.list_clips()
+        # The one source of the stored figure: the vault's index (what the Clips page lists).
         stored = sum(c.stored_bytes for c in clips)
         last = services.audit.last_entry()
-        audit_text = "empty"
+        verify = self._verify_audit()
+        audit_text = "no entries yet"
         if last is not None:
-            when = views.human_time(last.timestamp, self.tz)
-            audit_text = f"seq {last.seq}, hash {last.hash[:16]}…, {when}"
+            entries = f"{last.seq} entr{'y' if last.seq == 1 else 'ies'}"
+            check = "checked: intact" if verify.ok else f"BROKEN: {verify.summary()}"
+            audit_text = f"{entries}, newest {views.human_time(last.timestamp, self.tz)} · {check}"
         items = [
-            StatusItem("Device", services.device_id),
+            StatusItem("Device", f"{services.device_id} · doorbell-agent {__version__}"),
             *services.runtime(),
             StatusItem(
                 "Storage",
-                f"{format_size(stored)} of {format_size(services.max_bytes)} "
-                f"({len(clips)} clips)",
+                f"{format_size(stored)} of {format_size(services.max_bytes)} used by "
+                f"{len(clips)} clip{'' if len(clips) == 1 else 's'} · clips are kept for "
+                f"{views.human_period(services.retention)}",
                 stored <= services.max_bytes,
             ),
-            StatusItem("Retention", format_duration(services.retention)),
-            StatusItem("Audit head", audit_text),
-            StatusItem("Agent version", __version__),
+            StatusItem("Audit log", audit_text, verify.ok),
         ]
         if self.tls_fingerprint:
             items.append(StatusItem("TLS certificate SHA-256", self.tls_fingerprint))
@@ -928,7 +969,7 @@ class WebApp:
             "stored_bytes": stored,
             "max_bytes": services.max_bytes,
             "clips": len(clips),
-            "retention": format_duration(services.retention),
+            "retention": views.human_period(services.retention),
             "audit_head": None
             if last is None
             else {"seq": last.seq, "hash": last.hash, "ts": last.ts},
@@ -951,6 +992,36 @@ class WebApp:
                 **usage,
             }
         )
+
+    # ------------------------------------------------------------------ report
+
+    def _report(self, request: Request) -> Report:
+        since = None
+        if since_text := request.query_params.get("since"):
+            try:
+                since = datetime.combine(date.fromisoformat(since_text), time(), tzinfo=None)
+            except ValueError:
+                raise RequestError("since must be a day written YYYY-MM-DD") from None
+            since = since.replace(tzinfo=self.tz) if self.tz is not None else since.astimezone()
+        services = self.services
+        path = services.audit.path
+        released = report.released_seconds(read_entries(path)) if path.exists() else {}
+        return report.build_report(
+            services.requests.list_requests(),
+            services.requests.list_requesters(),
+            released,
+            since=since,
+        )
+
+    async def report_page(self, request: Request, session: Session) -> Response:
+        """The transparency report: requests and outcomes per requester and per kind."""
+        result = await run_in_threadpool(self._report, request)
+        return self._render(request, session, "report.html", {"report": result})
+
+    async def api_report(self, request: Request, session: Session) -> Response:
+        """``GET /api/report[?since=YYYY-MM-DD]``: as ``doorbell-agent report --json``."""
+        result = await run_in_threadpool(self._report, request)
+        return JSONResponse(result.to_json())
 
     async def api_session(self, request: Request, session: Session) -> Response:
         """``GET /api/session``: the CSRF token for API calls and when the session ends."""

@@ -27,7 +27,7 @@ from agent.errors import AgentError
 from agent.keys import check_secret
 from agent.provision import APP_PASSWORD, TLS_CERT, TLS_DIR, TLS_KEY, certificate_fingerprint
 from agent.requests.store import RequestStore
-from agent.timeutil import utcnow
+from agent.timeutil import format_size, utcnow
 from agent.web.app import WebApp
 from agent.web.auth import PasswordFile, SessionStore
 from agent.web.services import (
@@ -119,6 +119,7 @@ class AppServer:
         )
         self._server = uvicorn.Server(self._config)
         self._socket: socket.socket | None = None
+        self._bound_port: int | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()
@@ -127,9 +128,7 @@ class AppServer:
     @property
     def port(self) -> int:
         """The port actually listened on (useful with port 0)."""
-        if self._socket is None:
-            return self._requested_port
-        return int(self._socket.getsockname()[1])
+        return self._requested_port if self._bound_port is None else self._bound_port
 
     @property
     def serving(self) -> bool:
@@ -151,6 +150,8 @@ class AppServer:
             if self._thread is not None or self._closed:
                 raise AgentError("the local app server was already started")
             self._socket = bind_socket(self.host, self._requested_port)
+            # Remembered: status asks for the port after the socket is closed at a stop.
+            self._bound_port = int(self._socket.getsockname()[1])
             self._thread = threading.Thread(target=self._serve, name="app-server", daemon=True)
             self._thread.start()
         deadline = threading.Event()
@@ -274,12 +275,6 @@ def build_services(
     )
 
 
-def _scalar(value: object) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return str(value)
-
-
 def _camera_line(stats: dict[str, Any]) -> str:
     capture = stats.get("capture") or {}
     processing = stats.get("processing") or {}
@@ -307,17 +302,43 @@ def _mqtt_line(stats: dict[str, Any]) -> str:
     )
 
 
-def _generic_line(stats: dict[str, Any]) -> str:
-    return " · ".join(
-        f"{key.replace('_', ' ')}: {_scalar(value)}"
-        for key, value in stats.items()
-        if isinstance(value, str | int | float | bool)
-    )
+def _disk_line(stats: dict[str, Any]) -> str:
+    free = stats.get("free_bytes")
+    parts = [f"{format_size(free)} free" if isinstance(free, int) else "not measured yet"]
+    if stats.get("storage") == "full":
+        parts.append("FULL: recording is paused until space is freed")
+    if stats.get("last_error"):
+        parts.append(str(stats["last_error"]))
+    return " · ".join(parts)
+
+
+def _button_line(stats: dict[str, Any]) -> str:
+    button = stats.get("button")
+    if button == "ok":
+        text = "connected"
+        if stats.get("pending_indicator"):
+            text += " · light blinking: a request waits"
+        return text
+    return "not in use" if button in (None, "off") else f"not working: {button}"
+
+
+def _homeassistant_line(stats: dict[str, Any]) -> str:
+    if stats.get("last_error"):
+        return str(stats["last_error"])
+    return "up to date" if stats.get("announcements") else "waiting for the broker"
+
+
+def _no_stats(_stats: dict[str, Any]) -> str:
+    # Counters of other workers are for `status --json`, not for the owner's page.
+    return ""
 
 
 _SUMMARIES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "camera": ("Camera", _camera_line),
     "requests": ("MQTT", _mqtt_line),
+    "retention": ("Disk space", _disk_line),
+    "approval": ("Button", _button_line),
+    "homeassistant": ("Home Assistant", _homeassistant_line),
 }
 
 
@@ -335,14 +356,19 @@ def snapshot_items(snapshot: dict[str, Any]) -> list[StatusItem]:
         if name == AppServer.name or not isinstance(info, dict):
             continue
         state = str(info.get("state", "unknown"))
-        label, summarise = _SUMMARIES.get(str(name), (str(name).capitalize(), _generic_line))
+        label, summarise = _SUMMARIES.get(str(name), (str(name).capitalize(), _no_stats))
         parts = [] if state == "running" else [state]
         if info.get("error"):
             parts.append(str(info["error"]))
         stats = info.get("stats")
-        if isinstance(stats, dict) and stats:
+        if isinstance(stats, dict) and stats and "error" not in stats:
             parts.append(summarise(stats))
-        items.append(StatusItem(label, " · ".join(parts) or state, state == "running"))
+        text = " · ".join(p for p in parts if p) or state
+        ok = state == "running" and not (
+            isinstance(stats, dict)
+            and (stats.get("storage") == "full" or stats.get("connected") is False)
+        )
+        items.append(StatusItem(label, text, ok))
     return items
 
 

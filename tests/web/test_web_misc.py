@@ -167,6 +167,10 @@ def test_daemon_snapshot_becomes_status_lines() -> None:
                              "stats": {"require": "any", "button": "off", "x": [1],
                                        "pending_indicator": True}},
                 "app": {"state": "running", "error": None, "stats": {}},
+                "retention": {"state": "running", "error": None,
+                              "stats": {"runs": 3, "deleted": 0, "stored_bytes": 0,
+                                        "storage": "ok", "free_bytes": 79365754880,
+                                        "reserve_bytes": 1 << 30, "last_error": None}},
             }
         }
     )
@@ -174,10 +178,12 @@ def test_daemon_snapshot_becomes_status_lines() -> None:
         StatusItem("Camera", "streaming file:door.avi · 9.8 fps · 2 frames dropped · "
                    "recorder recording, 3 clips · disk full", True),
         StatusItem("MQTT", "NOT connected · 7 messages received · 1 dropped · "
-                   "6 responses sent", True),
-        StatusItem("Approval", "failed · socket in use · require: any · button: off · "
-                   "pending indicator: yes", False),
+                   "6 responses sent", False),
+        StatusItem("Button", "failed · socket in use · not in use", False),
+        StatusItem("Disk space", "73.9 GiB free", True),
     ]
+    # the owner's page shows no raw counters (free bytes, pending counts): words and units
+    assert not any("79365754880" in i.value or "pending" in i.value for i in items)
     assert snapshot_items({}) == []
 
 

@@ -49,11 +49,11 @@ def test_requests_page_shows_pending_first_with_every_detail(web: WebHarness) ->
     pending, history = page.split('id="history-title"')
     assert f'id="req-{new}"' in pending and f'id="req-{old}"' not in pending
     for text in (
-        "City Police Dept.", "law-enforcement", "Porch theft", "warrant", "W-9", "C-1",
+        "City Police Dept.", "Law enforcement", "Porch theft", "on warrant W-9", "C-1",
         kid_for(web.requester_key.public_key()), "Time left", "23 h 59 min",
     ):
         assert text in pending, text
-    assert f'id="req-{old}"' in history and "Denied via app" in history
+    assert f'id="req-{old}"' in history and "Denied in the app" in history
     assert "nothing was sent" in history
 
 
@@ -78,7 +78,7 @@ def test_approve_through_the_api_delivers_through_the_engine(web: WebHarness) ->
     approved = [e for e in read_entries(web.audit.path) if e.event == "request_approved"]
     assert approved[-1].fields["channel"] == "app" and approved[-1].fields["jti"] == jti
     history = web.client.get("/requests").text.split('id="history-title"')[1]
-    assert "Delivered 1 clip" in history and "approved via app" in history
+    assert "Sent 1 clip" in history and "approved in the app" in history
 
 
 def test_deny_through_the_page_form(web: WebHarness) -> None:
@@ -288,7 +288,8 @@ def test_status_page_and_api(web: WebHarness) -> None:
     web.login()
     web.record_clip(web.clock() - timedelta(minutes=5))
     page = web.client.get("/status").text
-    for text in ("front-door", "recording at 10 fps", "connected to", "7d", "seq ", "<meter"):
+    for text in ("front-door", "recording at 10 fps", "connected to", "clips are kept for 7 days",
+                 "entries, newest", "checked: intact", "<meter"):
         assert text in page, text
     api = web.client.get("/api/status").json()
     assert api["clips"] == 1 and 0 < api["stored_bytes"] <= api["max_bytes"]
