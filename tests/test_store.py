@@ -20,6 +20,7 @@ from agent.audit import AuditLog, read_entries, verify_file
 from agent.errors import AuditWriteError, RequesterNotFoundError, RequestError, RequestNotFoundError
 from agent.requests.store import RequestStore
 from agent.requests.verify import Rejection, RequestPolicy, VerifiedRequest, verify_request
+from agent.timeutil import rfc3339
 from tests.test_verify import DEVICE, POLICY, RECIPIENT, T0, Party, token
 
 REPO = Path(__file__).resolve().parent.parent
@@ -247,7 +248,10 @@ def test_replay_survives_kill_9_right_after_admit(db: Path, tmp_path: Path) -> N
             alice,
             iat=int(now.timestamp()),
             exp=int(now.timestamp()) + 600,
-            window={"start": "2030-01-01T00:00:00Z", "end": "2030-01-01T00:10:00Z"},
+            window={
+                "start": rfc3339(now - timedelta(minutes=20)),
+                "end": rfc3339(now - timedelta(minutes=10)),
+            },
         )
     )
     script = textwrap.dedent(

@@ -1,0 +1,184 @@
+"""Poison-proof intake (issue 10, item 1): requester-controlled values that are out of range or
+of the wrong type never crash the verifier, the store, the worker, a restart, or the listings;
+every message is acknowledged exactly once; requester text never forges log lines."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pyrage import x25519
+
+from agent.audit import AuditLog
+from agent.keys import kid_for
+from agent.mqtt import InboundMessage, Topics
+from agent.release.manifest import RESPONSE_TYP, verify_device_jws
+from agent.requests.service import RequestService
+from agent.requests.store import RequestStore
+from agent.requests.verify import RequestPolicy
+from tests.test_mqtt_service import TOPIC_REQUESTS, Requester, eventually, request
+from tests.test_mqtt_units import FakeClient
+
+POISON: list[dict[str, Any]] = [
+    {"iat": 99999999999999},
+    {"iat": -(2**62)},
+    {"exp": 2**70},
+    {"exp": 2**63},
+    {"iat": -(2**63) - 1},
+    {"iat": 1.5e300},
+    {"exp": True},
+    {"iat": "1700000000"},
+    {"iat": [1]},
+    {"exp": {"n": 1}},
+    {"window": {"start": "0001-01-01T00:00:00Z", "end": "0001-01-01T00:10:00Z"}},
+    {"window": {"start": "1999-12-31T23:50:00Z", "end": "2000-01-01T00:10:00Z"}},
+    {"window": {"start": "9999-12-31T23:00:00Z", "end": "10000-01-01T00:10:00Z"}},
+    {"window": {"start": 5, "end": 6}},
+    {"reason": {"a": [1, 2]}},
+    {"iat": 2**53 + 1, "exp": 2**53 + 2},
+]
+
+
+class Rig:
+    """A RequestService on a real store and audit log, with a recording client."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.key = Ed25519PrivateKey.generate()
+        self.alice_key = Ed25519PrivateKey.generate()
+        store = RequestStore(root / "requests.db")
+        store.add_requester("alice", "Alice", "neighbor", self.alice_key.public_key())
+        store.close()
+        self.alice = Requester(
+            "alice", self.alice_key, kid_for(self.alice_key.public_key()),
+            str(x25519.Identity.generate().to_public()),
+        )
+        self.svc: RequestService | None = None
+        self.client = FakeClient()
+
+    def start(self) -> RequestService:
+        self.store = RequestStore(self.root / "requests.db")
+        self.audit = AuditLog(self.root / "audit.jsonl", self.key)
+        self.svc = RequestService(
+            topics=Topics("doorbell", "front-door"),
+            policy=RequestPolicy(device_id="front-door"),
+            store=self.store,
+            audit=self.audit,
+            signing_key=self.key,
+            summary_interval=0.1,
+            revocation_poll=0.05,
+        )
+        self.client = FakeClient()
+        self.svc.attach(self.client)
+        self.svc.start()
+        return self.svc
+
+    def stop(self) -> None:
+        if self.svc is not None:
+            self.svc.close()
+            self.svc = None
+            self.store.close()
+            self.audit.close()
+
+    def statuses(self) -> list[tuple[Any, Any, Any]]:
+        out = []
+        for _, payload, _ in self.client.published:
+            c = verify_device_jws(payload, self.key.public_key(), RESPONSE_TYP)
+            out.append((c["req"], c["status"], c.get("error")))
+        return out
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path)
+    yield r
+    r.stop()
+
+
+def inbound(payload: str, mid: int) -> InboundMessage:
+    return InboundMessage(TOPIC_REQUESTS, payload.encode(), 1, False, False, b"cd", mid, 0)
+
+
+@pytest.mark.parametrize("overrides", POISON)
+def test_poison_claims_are_rejected_bad_claims_and_the_worker_lives(
+    rig: Rig, overrides: dict[str, Any]
+) -> None:
+    svc = rig.start()
+    poison, poison_jti = request(rig.alice, **overrides)
+    svc.on_message(inbound(poison, 1))
+    eventually(lambda: 1 in rig.client.acked)
+    good, good_jti = request(rig.alice)
+    svc.on_message(inbound(good, 2))
+    eventually(lambda: 2 in rig.client.acked)
+    # Give the revocation poll (which lists stored records) a few turns on the poisoned store.
+    eventually(lambda: svc._thread.is_alive() and len(rig.client.published) >= 2)
+    assert rig.statuses() == [
+        (poison_jti, "rejected", "bad_claims"), (good_jti, "pending", None)
+    ]
+    assert sorted(rig.client.acked) == [1, 2]
+    assert svc._thread.is_alive()
+    assert [r.jti for r in rig.store.list_requests()]  # listing never raises
+
+
+def test_the_far_future_within_range_is_a_window_in_the_future(rig: Rig) -> None:
+    svc = rig.start()
+    window = {"start": "9999-12-31T23:00:00Z", "end": "9999-12-31T23:59:59Z"}
+    poison, jti = request(rig.alice, window=window)
+    svc.on_message(inbound(poison, 1))
+    eventually(lambda: len(rig.client.published) == 1)
+    assert rig.statuses() == [(jti, "rejected", "window_in_future")]
+    assert rig.client.acked == [1]
+    assert rig.store.get_request(jti).window_end is not None
+
+
+def _poison_row(db: Path, jti: str, **values: object) -> None:
+    """Write a stored record with absurd values, as an older agent could have."""
+    row: dict[str, object] = {
+        "jti": jti, "requester": "alice", "kid": "k", "iat": 99999999999999, "exp": 2**62,
+        "received_at": "2026-01-31T12:00:00.000000Z", "status": "rejected",
+        "error": "bad_claims", "updated_at": "2026-01-31T12:00:00.000000Z",
+        "window_start": "not a time", "decided_at": "0000-00-00",
+    }
+    row.update(values)
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute(
+            f"INSERT INTO requests ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+            tuple(row.values()),
+        )
+    conn.close()
+
+
+def test_a_stored_poison_record_neither_kills_a_restart_nor_the_listings(rig: Rig) -> None:
+    _poison_row(rig.root / "requests.db", "poison-000000000001")
+    _poison_row(rig.root / "requests.db", "poison-000000000002", status="pending",
+                iat=-(2**62), exp="soon", received_at=12, updated_at=3.5)
+    svc = rig.start()  # answers what the last run left unanswered: must not raise
+    good, good_jti = request(rig.alice)
+    svc.on_message(inbound(good, 3))
+    eventually(lambda: (good_jti, "pending", None) in rig.statuses())
+    assert svc._thread.is_alive()
+    records = {r.jti: r for r in rig.store.list_requests()}
+    assert {"poison-000000000001", "poison-000000000002", good_jti} <= set(records)
+    for record in records.values():
+        record.to_json()  # `requests list --json` renders every record
+
+
+def test_requester_text_cannot_forge_log_lines(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    svc = rig.start()
+    forged = "abc\nERROR forged line\u202e\x1b[31m"
+    token, _ = request(rig.alice, jti=forged)
+    caplog.set_level(logging.DEBUG)
+    svc.on_message(inbound(token, 1))
+    eventually(lambda: 1 in rig.client.acked)
+    eventually(lambda: len(rig.client.published) == 1)
+    for record in caplog.records:
+        text = record.getMessage()
+        assert "\n" not in text and "\x1b" not in text and "\u202e" not in text, text
