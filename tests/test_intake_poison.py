@@ -5,7 +5,9 @@ every message is acknowledged exactly once; requester text never forges log line
 from __future__ import annotations
 
 import logging
+import queue
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,13 +17,24 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pyrage import x25519
 
 from agent.audit import AuditLog
+from agent.daemon import Daemon
 from agent.keys import kid_for
 from agent.mqtt import InboundMessage, Topics
 from agent.release.manifest import RESPONSE_TYP, verify_device_jws
-from agent.requests.service import RequestService
+from agent.requests.service import RequestService, RequestsWorker
 from agent.requests.store import RequestStore
 from agent.requests.verify import RequestPolicy
-from tests.test_mqtt_service import TOPIC_REQUESTS, Requester, eventually, request
+from tests.mosquitto import Mosquitto
+from tests.test_mqtt_service import (
+    TOPIC_REQUESTS,
+    AgentHarness,
+    Requester,
+    correlation_of,
+    eventually,
+    listen,
+    next_response,
+    request,
+)
 from tests.test_mqtt_units import FakeClient
 
 POISON: list[dict[str, Any]] = [
@@ -182,3 +195,55 @@ def test_requester_text_cannot_forge_log_lines(
     for record in caplog.records:
         text = record.getMessage()
         assert "\n" not in text and "\x1b" not in text and "\u202e" not in text, text
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_request_thread_stops_the_daemon_with_exit_1(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """If the service thread dies anyway (a bug), the daemon exits 1 so systemd restarts it,
+    instead of running on with nobody answering requests."""
+    harness = AgentHarness(tmp_path, mosquitto)
+    store = harness.store()
+    audit = AuditLog(harness.audit_path, harness.key)
+    worker = RequestsWorker(harness.cfg, signing_key=harness.key, store=store, audit=audit)
+    worker.supervise_interval = 0.05
+
+    def broken(timeout: float) -> None:
+        raise RuntimeError("a bug in the worker loop")
+
+    worker.service._next_item = broken  # type: ignore[method-assign]
+    stop = threading.Event()
+    # On code that does not supervise the thread, the daemon would run on until this fires.
+    watchdog = threading.Timer(30.0, stop.set)
+    watchdog.start()
+    try:
+        assert Daemon([worker], stop, join_timeout=10.0).run() == 1
+    finally:
+        watchdog.cancel()
+        store.close()
+        audit.close()
+
+
+def test_correlation_data_up_to_256_bytes_is_echoed_longer_is_unverifiable(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    harness = AgentHarness(tmp_path, mosquitto)
+    alice = harness.enroll("alice")
+    worker = harness.start()
+    try:
+        inbox = listen(mosquitto, alice)
+        long_token, _ = request(alice)
+        inbox.publish(TOPIC_REQUESTS, long_token, correlation_data=b"L" * 257)
+        token, jti = request(alice)
+        inbox.publish(TOPIC_REQUESTS, token, correlation_data=b"C" * 256)
+        claims, msg = next_response(inbox, harness.public)
+        # Handled in order: the first response is the second request's (the first got none).
+        assert (claims["req"], claims["status"]) == (jti, "pending")
+        assert correlation_of(msg) == b"C" * 256
+        eventually(lambda: worker.service.stats.unverifiable["correlation_too_long"] == 1)
+        with pytest.raises(queue.Empty):
+            inbox.get(0.5)
+    finally:
+        harness.stop()
+    assert "request_unverifiable" in {e["event"] for e in harness.events()}
