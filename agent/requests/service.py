@@ -45,6 +45,30 @@ Flow of one message on ``P/D/requests``:
 The worker also polls the store for requests cancelled by ``doorbell-agent requesters revoke``
 while the daemon runs and answers each ``rejected``/``revoked``.
 
+Audit growth. Whatever one requester sends, at any rate the broker passes, it adds at most about
+1 MiB a day to the audit log, because every per-message entry is paid for from a per-requester
+budget and everything past the budget is aggregated:
+
+- a signed request that is rejected is audited individually (``request_received`` +
+  ``request_rejected``, and answered) only while its requester has audit budget left: a token
+  bucket in bytes per requester, ``AUDIT_BUDGET_BURST`` (64 KiB) deep, refilled at
+  ``AUDIT_BUDGET_PER_DAY`` (384 KiB) a day, charged :func:`audit_cost` (the entries' size);
+  so at most 448 KiB of individual entries in any 24 h. Accepted requests are always audited
+  (``requests.rate_limit`` bounds them) and are charged too, so they leave less room for
+  rejections rather than adding to it. (The per-minute ``rejection_burst`` still caps answers.)
+- past the budget a rejection is only counted: one ``request_rejected`` summary entry per
+  requester per ``SUMMARY_INTERVAL`` (600 s: 144 a day, each under 1 KiB, < 144 KiB)
+  with ``suppressed`` (how many) and ``errors`` (how many per code). Revoked requesters,
+  replays and rate-limited floods all land here. These entries are ordinary chain entries.
+- unverifiable messages (anyone's, a requester's forgeries included) are never audited one by
+  one: one ``request_unverifiable`` entry per ``SUMMARY_INTERVAL`` with a count and a reasons
+  histogram (< 144 KiB a day for all senders together). The first summary after a quiet
+  interval is written at once, so the owner still hears of trouble when it starts.
+
+So one requester accounts for < 448 + 144 + 144 KiB (736 KiB) < 1 MiB a day; what its
+accepted requests add beyond that is bounded by ``requests.rate_limit``, not by this budget
+(``tests/test_audit_growth.py`` measures it over a simulated day).
+
 Responses never say anything about footage before approval: ``pending`` and ``rejected`` carry
 only ``iss``, ``aud``, ``iat``, ``req``, ``status`` (and ``error``/``detail``). ``detail`` is a
 fixed text per error code; the verifier's precise reason goes to the local log and the audit log.
@@ -125,10 +149,10 @@ REJECTION_DETAIL: Final[Mapping[str, str]] = {
 }
 
 
-SUMMARY_INTERVAL: Final = 300.0
+SUMMARY_INTERVAL: Final = 600.0
 """Seconds: at most one ``request_unverifiable`` entry, and one ``request_rejected`` summary per
-requester, per interval (288 a day each; see "Audit growth" in the module docstring)."""
-AUDIT_BUDGET_PER_DAY: Final = 512 * 1024
+requester, per interval (144 a day each; see "Audit growth" in the module docstring)."""
+AUDIT_BUDGET_PER_DAY: Final = 384 * 1024
 """Bytes of individual request entries a requester's rejections may add to the log per day."""
 AUDIT_BUDGET_BURST: Final = 64 * 1024
 """How much of that a requester may use at once."""
