@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import queue
 import sqlite3
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from pyrage import x25519
 from agent.audit import AuditLog
 from agent.daemon import Daemon
 from agent.keys import kid_for
+from agent.logtext import OneLineFormatter
 from agent.mqtt import InboundMessage, Topics
 from agent.release.manifest import RESPONSE_TYP, verify_device_jws
 from agent.requests.service import RequestService, RequestsWorker
@@ -247,3 +249,21 @@ def test_correlation_data_up_to_256_bytes_is_echoed_longer_is_unverifiable(
     finally:
         harness.stop()
     assert "request_unverifiable" in {e["event"] for e in harness.events()}
+
+
+def test_the_program_log_format_keeps_every_message_on_one_printable_line() -> None:
+    formatter = OneLineFormatter("%(levelname)s %(name)s: %(message)s")
+    forged = "J\n2026-01-01 00:00:00,000 ERROR agent: approved\u202e\x1b[2K"
+    record = logging.LogRecord("agent.x", logging.INFO, __file__, 1, "request %s", (forged,), None)
+    line = formatter.format(record)
+    assert line == (
+        "INFO agent.x: request J\\n2026-01-01 00:00:00,000 ERROR agent: approved\\u202e\\x1b[2K"
+    )
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failing = logging.LogRecord(
+            "agent.x", logging.ERROR, __file__, 1, "failed %s", ("a\nb",), sys.exc_info()
+        )
+    text = formatter.format(failing)
+    assert text.startswith("ERROR agent.x: failed a\\nb\nTraceback")  # the traceback stays

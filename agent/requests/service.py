@@ -105,6 +105,7 @@ from agent.audit import AuditEntry, AuditLog, iter_log_lines, parse_entry
 from agent.config import Config
 from agent.errors import AgentError, AuditWriteError, MQTTError, RequestNotFoundError
 from agent.keys import sign_jws
+from agent.logtext import one_line
 from agent.mqtt import BoundedPublisher, InboundMessage, MQTTClient, Topics
 from agent.release.manifest import RESPONSE_TYP
 from agent.requests.store import RequestRecord, RequestStore
@@ -163,15 +164,9 @@ MAX_CORRELATION: Final = 256
 
 
 def shown(value: object, limit: int = 200) -> str:
-    """Requester text made safe for one log line: cut to ``limit`` characters, and every
-    character that is not printable (newlines, escape sequences, bidi overrides) written as its
-    Python escape, so that a ``jti`` or a ``reason`` can never forge or hide log lines."""
-    text = (value if isinstance(value, str) else repr(value))[:limit]
-    if text.isprintable():
-        return text
-    return "".join(
-        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
-    )
+    """Requester text made safe for one log line (:func:`agent.logtext.one_line`), cut to
+    ``limit`` characters."""
+    return one_line(value, limit)
 
 
 def audit_cost(result: VerifiedRequest | Rejection) -> int:
