@@ -582,7 +582,8 @@ class RequestStore:
                 return _as_rejection(result, "rate_limited", detail)
             _insert_request(conn, _verified_row(result), now, correlation, policy.clock_skew)
         elif under_limit:
-            _insert_request(conn, _rejected_row(result), now, correlation, policy.clock_skew)
+            row = _rejected_row(result, now, policy.max_lifetime)
+            _insert_request(conn, row, now, correlation, policy.clock_skew)
         return result
 
     def get_request(self, jti: str) -> RequestRecord:
@@ -730,8 +731,14 @@ def _verified_row(req: VerifiedRequest) -> dict[str, Any]:
     }
 
 
-def _rejected_row(rej: Rejection) -> dict[str, Any]:
+def _rejected_row(rej: Rejection, now: datetime, max_lifetime: timedelta) -> dict[str, Any]:
+    """The row of a recorded rejection. ``iat``/``exp`` the verifier found unusable (mistyped,
+    outside 2000..9999) are stored as the arrival time and arrival + ``max_lifetime``: the row
+    still counts toward the rate limit and keeps the jti burnt."""
     claims = rej.claims
+    arrival = int(now.timestamp())
+    iat = rej.iat if rej.iat is not None else arrival
+    exp = rej.exp if rej.exp is not None else arrival + int(max_lifetime.total_seconds())
     window = claims.get("window")
     start = end = None
     if isinstance(window, dict):
@@ -752,8 +759,8 @@ def _rejected_row(rej: Rejection) -> dict[str, Any]:
         "legal_ref": text("legal_ref", 256),
         "case_ref": text("case", 128),
         "recipient": text("recipient", 100),
-        "iat": rej.iat,
-        "exp": rej.exp,
+        "iat": iat,
+        "exp": exp,
         "status": "rejected",
         "error": rej.error,
         "detail": rej.detail,

@@ -270,14 +270,14 @@ class Rejection:
         """Whether the store should burn the jti and keep a ``rejected`` row for it.
 
         Not for revoked keys (they can never succeed), replays (already recorded), rate-limited
-        floods (that would fill the disk), nor claims without a usable jti and expiry.
+        floods (that would fill the disk), nor claims without a well-formed jti. One whose
+        ``iat``/``exp`` are unusable is recorded with stand-ins (see ``RequestStore.admit``), so
+        that it too counts toward the rate limit and burns its jti (CONTRACT §3).
         """
         return (
             self.error not in ("revoked", "replayed", "rate_limited")
             and self.jti is not None
             and JTI_RE.fullmatch(self.jti) is not None
-            and self.iat is not None
-            and self.exp is not None
         )
 
     def audit_fields(self) -> dict[str, Any]:
