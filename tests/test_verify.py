@@ -797,3 +797,14 @@ def test_verifier_does_not_modify_its_views(alice: Party, views: Views) -> None:
     check(token(alice), views)
     check(token(alice, reason=""), views)
     assert views.seen == set() and views.counts == {}
+
+
+def test_window_in_future_is_judged_at_arrival(alice: Party, views: Views) -> None:
+    # Handled ten minutes after it arrived: its window's end is compared with the arrival.
+    edge = T0 + POLICY.clock_skew
+    window = {"start": "2026-01-31T11:50:00Z", "end": edge.strftime("%Y-%m-%dT%H:%M:%S.001Z")}
+    later = T0 + timedelta(minutes=10)
+    raw = token(alice, window=window)
+    assert isinstance(check(raw, views, now=later), VerifiedRequest)
+    result = verify_request(raw, views, views, POLICY, later, received=T0)
+    assert isinstance(result, Rejection) and result.error == "window_in_future"

@@ -93,7 +93,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
@@ -775,8 +775,11 @@ class RequestService:
         self, message: InboundMessage, arrived: float, now: datetime
     ) -> VerifiedRequest | Rejection | Unverifiable:
         snapshot = self._trust
+        # The window is judged against the moment the message arrived, not when its turn came.
+        received = now - timedelta(seconds=max(0.0, self._clock() - arrived))
         result = verify_request(
-            message.payload, snapshot.view(arrived), self._store, self.policy, now
+            message.payload, snapshot.view(arrived), self._store, self.policy, now,
+            received=received,
         )
         if isinstance(result, Unverifiable):
             return result
@@ -788,7 +791,9 @@ class RequestService:
             (fresh.requester_id, fresh.kind, fresh.revoked)
             != (cached.requester_id, cached.kind, cached.revoked)
         ):
-            result = verify_request(message.payload, self._store, self._store, self.policy, now)
+            result = verify_request(
+                message.payload, self._store, self._store, self.policy, now, received=received
+            )
         return result
 
     def _handle(self, message: InboundMessage, arrived: float) -> None:

@@ -499,10 +499,14 @@ def verify_request(
     replay: ReplayView,
     policy: RequestPolicy,
     now: datetime,
+    *,
+    received: datetime | None = None,
 ) -> VerifyResult:
     """Check one request payload; never raises for any input bytes (see the module docstring).
 
-    ``now`` is an aware datetime; ``trust`` and ``replay`` are read only.
+    ``now`` is an aware datetime; ``received`` when the device received the message (default
+    ``now``; the window may end at most ``clock_skew`` after it); ``trust`` and ``replay`` are
+    read only.
     """
     try:
         tok = _split(raw, policy)
@@ -525,7 +529,7 @@ def verify_request(
     try:
         if key.revoked:
             raise _Claim("revoked", f"requester {key.requester_id} is revoked")
-        result = _check_claims(claims, key, replay, policy, now)
+        result = _check_claims(claims, key, replay, policy, now, received=received or now)
     except _Claim as claim:
         return Rejection(
             error=claim.error,
@@ -558,6 +562,8 @@ def _check_claims(
     replay: ReplayView,
     policy: RequestPolicy,
     now: datetime,
+    *,
+    received: datetime,
 ) -> VerifiedRequest:
     # Step 8: types and ranges of everything, before any value is used.
     if claims.get("iss") != key.requester_id:
@@ -612,7 +618,7 @@ def _check_claims(
         raise _Claim("window_too_long", "window end - start exceeds requests.max_window")
     if start < now - policy.retention:
         raise _Claim("window_outside_retention", "window start is older than the storage retention")
-    if end > now + policy.clock_skew:
+    if end > received + policy.clock_skew:
         raise _Claim(
             "window_in_future", "window end is later than its arrival plus requests.clock_skew"
         )
