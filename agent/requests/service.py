@@ -973,11 +973,14 @@ class RequestService:
                 continue  # the revocation poll answers these
             if record.status == "pending" and record.exp <= now:
                 continue  # the approval coordinator expires it and answers that instead
-            claims = _claims_of(record)
             log.info("answering request %s again (%s): last answer unconfirmed",
                      shown(record.jti), record.status)
             self._answering.add(record.jti)
-            self._respond_logged(record, record.status, **claims)
+            try:
+                self._respond_logged(record, record.status, **_claims_of(record))
+            except Exception:
+                # One odd stored record must not keep the agent from starting.
+                log.exception("cannot answer request %s again", shown(record.jti))
 
 
 ADMISSION_EVENTS: Final = ("request_pending", "request_rejected")
