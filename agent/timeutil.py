@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 from datetime import UTC, datetime, timedelta
+from typing import Final, TypeGuard
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
@@ -123,6 +124,43 @@ def to_epoch(moment: datetime) -> int:
     return int(moment.timestamp())
 
 
+EPOCH_MIN: Final = 946684800
+"""2000-01-01T00:00:00Z: the earliest time value a protocol message may carry (CONTRACT §3)."""
+EPOCH_MAX: Final = 253402300799
+"""9999-12-31T23:59:59Z: the latest one (and the last second a ``datetime`` can hold)."""
+
+
+TIME_MIN: Final = datetime(2000, 1, 1, tzinfo=UTC)
+"""EPOCH_MIN as a datetime: the range of every time value a requester may send."""
+TIME_MAX: Final = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+"""The end of that range (the last instant a ``datetime`` can hold)."""
+
+
+def epoch_in_range(value: object) -> TypeGuard[int]:
+    """Whether ``value`` is a JSON integer (not a bool, not a float) within EPOCH_MIN..EPOCH_MAX.
+
+    Every requester-supplied epoch time passes this before anything converts or stores it.
+    """
+    return (
+        isinstance(value, int) and not isinstance(value, bool) and EPOCH_MIN <= value <= EPOCH_MAX
+    )
+
+
 def from_epoch(seconds: float) -> datetime:
-    """An aware UTC datetime from seconds since the epoch."""
-    return datetime.fromtimestamp(seconds, UTC)
+    """An aware UTC datetime from seconds since the epoch.
+
+    Raises ValueError (never OverflowError/OSError) for a value no datetime can hold.
+    """
+    try:
+        return datetime.fromtimestamp(seconds, UTC)
+    except (OverflowError, OSError, ValueError) as exc:
+        raise ValueError(f"{seconds!r} s since the epoch is not a representable time") from exc
+
+
+def clamp_epoch(value: object) -> datetime:
+    """A stored epoch time read back tolerantly: clamped into EPOCH_MIN..EPOCH_MAX, and
+    EPOCH_MIN for anything that is not a number. For records written by older agents (which
+    stored whatever a requester signed); never raises."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        return datetime.fromtimestamp(EPOCH_MIN, UTC)
+    return datetime.fromtimestamp(min(max(value, EPOCH_MIN), EPOCH_MAX), UTC)

@@ -20,6 +20,7 @@ from agent.audit import AuditLog, read_entries, verify_file
 from agent.errors import AuditWriteError, RequesterNotFoundError, RequestError, RequestNotFoundError
 from agent.requests.store import RequestStore
 from agent.requests.verify import Rejection, RequestPolicy, VerifiedRequest, verify_request
+from agent.timeutil import rfc3339
 from tests.test_verify import DEVICE, POLICY, RECIPIENT, T0, Party, token
 
 REPO = Path(__file__).resolve().parent.parent
@@ -247,7 +248,10 @@ def test_replay_survives_kill_9_right_after_admit(db: Path, tmp_path: Path) -> N
             alice,
             iat=int(now.timestamp()),
             exp=int(now.timestamp()) + 600,
-            window={"start": "2030-01-01T00:00:00Z", "end": "2030-01-01T00:10:00Z"},
+            window={
+                "start": rfc3339(now - timedelta(minutes=20)),
+                "end": rfc3339(now - timedelta(minutes=10)),
+            },
         )
     )
     script = textwrap.dedent(
@@ -295,7 +299,23 @@ def test_recordable_rejection_gets_a_row_and_burns_the_jti(
     assert isinstance(fixed, Rejection) and fixed.error == "replayed"
 
 
-@pytest.mark.parametrize("overrides", [{"jti": "short"}, {"exp": "soon"}])
+@pytest.mark.parametrize(
+    "overrides", [{"exp": "soon"}, {"iat": 99999999999999}, {"exp": 2**70}, {"iat": -(2**62)}]
+)
+def test_rejection_with_unusable_times_is_recorded_with_stand_ins(
+    store: RequestStore, alice: Party, overrides: dict[str, Any]
+) -> None:
+    # CONTRACT §3: every signed request counts toward the rate limit and burns its jti.
+    result = receive(store, token(alice, **overrides))
+    assert isinstance(result, Rejection) and result.error == "bad_claims"
+    record = store.get_request("jti-0123456789abcdef")
+    assert record.status == "rejected" and record.received_at == T0
+    assert T0 <= record.iat <= record.exp <= T0 + POLICY.max_lifetime
+    assert store.jti_seen("jti-0123456789abcdef")
+    assert store.recent_count("alice-pd", T0) == 1
+
+
+@pytest.mark.parametrize("overrides", [{"jti": "short"}, {"jti": 12345678901234567}])
 def test_unrecordable_rejection_leaves_no_trace(
     store: RequestStore, alice: Party, overrides: dict[str, Any]
 ) -> None:

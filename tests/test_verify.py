@@ -535,10 +535,47 @@ def test_lifetime_too_long(alice: Party, views: Views) -> None:
         {"exp": None},
         {"iat": None},
         {"iat": int(T0.timestamp()) + 100, "exp": int(T0.timestamp()) + 100},  # exp == iat
+        {"iat": 99999999999999},
+        {"iat": -(2**62)},
+        {"iat": 946684799},  # 1999-12-31T23:59:59Z
+        {"exp": 2**70},
+        {"exp": 253402300800},  # 10000-01-01T00:00:00Z
+        {"exp": 10**4000},
+        {"iat": -(10**4000)},
+        {"exp": 1.7e9},
+        {"iat": 1769860800.0},
+        {"exp": False},
+        {"iat": [1769860800]},
+        {"exp": {"t": 1769864400}},
     ],
 )
 def test_bad_times_are_bad_claims(alice: Party, views: Views, overrides: dict[str, Any]) -> None:
-    rejected(token(alice, **overrides), views, "bad_claims")
+    result = rejected(token(alice, **overrides), views, "bad_claims")
+    # Out-of-range or mistyped values never reach a Rejection's iat/exp (stored, converted).
+    for value in (result.iat, result.exp):
+        assert value is None or 946684800 <= value <= 253402300799
+
+
+def test_time_range_edges_are_accepted_as_times(alice: Party, views: Views) -> None:
+    # In range, so judged as times: `expired`, not bad_claims.
+    rejected(token(alice, iat=946684800, exp=946684800 + 3600), views, "expired")
+    late = 253402300799
+    rejected(token(alice, iat=late - 3600, exp=late), views, "not_yet_valid")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"iat": NaN}',
+        b'{"exp": Infinity}',
+        b'{"exp": -Infinity}',
+        b'{"iat": ' + b"9" * 5000 + b"}",
+    ],
+)
+def test_payloads_that_are_not_json_are_bad_shape(
+    alice: Party, views: Views, payload: bytes
+) -> None:
+    unverifiable(sign_raw(alice.key, header(alice), payload), views, "bad_shape")
 
 
 @pytest.mark.parametrize(
@@ -578,6 +615,23 @@ def test_window_outside_retention(alice: Party, views: Views) -> None:
     rejected(token(alice, window={"start": older, "end": end}), views, "window_outside_retention")
 
 
+def test_window_in_future(alice: Party, views: Views) -> None:
+    # `end` may reach the arrival time plus clock_skew, not a moment later (injected now).
+    edge = T0 + POLICY.clock_skew
+    start = (edge - timedelta(minutes=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    exact = {"start": start, "end": edge.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    assert isinstance(check(token(alice, window=exact), views), VerifiedRequest)
+    later = {"start": start, "end": edge.strftime("%Y-%m-%dT%H:%M:%S.001Z")}
+    result = rejected(token(alice, window=later), views, "window_in_future")
+    assert result.recordable
+    # The same request an hour later asks for footage that exists by then.
+    exp = int((T0 + timedelta(hours=2)).timestamp())
+    assert isinstance(
+        check(token(alice, window=later, exp=exp), views, now=T0 + timedelta(hours=1)),
+        VerifiedRequest,
+    )
+
+
 @pytest.mark.parametrize(
     "window",
     [
@@ -591,6 +645,11 @@ def test_window_outside_retention(alice: Party, views: Views) -> None:
         {"start": "2026-02-30T11:00:00Z", "end": "2026-02-30T11:30:00Z"},
         {"start": "31/01/2026 11:00", "end": "2026-01-31T11:30:00Z"},
         {"start": 1769857200, "end": 1769859000},
+        {"start": "1999-12-31T23:59:59Z", "end": "2000-01-01T00:10:00Z"},
+        {"start": "0001-01-01T00:00:00Z", "end": "0001-01-01T00:10:00Z"},
+        {"start": "9999-12-31T23:59:00Z", "end": "10000-01-01T00:00:00Z"},
+        {"start": True, "end": False},
+        {"start": ["2026-01-31T11:00:00Z"], "end": {"x": 1}},
     ],
 )
 def test_bad_window_is_bad_claims(alice: Party, views: Views, window: Any) -> None:
@@ -658,6 +717,7 @@ def test_every_contract_error_code_is_produced() -> None:
         "replayed",
         "window_too_long",
         "window_outside_retention",
+        "window_in_future",
         "bad_claims",
         "rate_limited",
         "revoked",
@@ -673,23 +733,36 @@ def test_order_revoked_beats_every_claim_error(alice: Party) -> None:
     rejected(token(alice, aud="elsewhere", exp=1, reason=""), views, "revoked")
 
 
+def test_order_types_and_ranges_before_everything_else(alice: Party, views: Views) -> None:
+    # CONTRACT §3 (revision 2): types and ranges first, whatever else is wrong.
+    views.seen.add("jti-0123456789abcdef")
+    views.counts["alice-pd"] = 10**6
+    window = {"start": "2026-01-01T00:00:00Z", "end": "2026-12-31T00:00:00Z"}
+    everything = {"aud": "elsewhere", "iat": 946684800, "exp": 946684801, "window": window}
+    rejected(token(alice, reason="", **everything), views, "bad_claims")
+    rejected(token(alice, iat=99999999999999, aud="elsewhere"), views, "bad_claims")
+    rejected(token(alice, jti="short", aud="elsewhere"), views, "bad_claims")
+    rejected(token(alice, legal_basis="nope", aud="elsewhere"), views, "bad_claims")
+
+
 def test_order_audience_before_time(alice: Party, views: Views) -> None:
-    rejected(token(alice, aud="elsewhere", exp=1, iat=0), views, "wrong_audience")
+    rejected(token(alice, aud="elsewhere", exp=946684801, iat=946684800), views, "wrong_audience")
 
 
-def test_order_expired_before_lifetime_and_content(alice: Party, views: Views) -> None:
-    rejected(token(alice, iat=0, exp=1, window=None, reason=""), views, "expired")
+def test_order_expired_before_lifetime(alice: Party, views: Views) -> None:
+    rejected(token(alice, iat=946684800, exp=946684800 + 10**8), views, "expired")
 
 
 def test_order_time_before_jti(alice: Party, views: Views) -> None:
+    views.seen.add("jti-0123456789abcdef")
     future = int(T0.timestamp()) + 3600
-    rejected(token(alice, iat=future, exp=future + 60, jti="short"), views, "not_yet_valid")
+    rejected(token(alice, iat=future, exp=future + 60), views, "not_yet_valid")
 
 
-def test_order_replay_before_window_and_content(alice: Party, views: Views) -> None:
+def test_order_replay_before_window(alice: Party, views: Views) -> None:
     views.seen.add("jti-0123456789abcdef")
     window = {"start": "2026-01-01T00:00:00Z", "end": "2026-01-31T00:00:00Z"}
-    rejected(token(alice, window=window, legal_basis="nope"), views, "replayed")
+    rejected(token(alice, window=window), views, "replayed")
 
 
 def test_order_window_length_before_retention(alice: Party, views: Views) -> None:
@@ -697,10 +770,19 @@ def test_order_window_length_before_retention(alice: Party, views: Views) -> Non
     rejected(token(alice, window=window), views, "window_too_long")
 
 
+def test_order_retention_before_future(alice: Party, views: Views) -> None:
+    window = {"start": "2025-01-01T00:00:00Z", "end": "2025-01-01T00:30:00Z"}
+    rejected(token(alice, window=window), views, "window_outside_retention")
+    future = {"start": "2027-01-01T00:00:00Z", "end": "2027-01-01T02:00:00Z"}
+    rejected(token(alice, window=future), views, "window_too_long")
+
+
 def test_order_claim_errors_before_rate_limit(alice: Party, views: Views) -> None:
     views.counts["alice-pd"] = 10**6
     rejected(token(alice, reason=""), views, "bad_claims")
     rejected(token(alice, aud="elsewhere"), views, "wrong_audience")
+    future = {"start": "2026-01-31T12:00:00Z", "end": "2026-01-31T12:30:00Z"}
+    rejected(token(alice, window=future), views, "window_in_future")
 
 
 def test_rejection_audit_fields_are_bounded(alice: Party, views: Views) -> None:
@@ -715,3 +797,14 @@ def test_verifier_does_not_modify_its_views(alice: Party, views: Views) -> None:
     check(token(alice), views)
     check(token(alice, reason=""), views)
     assert views.seen == set() and views.counts == {}
+
+
+def test_window_in_future_is_judged_at_arrival(alice: Party, views: Views) -> None:
+    # Handled ten minutes after it arrived: its window's end is compared with the arrival.
+    edge = T0 + POLICY.clock_skew
+    window = {"start": "2026-01-31T11:50:00Z", "end": edge.strftime("%Y-%m-%dT%H:%M:%S.001Z")}
+    later = T0 + timedelta(minutes=10)
+    raw = token(alice, window=window)
+    assert isinstance(check(raw, views, now=later), VerifiedRequest)
+    result = verify_request(raw, views, views, POLICY, later, received=T0)
+    assert isinstance(result, Rejection) and result.error == "window_in_future"

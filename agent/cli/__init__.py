@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from agent import __version__
 from agent.errors import AgentError
+from agent.logtext import OneLineFormatter
 
 PROG = "doorbell-agent"
 
@@ -66,10 +67,11 @@ def run_program(parser: argparse.ArgumentParser, prog: str, argv: Sequence[str] 
     """Parse ``argv``, set up logging and run the chosen handler, turning AgentError into the
     contract's error output; shared by ``doorbell-agent`` and ``doorbell-request``."""
     args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    # One printable line per message: requester text in a message cannot forge log lines.
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler]
     )
     try:
         result: int = args.func(args)

@@ -45,6 +45,30 @@ Flow of one message on ``P/D/requests``:
 The worker also polls the store for requests cancelled by ``doorbell-agent requesters revoke``
 while the daemon runs and answers each ``rejected``/``revoked``.
 
+Audit growth. Whatever one requester sends, at any rate the broker passes, it adds at most about
+1 MiB a day to the audit log, because every per-message entry is paid for from a per-requester
+budget and everything past the budget is aggregated:
+
+- a signed request that is rejected is audited individually (``request_received`` +
+  ``request_rejected``, and answered) only while its requester has audit budget left: a token
+  bucket in bytes per requester, ``AUDIT_BUDGET_BURST`` (64 KiB) deep, refilled at
+  ``AUDIT_BUDGET_PER_DAY`` (384 KiB) a day, charged :func:`audit_cost` (the entries' size);
+  so at most 448 KiB of individual entries in any 24 h. Accepted requests are always audited
+  (``requests.rate_limit`` bounds them) and are charged too, so they leave less room for
+  rejections rather than adding to it. (The per-minute ``rejection_burst`` still caps answers.)
+- past the budget a rejection is only counted: one ``request_rejected`` summary entry per
+  requester per ``SUMMARY_INTERVAL`` (600 s: 144 a day, each under 1 KiB, < 144 KiB)
+  with ``suppressed`` (how many) and ``errors`` (how many per code). Revoked requesters,
+  replays and rate-limited floods all land here. These entries are ordinary chain entries.
+- unverifiable messages (anyone's, a requester's forgeries included) are never audited one by
+  one: one ``request_unverifiable`` entry per ``SUMMARY_INTERVAL`` with a count and a reasons
+  histogram (< 144 KiB a day for all senders together). The first summary after a quiet
+  interval is written at once, so the owner still hears of trouble when it starts.
+
+So one requester accounts for < 448 + 144 + 144 KiB (736 KiB) < 1 MiB a day; what its
+accepted requests add beyond that is bounded by ``requests.rate_limit``, not by this budget
+(``tests/test_audit_growth.py`` measures it over a simulated day).
+
 Responses never say anything about footage before approval: ``pending`` and ``rejected`` carry
 only ``iss``, ``aud``, ``iat``, ``req``, ``status`` (and ``error``/``detail``). ``detail`` is a
 fixed text per error code; the verifier's precise reason goes to the local log and the audit log.
@@ -69,7 +93,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
@@ -81,6 +105,7 @@ from agent.audit import AuditEntry, AuditLog, iter_log_lines, parse_entry
 from agent.config import Config
 from agent.errors import AgentError, AuditWriteError, MQTTError, RequestNotFoundError
 from agent.keys import sign_jws
+from agent.logtext import one_line
 from agent.mqtt import BoundedPublisher, InboundMessage, MQTTClient, Topics
 from agent.release.manifest import RESPONSE_TYP
 from agent.requests.store import RequestRecord, RequestStore
@@ -118,10 +143,40 @@ REJECTION_DETAIL: Final[Mapping[str, str]] = {
     "replayed": "this jti has been used before",
     "window_too_long": "the footage window is longer than the device accepts",
     "window_outside_retention": "the footage window starts before the storage retention",
+    "window_in_future": "the footage window ends in the future; ask for recorded footage only",
     "bad_claims": "a claim is missing or malformed",
     "rate_limited": "too many requests from this requester; try again later",
     "revoked": "the requester's key has been revoked",
 }
+
+
+SUMMARY_INTERVAL: Final = 600.0
+"""Seconds: at most one ``request_unverifiable`` entry, and one ``request_rejected`` summary per
+requester, per interval (144 a day each; see "Audit growth" in the module docstring)."""
+AUDIT_BUDGET_PER_DAY: Final = 384 * 1024
+"""Bytes of individual request entries a requester's rejections may add to the log per day."""
+AUDIT_BUDGET_BURST: Final = 64 * 1024
+"""How much of that a requester may use at once."""
+ENTRY_OVERHEAD: Final = 320
+"""Bytes an audit line adds around its event fields (seq, ts, event, prev, sig), rounded up."""
+MAX_CORRELATION: Final = 256
+"""Bytes of MQTT v5 Correlation Data a request may carry (CONTRACT §3); longer: unverifiable."""
+
+
+def shown(value: object, limit: int = 200) -> str:
+    """Requester text made safe for one log line (:func:`agent.logtext.one_line`), cut to
+    ``limit`` characters."""
+    return one_line(value, limit)
+
+
+def audit_cost(result: VerifiedRequest | Rejection) -> int:
+    """The bytes ``request_received`` plus ``request_pending``/``request_rejected`` add to the
+    audit log for ``result`` (fields as the log serialises them, plus ENTRY_OVERHEAD each)."""
+    return sum(
+        len(json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode())
+        + ENTRY_OVERHEAD
+        for fields in (_received_fields(result), result.audit_fields())
+    )
 
 
 # --- responses (pure) -------------------------------------------------------------------------
@@ -383,23 +438,31 @@ class Tally:
 class Budget:
     """A token bucket per key: ``burst`` tokens, refilled at ``burst`` per ``period`` seconds."""
 
-    def __init__(self, burst: int, period: float) -> None:
+    def __init__(self, burst: float, period: float) -> None:
         self.burst = burst
         self.rate = burst / period
         self._buckets: dict[str, tuple[float, float]] = {}
 
-    def allow(self, key: str, now: float) -> bool:
-        """Take a token for ``key`` if one is left at ``now``."""
+    def _tokens(self, key: str, now: float) -> float:
         tokens, last = self._buckets.get(key, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-        if tokens < 1.0:
+        return min(float(self.burst), tokens + (now - last) * self.rate)
+
+    def allow(self, key: str, now: float, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens for ``key`` if that many are left at ``now``."""
+        tokens = self._tokens(key, now)
+        if tokens < cost:
             self._buckets[key] = (tokens, now)
             return False
-        self._buckets[key] = (tokens - 1.0, now)
+        self._buckets[key] = (tokens - cost, now)
         if len(self._buckets) > 4096:
             # Full buckets carry no state worth keeping; this bounds memory per requester id.
             self._buckets = {k: v for k, v in self._buckets.items() if v[0] < self.burst - 1}
         return True
+
+    def charge(self, key: str, now: float, cost: float) -> None:
+        """Take ``cost`` tokens for ``key`` unconditionally (the bucket may go down to
+        ``-burst``: what must happen anyway still delays what may be dropped)."""
+        self._buckets[key] = (max(-float(self.burst), self._tokens(key, now) - cost), now)
 
 
 @dataclass
@@ -415,6 +478,7 @@ class ServiceStats:
     suppressed: int = 0
     responses: int = 0
     audit_failures: int = 0
+    failures: int = 0
 
 
 class AuditSink(Protocol):
@@ -462,7 +526,7 @@ class RequestService:
         audit: AuditSink,
         signing_key: Ed25519PrivateKey,
         queue_size: int = 256,
-        summary_interval: float = 60.0,
+        summary_interval: float = SUMMARY_INTERVAL,
         rejection_burst: int = 20,
         revocation_poll: float = 2.0,
         kid_refresh: float = 0.5,
@@ -498,6 +562,9 @@ class RequestService:
         self._suppressed: dict[str, Tally] = {}
         self._summary_interval = summary_interval
         self._budget = Budget(rejection_burst, 60.0)
+        self._audit_budget = Budget(
+            AUDIT_BUDGET_BURST, 86400.0 * AUDIT_BUDGET_BURST / AUDIT_BUDGET_PER_DAY
+        )
         self._revocation_poll = revocation_poll
         self._client: Publisher | None = None
         self._answering: set[str] = set()
@@ -544,6 +611,11 @@ class RequestService:
         self._write_summaries(force=True)
         self._mark_sent(wait=timeout)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (or was never started / was stopped on purpose)."""
+        return not self._started or self._stopping.is_set() or self._thread.is_alive()
+
     def __enter__(self) -> RequestService:
         self.start()
         return self
@@ -569,6 +641,13 @@ class RequestService:
         if len(message.payload) > self.policy.max_bytes:
             self._unverifiable.add("oversize")
             self.stats.unverifiable["oversize"] += 1
+            if client is not None:
+                client.ack(message)
+            return
+        if message.correlation_data is not None and len(message.correlation_data) > MAX_CORRELATION:
+            # Never copied onto a response, so never verified: dropped like any unverifiable.
+            self._unverifiable.add("correlation_too_long")
+            self.stats.unverifiable["correlation_too_long"] += 1
             if client is not None:
                 client.ack(message)
             return
@@ -638,20 +717,29 @@ class RequestService:
             if self._stopping.is_set():
                 return
             if item is not None:
-                try:
-                    self._handle(*item)
-                except Exception:
-                    # One bad message must not stop the service; it stays unacknowledged.
-                    log.exception("handling a request failed")
+                self._handle(*item)
             now = self._clock()
-            self._write_summaries(force=False)
-            self._mark_sent(wait=0.0)
-            if now >= next_kids:
+            due_kids, due_poll = now >= next_kids, now >= next_poll
+            if due_kids:
                 next_kids = now + self._kid_refresh
-                self._refresh_kids()
-            if now >= next_poll:
+            if due_poll:
                 next_poll = now + self._revocation_poll
-                self._answer_revocations()
+            # Housekeeping reads stored records and writes the log: a failure of one step is
+            # logged and the loop goes on (the next turn tries again), never ends the worker.
+            steps: list[tuple[str, Callable[[], None]]] = [
+                ("summaries", lambda: self._write_summaries(force=False)),
+                ("sent responses", lambda: self._mark_sent(wait=0.0)),
+            ]
+            if due_kids:
+                steps.append(("enrolled keys", self._refresh_kids))
+            if due_poll:
+                steps.append(("revocations", self._answer_revocations))
+            for what, step in steps:
+                try:
+                    step()
+                except Exception:
+                    self.stats.failures += 1
+                    log.exception("request service: %s failed; going on", what)
 
     def _next_item(self, timeout: float) -> tuple[InboundMessage, float] | None:
         """The next enrolled-lane item, else a suspect, else wait up to ``timeout`` (and 0.1 s,
@@ -687,8 +775,11 @@ class RequestService:
         self, message: InboundMessage, arrived: float, now: datetime
     ) -> VerifiedRequest | Rejection | Unverifiable:
         snapshot = self._trust
+        # The window is judged against the moment the message arrived, not when its turn came.
+        received = now - timedelta(seconds=max(0.0, self._clock() - arrived))
         result = verify_request(
-            message.payload, snapshot.view(arrived), self._store, self.policy, now
+            message.payload, snapshot.view(arrived), self._store, self.policy, now,
+            received=received,
         )
         if isinstance(result, Unverifiable):
             return result
@@ -700,33 +791,60 @@ class RequestService:
             (fresh.requester_id, fresh.kind, fresh.revoked)
             != (cached.requester_id, cached.kind, cached.revoked)
         ):
-            result = verify_request(message.payload, self._store, self._store, self.policy, now)
+            result = verify_request(
+                message.payload, self._store, self._store, self.policy, now, received=received
+            )
         return result
 
     def _handle(self, message: InboundMessage, arrived: float) -> None:
+        """Handle one message and acknowledge it exactly once, whatever happens meanwhile.
+
+        A failure is logged and counted, never raised: a message that breaks the handler must
+        not stop the worker, nor hold one of the broker's in-flight slots for ever (a few
+        hundred such messages would fill the intake). Only a crash of the process leaves a
+        message unacknowledged; the broker then redelivers it (see the module docstring).
+        """
         assert self._client is not None
+        try:
+            self._process(message, arrived)
+        except Exception:
+            self.stats.failures += 1
+            log.exception("handling a request failed; it is acknowledged and dropped")
+        finally:
+            try:
+                self._client.ack(message)
+            except Exception:
+                log.exception("acknowledging a request failed")
+
+    def _process(self, message: InboundMessage, arrived: float) -> None:
         now = self._now()
         result = self._verify(message, arrived, now)
         if isinstance(result, Unverifiable):
             if self._log_budget.allow("unverifiable", self._clock()):
-                log.info("unverifiable request (%s): %s", result.reason, result.detail)
+                log.info("unverifiable request (%s): %s", result.reason, shown(result.detail))
             else:
-                log.debug("unverifiable request (%s): %s", result.reason, result.detail)
+                log.debug("unverifiable request (%s): %s", result.reason, shown(result.detail))
             self.stats.unverifiable[result.reason] += 1
             self._unverifiable.add(result.reason)
-            self._client.ack(message)
             return
         if isinstance(result, Rejection):
             if result.error == "replayed" and message.dup:
-                self._duplicate(message, result)
+                self._duplicate(result)
                 return
-            if not self._budget.allow(result.requester_id, self._clock()):
+            clock = self._clock()
+            if not (
+                self._budget.allow(result.requester_id, clock)
+                and self._audit_budget.allow(result.requester_id, clock, audit_cost(result))
+            ):
                 self.stats.suppressed += 1
                 self._suppressed.setdefault(
                     result.requester_id, Tally(self._summary_interval)
                 ).add(result.error)
-                self._client.ack(message)
                 return
+        else:
+            # Accepted requests are always audited (the rate limit bounds them); they use up
+            # the requester's audit budget, leaving less room for its rejections.
+            self._audit_budget.charge(result.requester_id, self._clock(), audit_cost(result))
         try:
             self._audit.append("request_received", **_received_fields(result))
             final = self._store.admit(
@@ -737,8 +855,9 @@ class RequestService:
                 audit=self._admission_sink(message),
             )
         except AuditWriteError as exc:
-            # No action without its audit entry: leave the message unacknowledged so the
-            # broker offers it again after a restart.
+            # No action without its audit entry: nothing is recorded nor answered. The message
+            # is still acknowledged; left unacknowledged it would hold an in-flight slot until
+            # the next start, and enough of them would close the intake for everyone.
             self.stats.audit_failures += 1
             log.error("request not handled, the audit log cannot be written: %s", exc)
             return
@@ -747,19 +866,17 @@ class RequestService:
         target = Target(final.jti, final.requester_id, message.correlation_data)
         if isinstance(final, VerifiedRequest):
             self.stats.pending += 1
-            log.info("request %s from %s is pending", final.jti, final.requester_id)
+            log.info("request %s from %s is pending", shown(final.jti), final.requester_id)
             self._respond_logged(target, "pending")
         elif final.error == "replayed" and message.dup:
-            self._duplicate(message, final)
-            return
+            self._duplicate(final)
         else:
             self.stats.rejected[final.error] += 1
             log.info(
                 "request %s from %s rejected (%s): %s",
-                final.jti, final.requester_id, final.error, final.detail,
+                shown(final.jti), final.requester_id, final.error, shown(final.detail),
             )
             self._respond_logged(target, "rejected", error=final.error)
-        self._client.ack(message)
 
     def _admission_sink(self, message: InboundMessage) -> AuditSink:
         """Where ``admit`` writes ``request_pending``/``request_rejected`` for ``message``.
@@ -773,17 +890,17 @@ class RequestService:
             return self._audit
         return _AdmissionAudit(self._audit, self._admission_audited)
 
-    def _duplicate(self, message: InboundMessage, rejection: Rejection) -> None:
-        assert self._client is not None
+    def _duplicate(self, rejection: Rejection) -> None:
         self.stats.duplicates += 1
-        log.info("dropped a redelivered copy of request %s", rejection.jti)
-        self._client.ack(message)
+        log.info("dropped a redelivered copy of request %s", shown(rejection.jti))
 
     def _respond_logged(self, target: ResponseTarget, status: str, **claims: Any) -> None:
         try:
             self.respond(target, status, **claims)
         except MQTTError as exc:
-            log.warning("could not queue the %s response for %s: %s", status, target.jti, exc)
+            log.warning(
+                "could not queue the %s response for %s: %s", status, shown(target.jti), exc
+            )
 
     def _write_summaries(self, *, force: bool) -> None:
         now = self._clock()
@@ -844,7 +961,7 @@ class RequestService:
             if record.jti in self._answering:
                 continue
             self._answering.add(record.jti)
-            log.info("answering request %s: its requester was revoked", record.jti)
+            log.info("answering request %s: its requester was revoked", shown(record.jti))
             self._respond_logged(record, "rejected", error="revoked")
 
     def _resend_unanswered(self) -> None:
@@ -856,11 +973,14 @@ class RequestService:
                 continue  # the revocation poll answers these
             if record.status == "pending" and record.exp <= now:
                 continue  # the approval coordinator expires it and answers that instead
-            claims = _claims_of(record)
             log.info("answering request %s again (%s): last answer unconfirmed",
-                     record.jti, record.status)
+                     shown(record.jti), record.status)
             self._answering.add(record.jti)
-            self._respond_logged(record, record.status, **claims)
+            try:
+                self._respond_logged(record, record.status, **_claims_of(record))
+            except Exception:
+                # One odd stored record must not keep the agent from starting.
+                log.exception("cannot answer request %s again", shown(record.jti))
 
 
 ADMISSION_EVENTS: Final = ("request_pending", "request_rejected")
@@ -898,10 +1018,14 @@ class _AdmissionAudit:
         if event in ADMISSION_EVENTS and isinstance(jti, str):
             try:
                 if self._audited(event, jti):
-                    log.info("request %s: %s already audited before a crash", jti, event)
+                    log.info(
+                        "request %s: %s already audited before a crash", shown(jti), event
+                    )
                     return None
             except AgentError as exc:
-                log.warning("cannot check the audit log for %s of %s: %s", event, jti, exc)
+                log.warning(
+                    "cannot check the audit log for %s of %s: %s", event, shown(jti), exc
+                )
         return self._audit.append(event, **fields)
 
 
@@ -940,7 +1064,7 @@ class RequestsWorker:
         store: RequestStore,
         audit: AuditLog,
         now: Callable[[], datetime] = utcnow,
-        summary_interval: float = 60.0,
+        summary_interval: float = SUMMARY_INTERVAL,
         revocation_poll: float = 2.0,
         head_interval: float = 1.0,
     ) -> None:
@@ -980,6 +1104,7 @@ class RequestsWorker:
             max_inflight=cfg.delivery.max_inflight + 8,
         )
         self.service.attach(self.client)
+        self.supervise_interval = 1.0
         self._previous_hook = audit.on_append
         self._closed = False
 
@@ -1000,9 +1125,16 @@ class RequestsWorker:
         self.service.start()
 
     def run(self, stop: threading.Event) -> None:
-        """Daemon worker entry (``agent.daemon``): start, then wait for ``stop``."""
+        """Daemon worker entry (``agent.daemon``): start, then wait for ``stop``.
+
+        Raises AgentError if the service thread has died meanwhile (it catches every failure of
+        a message or of housekeeping, so that means a bug): the daemon then stops with exit
+        status 1 and systemd starts it again, rather than running on without answering.
+        """
         self.start()
-        stop.wait()
+        while not stop.wait(self.supervise_interval):
+            if not self.service.alive:
+                raise AgentError("the request service thread died; no request would be answered")
 
     def stats(self) -> dict[str, Any]:
         """Counters for ``status.json``."""
@@ -1020,6 +1152,7 @@ class RequestsWorker:
             "suppressed": s.suppressed,
             "responses": s.responses,
             "audit_failures": s.audit_failures,
+            "failures": s.failures,
         }
 
     def close(self) -> None:

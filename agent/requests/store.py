@@ -51,7 +51,7 @@ from agent.requests.verify import (
     VerifiedRequest,
     VerifyResult,
 )
-from agent.timeutil import from_epoch, parse_rfc3339, rfc3339, utcnow
+from agent.timeutil import TIME_MIN, clamp_epoch, parse_rfc3339, rfc3339, utcnow
 
 DB_NAME: Final = "requests.db"
 STATUSES: Final = ("pending", "rejected", "approved", "denied", "expired", "delivered", "failed")
@@ -131,6 +131,20 @@ def db_time(moment: datetime) -> str:
 
 def _from_db(text: str | None) -> datetime | None:
     return None if text is None else parse_rfc3339(text)
+
+
+def _stored_time(value: object) -> datetime | None:
+    """A stored timestamp read back tolerantly: None when it is absent or not one.
+
+    Rows written by older agents hold whatever a requester signed; reading one back must never
+    stop the daemon, a restart, ``requests list`` or the app (see :func:`_record`).
+    """
+    if not isinstance(value, str):
+        return None
+    try:
+        return parse_rfc3339(value)
+    except (ValueError, OverflowError):
+        return None
 
 
 class AuditSink(Protocol):
@@ -568,7 +582,8 @@ class RequestStore:
                 return _as_rejection(result, "rate_limited", detail)
             _insert_request(conn, _verified_row(result), now, correlation, policy.clock_skew)
         elif under_limit:
-            _insert_request(conn, _rejected_row(result), now, correlation, policy.clock_skew)
+            row = _rejected_row(result, now, policy.max_lifetime)
+            _insert_request(conn, row, now, correlation, policy.clock_skew)
         return result
 
     def get_request(self, jti: str) -> RequestRecord:
@@ -716,8 +731,14 @@ def _verified_row(req: VerifiedRequest) -> dict[str, Any]:
     }
 
 
-def _rejected_row(rej: Rejection) -> dict[str, Any]:
+def _rejected_row(rej: Rejection, now: datetime, max_lifetime: timedelta) -> dict[str, Any]:
+    """The row of a recorded rejection. ``iat``/``exp`` the verifier found unusable (mistyped,
+    outside 2000..9999) are stored as the arrival time and arrival + ``max_lifetime``: the row
+    still counts toward the rate limit and keeps the jti burnt."""
     claims = rej.claims
+    arrival = int(now.timestamp())
+    iat = rej.iat if rej.iat is not None else arrival
+    exp = rej.exp if rej.exp is not None else arrival + int(max_lifetime.total_seconds())
     window = claims.get("window")
     start = end = None
     if isinstance(window, dict):
@@ -738,8 +759,8 @@ def _rejected_row(rej: Rejection) -> dict[str, Any]:
         "legal_ref": text("legal_ref", 256),
         "case_ref": text("case", 128),
         "recipient": text("recipient", 100),
-        "iat": rej.iat,
-        "exp": rej.exp,
+        "iat": iat,
+        "exp": exp,
         "status": "rejected",
         "error": rej.error,
         "detail": rej.detail,
@@ -793,34 +814,37 @@ def _requester(row: tuple[Any, ...]) -> Requester:
 
 
 def _record(row: tuple[Any, ...]) -> RequestRecord:
-    received, updated = _from_db(row[14]), _from_db(row[24])
-    assert received is not None and updated is not None
+    """A stored row as a record, never raising: out-of-range times (rows an older agent wrote
+    from a requester's absurd ``iat``/``exp``) are clamped to 2000-01-01..9999-12-31, and
+    timestamps that do not parse read as absent (the required ones as 2000-01-01)."""
+    received, updated = _stored_time(row[14]), _stored_time(row[24])
+    clips = row[20] if isinstance(row[20], int) and not isinstance(row[20], bool) else None
     return RequestRecord(
         jti=row[0],
         requester_id=row[1],
         requester_name=row[2],
         kind=row[3],
         kid=row[4],
-        window_start=_from_db(row[5]),
-        window_end=_from_db(row[6]),
+        window_start=_stored_time(row[5]),
+        window_end=_stored_time(row[6]),
         reason=row[7],
         legal_basis=row[8],
         legal_ref=row[9],
         case=row[10],
         recipient=row[11],
-        iat=from_epoch(row[12]),
-        exp=from_epoch(row[13]),
-        received_at=received,
+        iat=clamp_epoch(row[12]),
+        exp=clamp_epoch(row[13]),
+        received_at=received or TIME_MIN,
         status=row[15],
         error=row[16],
         detail=row[17],
         channel=row[18],
-        decided_at=_from_db(row[19]),
-        clips=row[20],
-        finished_at=_from_db(row[21]),
-        correlation=row[22],
+        decided_at=_stored_time(row[19]),
+        clips=clips,
+        finished_at=_stored_time(row[21]),
+        correlation=row[22] if isinstance(row[22], bytes) else None,
         responded=row[23],
-        updated_at=updated,
+        updated_at=updated or TIME_MIN,
     )
 
 

@@ -23,18 +23,25 @@ Order of checks, first failure wins (the order is part of the design, tests pin 
    key only (``jwk``/``jku``/``x5c``/``x5u`` headers are never read) → ``bad_signature``
 7. requester revoked → rejected ``revoked`` (revoked keys cannot make a request, so this wins
    over every claim error)
-8. ``iss`` is the id enrolled for ``kid`` → ``bad_claims``
-9. ``aud``: a string equal to the device id; a different string or an array → ``wrong_audience``;
-   missing or any other type → ``bad_claims``
-10. ``iat``/``exp`` integers → ``bad_claims``; ``exp <= now`` → ``expired``; ``iat > now + skew``
-    → ``not_yet_valid``; ``exp <= iat`` → ``bad_claims``; ``exp - iat > max_lifetime`` →
-    ``lifetime_too_long``
-11. ``jti`` 16-128 of ``[A-Za-z0-9_-]`` → ``bad_claims``; already seen → ``replayed``
-12. ``window``: an object of two RFC 3339 UTC strings, ``start < end`` → ``bad_claims``;
-    ``end - start > max_window`` → ``window_too_long``; ``start < now - retention`` →
-    ``window_outside_retention``
-13. ``reason``, ``legal_basis``, ``legal_ref``, ``case``, ``recipient`` → ``bad_claims``
-14. per-requester rate limit (signed requests recorded in the last hour) → ``rate_limited``
+8. types and ranges, every one of them before any claim's value is used → ``bad_claims``:
+   ``iss`` is the id enrolled for ``kid``; ``aud`` a string or an array; ``iat`` and ``exp``
+   JSON integers (not booleans, not floats) within 2000-01-01..9999-12-31 and ``exp > iat``;
+   ``jti`` 16-128 of ``[A-Za-z0-9_-]``; ``window`` an object of two RFC 3339 UTC strings
+   within the same range, ``start < end``; ``reason``, ``legal_basis``, ``legal_ref``,
+   ``case``, ``recipient``
+9. ``aud``: an array, or a string other than the device id → ``wrong_audience``
+10. ``exp <= now`` → ``expired``; ``iat > now + skew`` → ``not_yet_valid``; ``exp - iat >
+    max_lifetime`` → ``lifetime_too_long``
+11. ``jti`` already seen → ``replayed``
+12. ``end - start > max_window`` → ``window_too_long``; ``start < now - retention`` →
+    ``window_outside_retention``; ``end > now + clock_skew`` → ``window_in_future`` (``now``
+    is when the device received the request: no standing orders for footage not yet recorded)
+13. per-requester rate limit (signed requests recorded in the last hour) → ``rate_limited``
+
+Step 8 is what makes the rest safe: nothing converts, compares, stores or does arithmetic on a
+requester's value before it has its type and a range every later step can handle (a ``datetime``
+cannot hold year 10000; SQLite cannot hold 2**70). Payloads with ``NaN``/``Infinity`` (not JSON)
+or integers too long to parse are ``bad_shape``.
 
 Cost. A flood of forgeries naming an enrolled kid pays for one Ed25519 verification each and
 little else: a header segment that passed step 3 is remembered (a flood repeats the same one),
@@ -42,8 +49,7 @@ and the signature is checked directly on the received bytes rather than through 
 library's object model. The alg allow-list above is what makes that safe: only Ed25519 ever
 runs, with the enrolled key, whatever the message says.
 
-Time validity and replay come before the content checks so that a stale or replayed message is
-named as such whatever else is wrong with it; the rate limit comes last as the contract says.
+The order of steps 8-13 is CONTRACT §3's; the rate limit comes last.
 ``exp`` gets no leeway (the contract says "in the future"); ``iat`` gets ``clock_skew``.
 """
 
@@ -58,7 +64,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeGuard, get_args
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, get_args
 
 import pyrage
 from cryptography.exceptions import InvalidSignature
@@ -67,7 +73,7 @@ from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwa import JWSAlgModel
 
-from agent.timeutil import from_epoch, parse_rfc3339, rfc3339
+from agent.timeutil import TIME_MAX, TIME_MIN, epoch_in_range, from_epoch, parse_rfc3339, rfc3339
 
 if TYPE_CHECKING:
     from agent.config import Config
@@ -99,6 +105,7 @@ ErrorCode = Literal[
     "replayed",
     "window_too_long",
     "window_outside_retention",
+    "window_in_future",
     "bad_claims",
     "rate_limited",
     "revoked",
@@ -243,7 +250,8 @@ class Rejection:
 
     ``requester_id`` is the id enrolled for the signing kid (responses go to its topic, never to
     one named by the message). ``jti`` is the claim when it is a string (for the response's
-    ``req``), well-formed or not. ``iat``/``exp`` are the claims when they are integers.
+    ``req``), well-formed or not. ``iat``/``exp`` are the claims when they are integers within
+    the contract's time range (so they can always be stored and converted).
     ``claims`` is the whole verified payload, for recording and audit.
     """
 
@@ -262,14 +270,14 @@ class Rejection:
         """Whether the store should burn the jti and keep a ``rejected`` row for it.
 
         Not for revoked keys (they can never succeed), replays (already recorded), rate-limited
-        floods (that would fill the disk), nor claims without a usable jti and expiry.
+        floods (that would fill the disk), nor claims without a well-formed jti. One whose
+        ``iat``/``exp`` are unusable is recorded with stand-ins (see ``RequestStore.admit``), so
+        that it too counts toward the rate limit and burns its jti (CONTRACT §3).
         """
         return (
             self.error not in ("revoked", "replayed", "rate_limited")
             and self.jti is not None
             and JTI_RE.fullmatch(self.jti) is not None
-            and self.iat is not None
-            and self.exp is not None
         )
 
     def audit_fields(self) -> dict[str, Any]:
@@ -383,7 +391,14 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-_DECODER: Final = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# NaN and Infinity are not JSON (RFC 8259); Python's decoder would accept them.
+_DECODER: Final = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates, parse_constant=_no_constants
+)
 
 
 def _parse_object(data: bytes, what: str, reason: UnverifiableReason) -> dict[str, Any]:
@@ -484,10 +499,14 @@ def verify_request(
     replay: ReplayView,
     policy: RequestPolicy,
     now: datetime,
+    *,
+    received: datetime | None = None,
 ) -> VerifyResult:
     """Check one request payload; never raises for any input bytes (see the module docstring).
 
-    ``now`` is an aware datetime; ``trust`` and ``replay`` are read only.
+    ``now`` is an aware datetime; ``received`` when the device received the message (default
+    ``now``; the window may end at most ``clock_skew`` after it); ``trust`` and ``replay`` are
+    read only.
     """
     try:
         tok = _split(raw, policy)
@@ -510,7 +529,7 @@ def verify_request(
     try:
         if key.revoked:
             raise _Claim("revoked", f"requester {key.requester_id} is revoked")
-        result = _check_claims(claims, key, replay, policy, now)
+        result = _check_claims(claims, key, replay, policy, now, received=received or now)
     except _Claim as claim:
         return Rejection(
             error=claim.error,
@@ -519,15 +538,11 @@ def verify_request(
             kind=key.kind,
             kid=kid,
             jti=jti if isinstance(jti, str) else None,
-            iat=iat if _is_int(iat) else None,
-            exp=exp if _is_int(exp) else None,
+            iat=iat if epoch_in_range(iat) else None,
+            exp=exp if epoch_in_range(exp) else None,
             claims=claims,
         )
     return result
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _str_claim(
@@ -547,43 +562,26 @@ def _check_claims(
     replay: ReplayView,
     policy: RequestPolicy,
     now: datetime,
+    *,
+    received: datetime,
 ) -> VerifiedRequest:
+    # Step 8: types and ranges of everything, before any value is used.
     if claims.get("iss") != key.requester_id:
         raise _Claim("bad_claims", f"iss is not {key.requester_id}, the requester enrolled for kid")
-
     aud = claims.get("aud")
-    if isinstance(aud, list):
-        raise _Claim("wrong_audience", "aud is an array; one request names one device")
-    if not isinstance(aud, str):
+    if not isinstance(aud, str | list):
         raise _Claim("bad_claims", "aud is missing or not a string")
-    if aud != policy.device_id:
-        raise _Claim("wrong_audience", "aud names another device")
-
     iat, exp = claims.get("iat"), claims.get("exp")
-    if not _is_int(iat) or not _is_int(exp):
-        raise _Claim("bad_claims", "iat and exp must be integers")
-    now_s = now.timestamp()
-    if exp <= now_s:
-        raise _Claim("expired", "exp is in the past")
-    if iat > now_s + policy.clock_skew.total_seconds():
-        raise _Claim("not_yet_valid", "iat is in the future beyond the allowed clock skew")
+    if not epoch_in_range(iat) or not epoch_in_range(exp):
+        raise _Claim(
+            "bad_claims", "iat and exp must be integers within 2000-01-01..9999-12-31"
+        )
     if exp <= iat:
         raise _Claim("bad_claims", "exp is not after iat")
-    if exp - iat > policy.max_lifetime.total_seconds():
-        raise _Claim("lifetime_too_long", "exp - iat exceeds requests.max_lifetime")
-
     jti = claims.get("jti")
     if not isinstance(jti, str) or not JTI_RE.fullmatch(jti):
         raise _Claim("bad_claims", "jti must be 16-128 characters of A-Z a-z 0-9 _ -")
-    if replay.jti_seen(jti):
-        raise _Claim("replayed", "this jti was seen before")
-
     start, end = _window(claims.get("window"))
-    if end - start > policy.max_window:
-        raise _Claim("window_too_long", "window end - start exceeds requests.max_window")
-    if start < now - policy.retention:
-        raise _Claim("window_outside_retention", "window start is older than the storage retention")
-
     reason = _str_claim(claims, "reason", 1, MAX_REASON, required=True)
     legal_basis = claims.get("legal_basis")
     if legal_basis not in LEGAL_BASES:
@@ -596,6 +594,36 @@ def _check_claims(
     if not isinstance(recipient, str) or not _is_age_recipient(recipient):
         raise _Claim("bad_claims", "recipient is not an age X25519 recipient (age1...)")
 
+    # Step 9: audience.
+    if isinstance(aud, list):
+        raise _Claim("wrong_audience", "aud is an array; one request names one device")
+    if aud != policy.device_id:
+        raise _Claim("wrong_audience", "aud names another device")
+
+    # Step 10: time validity (integers in range: the arithmetic below cannot overflow).
+    now_s = now.timestamp()
+    if exp <= now_s:
+        raise _Claim("expired", "exp is in the past")
+    if iat > now_s + policy.clock_skew.total_seconds():
+        raise _Claim("not_yet_valid", "iat is in the future beyond the allowed clock skew")
+    if exp - iat > policy.max_lifetime.total_seconds():
+        raise _Claim("lifetime_too_long", "exp - iat exceeds requests.max_lifetime")
+
+    # Step 11: replay.
+    if replay.jti_seen(jti):
+        raise _Claim("replayed", "this jti was seen before")
+
+    # Step 12: the window against the policy and the time of arrival.
+    if end - start > policy.max_window:
+        raise _Claim("window_too_long", "window end - start exceeds requests.max_window")
+    if start < now - policy.retention:
+        raise _Claim("window_outside_retention", "window start is older than the storage retention")
+    if end > received + policy.clock_skew:
+        raise _Claim(
+            "window_in_future", "window end is later than its arrival plus requests.clock_skew"
+        )
+
+    # Step 13: the rate limit.
     if replay.recent_count(key.requester_id, now - RATE_WINDOW) >= policy.rate_limit:
         raise _Claim("rate_limited", f"more than {policy.rate_limit} requests in the last hour")
 
@@ -633,6 +661,8 @@ def _window(value: object) -> tuple[datetime, datetime]:
                 bounds.append(parse_rfc3339(text))
         except (ValueError, OverflowError):
             raise _Claim("bad_claims", f"window.{name} is not a valid RFC 3339 timestamp") from None
+        if not TIME_MIN <= bounds[-1] <= TIME_MAX:
+            raise _Claim("bad_claims", f"window.{name} is outside 2000-01-01..9999-12-31")
     start, end = bounds
     if not start < end:
         raise _Claim("bad_claims", "window start must be before end")
