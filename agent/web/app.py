@@ -405,7 +405,8 @@ class WebApp:
             return self._login_page(request, exc.message, 403)
         if cookie_token is None or not tokens_equal(form_token, cookie_token):
             return self._login_page(request, "The form expired. Please try again.", 403)
-        verdict = self.limiter.check(client)
+        # Counted before the password check, atomically: parallel guesses cannot outrun the lock.
+        verdict = self.limiter.attempt(client)
         if not verdict.allowed:
             assert verdict.locked_until is not None
             wait = views.human_duration(verdict.locked_until - self.now())
@@ -420,7 +421,7 @@ class WebApp:
             if outcome.locked_until is not None or outcome.global_lock:
                 message += " Logins are now locked for a few minutes."
             return self._login_page(request, message, 401)
-        self.limiter.success(client)
+        self.limiter.success(client, verdict)
         session = self.sessions.create(version)
         response = RedirectResponse("/requests", status_code=303)
         response.set_cookie(
