@@ -32,7 +32,7 @@ from typing import Any, Final
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import FormData
+from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import (
     HTMLResponse,
@@ -58,7 +58,7 @@ from agent.errors import (
     RequestError,
     RequestNotFoundError,
 )
-from agent.keys import kid_for, parse_public_key, public_jwk
+from agent.keys import kid_for, parse_public_key_text, public_jwk
 from agent.requests.store import Requester, RequestRecord, Revocation
 from agent.requests.verify import REQUESTER_KINDS
 from agent.timeutil import format_duration, format_size, rfc3339, utcnow
@@ -785,10 +785,12 @@ class WebApp:
         )
 
     async def requester_preview(self, request: Request, session: Session) -> Response:
-        """Parse the pasted key and show its kid before the owner confirms."""
-        form = _enrol_fields(await request.form())
+        """Parse the pasted (or uploaded) key and show its kid before the owner confirms."""
+        raw = await request.form()
+        form = _enrol_fields(raw)
         try:
-            key = parse_public_key(form["key"])
+            form["key"] = await _key_text(raw)
+            key = parse_public_key_text(form["key"])
         except (KeyFileError, ValueError) as exc:
             requesters = await run_in_threadpool(self.services.requests.list_requesters)
             return self._render(
@@ -834,7 +836,7 @@ class WebApp:
 
     def _enroll(self, form: dict[str, str]) -> Requester:
         try:
-            key = parse_public_key(form["key"])
+            key = parse_public_key_text(form["key"])
         except ValueError as exc:
             raise KeyFileError(str(exc)) from exc
         return self.services.requests.add_requester(
@@ -866,24 +868,21 @@ class WebApp:
         return JSONResponse({"requesters": [views.requester_json(r) for r in requesters]})
 
     async def api_preview(self, request: Request, session: Session) -> Response:
-        """``POST /api/requesters/preview`` ``{"key": ...}``: the key's kid and JWK."""
-        body = await _json_body(request)
-        text = body.get("key")
-        if not isinstance(text, str) or not text.strip():
+        """``POST /api/requesters/preview`` ``{"key": ...}`` (or a form with the key file):
+        the key's kid and JWK. The key is its text, never a path on the device."""
+        text = (await _api_enrol_fields(request))["key"]
+        if not text:
             raise RequestError("key is required: a JWK, a PEM public key or raw base64url")
         try:
-            key = parse_public_key(text)
+            key = parse_public_key_text(text)
         except ValueError as exc:
             raise KeyFileError(str(exc)) from exc
         return JSONResponse({"kid": kid_for(key), "public_jwk": public_jwk(key)})
 
     async def api_enroll(self, request: Request, session: Session) -> Response:
-        """``POST /api/requesters`` ``{"id","name","kind","key","contact"?}``."""
-        body = await _json_body(request)
-        form = {
-            name: value.strip() if isinstance(value := body.get(name), str) else ""
-            for name in ("id", "name", "kind", "key", "contact")
-        }
+        """``POST /api/requesters`` ``{"id","name","kind","key","contact"?}`` (or the same as a
+        form, the key as text or an uploaded file)."""
+        form = await _api_enrol_fields(request)
         requester = await run_in_threadpool(self._enroll, form)
         return JSONResponse({"requester": views.requester_json(requester)}, status_code=201)
 
@@ -983,6 +982,44 @@ def _action(action: str) -> bool:
 def _enrol_fields(form: FormData) -> dict[str, str]:
     return {
         name: (_field(form, name) or "").strip()
+        for name in ("id", "name", "kind", "key", "contact")
+    }
+
+
+MAX_KEY_FILE: Final = 16 * 1024
+"""Largest uploaded key file read (a JWK or PEM public key is a few hundred bytes)."""
+
+
+async def _key_text(form: FormData) -> str:
+    """The key from an enrolment form: the pasted text (``key``) or the content of an uploaded
+    key file (``key_file``, or ``key`` sent as a file). Never a path on the device."""
+    text = (_field(form, "key") or "").strip()
+    upload = next(
+        (v for n in ("key_file", "key") if isinstance(v := form.get(n), UploadFile)), None
+    )
+    if upload is None or not upload.filename:
+        return text
+    if text:
+        raise KeyFileError("paste the key or upload its file, not both")
+    data = await upload.read(MAX_KEY_FILE + 1)
+    if len(data) > MAX_KEY_FILE:
+        raise KeyFileError("the uploaded file is too large to be a public key")
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise KeyFileError("the uploaded file is not a text key (JWK, PEM or base64url)") from None
+
+
+async def _api_enrol_fields(request: Request) -> dict[str, str]:
+    """Enrolment fields of an API call: a JSON object, or a multipart form with a key file."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form()
+        fields = _enrol_fields(form)
+        fields["key"] = await _key_text(form)
+        return fields
+    body = await _json_body(request)
+    return {
+        name: value.strip() if isinstance(value := body.get(name), str) else ""
         for name in ("id", "name", "kind", "key", "contact")
     }
 

@@ -4,14 +4,18 @@ control characters shown escaped."""
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.testclient import TestClient
 
+from agent.keys import kid_for, public_jwk
 from agent.web.auth import PasswordFile
 from tests.web.harness import PASSWORD, WebHarness
 
@@ -82,3 +86,74 @@ def test_parallel_wrong_passwords_all_count_and_the_right_one_then_does_not_clea
     # The lock holds for the right password afterwards too, until it runs out.
     assert _post(forms[9], PASSWORD).status_code == 429
     assert forms[8][0].get("/api/requests").status_code == 401
+
+
+# --- key fields: key text or an uploaded file's content, never a path on the device -------------
+
+
+def test_key_fields_refuse_paths_on_the_device_and_read_nothing(
+    web: WebHarness, tmp_path: Path
+) -> None:
+    token = web.login()
+    headers = {"x-csrf-token": token}
+    # A valid key in a file on the device: if the app read paths, these would succeed.
+    planted = Ed25519PrivateKey.generate().public_key()
+    jwk_file = tmp_path / "planted.jwk"
+    jwk_file.write_text(json.dumps(public_jwk(planted)))
+    device_key = web.state / "device.key"
+    device_kid = kid_for(web.key.public_key())
+    events_before = web.audit_events()
+    for path in ("/etc/passwd", str(device_key), str(jwk_file), "file:" + str(jwk_file)):
+        r = web.client.post("/api/requesters/preview", json={"key": path}, headers=headers)
+        assert r.status_code == 400 and "never read" in r.json()["error"], (path, r.text)
+        body = {"id": "sneaky", "name": "S", "kind": "other", "key": path}
+        r = web.client.post("/api/requesters", json=body, headers=headers)
+        assert r.status_code == 400, (path, r.text)
+        page = web.client.post(
+            "/requesters/preview",
+            data={"csrf_token": token, "id": "sneaky", "name": "S", "kind": "other", "key": path},
+        )
+        assert page.status_code == 400 and "never read" in page.text
+        for text in (r.text, page.text):
+            assert kid_for(planted) not in text and device_kid not in text
+            assert "root:" not in text
+    assert "sneaky" not in [q.id for q in web.store.list_requesters()]
+    assert web.audit_events() == events_before
+
+
+def test_key_fields_take_pasted_text_or_an_uploaded_files_content(web: WebHarness) -> None:
+    token = web.login()
+    headers = {"x-csrf-token": token}
+    key = Ed25519PrivateKey.generate().public_key()
+    jwk = json.dumps(public_jwk(key)).encode()
+    # The form: an uploaded file, previewed, then enrolled from the confirm page's hidden field.
+    page = web.client.post(
+        "/requesters/preview",
+        data={"csrf_token": token, "id": "n-1", "name": "Neighbour", "kind": "neighbor"},
+        files={"key_file": ("alice.jwk", jwk, "application/json")},
+    )
+    assert page.status_code == 200 and kid_for(key) in page.text, page.text
+    both = web.client.post(
+        "/requesters/preview",
+        data={"csrf_token": token, "id": "n-1", "name": "N", "kind": "neighbor", "key": "x"},
+        files={"key_file": ("alice.jwk", jwk, "application/json")},
+    )
+    assert both.status_code == 400 and "not both" in both.text
+    # The API: JSON key text, or a multipart form with the key file.
+    r = web.client.post(
+        "/api/requesters/preview", files={"key": ("k.jwk", jwk, "application/json")},
+        headers=headers,
+    )
+    assert r.status_code == 200 and r.json()["kid"] == kid_for(key)
+    r = web.client.post(
+        "/api/requesters",
+        data={"id": "n-2", "name": "Neighbour", "kind": "neighbor"},
+        files={"key_file": ("k.jwk", jwk, "application/json")},
+        headers=headers,
+    )
+    assert r.status_code == 201 and r.json()["requester"]["kid"] == kid_for(key)
+    big = web.client.post(
+        "/api/requesters/preview", files={"key": ("k.jwk", b"{" * 20000, "text/plain")},
+        headers=headers,
+    )
+    assert big.status_code == 400 and "too large" in big.json()["error"]
