@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from agent import __version__
+from agent.display import visible
 from agent.errors import AgentError
 
 PROG = "doorbell-agent"
@@ -60,15 +61,22 @@ def report_error(prog: str, exc: AgentError) -> int:
     return exc.exit_code
 
 
+class VisibleFormatter(logging.Formatter):
+    """Log lines whose message cannot forge another line or reorder itself: requester text
+    quoted in a message (a jti, a reason) has its newlines and bidi controls escaped."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = visible(record.message)
+        return super().formatMessage(record)
+
+
 def run_program(parser: argparse.ArgumentParser, prog: str, argv: Sequence[str] | None) -> int:
     """Parse ``argv``, set up logging and run the chosen handler, turning AgentError into the
     contract's error output; shared by ``doorbell-agent`` and ``doorbell-request``."""
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(VisibleFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     try:
         result: int = args.func(args)
     except AgentError as exc:

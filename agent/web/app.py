@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
@@ -48,6 +49,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__
 from agent.audit import AuditEntry, VerifyResult, read_entries
+from agent.display import visible
 from agent.errors import (
     AgentError,
     ApprovalError,
@@ -197,7 +199,11 @@ class WebApp:
             undefined=StrictUndefined,
             trim_blocks=True,
             lstrip_blocks=True,
+            # Every string shown goes through visible(): requester text cannot hide, reorder
+            # (bidi controls) or break lines; only |verbatim values (key text) keep theirs.
+            finalize=_finalize,
         )
+        env.filters["verbatim"] = Verbatim
         env.filters["when"] = lambda d: views.human_time(d, self.tz)
         env.filters["day"] = views.human_day
         env.filters["duration"] = views.human_duration
@@ -960,6 +966,17 @@ class WebApp:
 
 
 # ---------------------------------------------------------------------- small helpers
+
+
+class Verbatim(str):
+    """A string a template shows as it is (autoescaped for HTML, but newlines kept): the
+    owner's own key text and its JWK, never requester text."""
+
+
+def _finalize(value: object) -> object:
+    if isinstance(value, str) and not isinstance(value, (Verbatim, Markup)):
+        return visible(value)
+    return value
 
 
 def _client(request: Request) -> str:

@@ -4,7 +4,9 @@ control characters shown escaped."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import re
 import threading
 import time
@@ -12,9 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
+import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.testclient import TestClient
 
+from agent.cli import VisibleFormatter
+from agent.cli import main as agent_main
 from agent.keys import kid_for, public_jwk
 from agent.web.auth import PasswordFile
 from tests.web.harness import PASSWORD, WebHarness
@@ -157,3 +163,60 @@ def test_key_fields_take_pasted_text_or_an_uploaded_files_content(web: WebHarnes
         headers=headers,
     )
     assert big.status_code == 400 and "too large" in big.json()["error"]
+
+
+# --- requester text: bidi and control characters shown escaped ------------------------------------
+
+RLO = "\u202e"
+TRICK = f"parcel {RLO}gnissim\nFORGED: approved by owner"
+SHOWN = "parcel \\u202egnissim\\nFORGED: approved by owner"
+
+
+def test_bidi_and_control_characters_in_requester_text_are_shown_escaped(
+    web: WebHarness,
+) -> None:
+    token = web.login()
+    web.submit_request(TRICK, case=f"C-{RLO}1\n2", legal_ref=f"W-{RLO}9")
+    # A jti like this is rejected (bad_claims) but still named in the request log.
+    web.audit.append("request_rejected", jti=f"abc{RLO}def\nghijklmnop", error="bad_claims")
+    body = {"id": "n-1", "name": f"Nice {RLO}rohgien", "kind": "neighbor",
+            "key": json.dumps(public_jwk(Ed25519PrivateKey.generate().public_key()))}
+    r = web.client.post("/api/requesters", json=body, headers={"x-csrf-token": token})
+    assert r.status_code == 400 and "printable" in r.json()["error"]  # names never hold them
+    pages = {
+        path: web.client.get(path).text
+        for path in ("/requests", "/requests/fragment", "/audit", "/requesters")
+    }
+    for path, page in pages.items():
+        assert RLO not in page, path
+    assert SHOWN in pages["/requests"] and SHOWN in pages["/requests/fragment"]
+    assert "C-\\u202e1\\n2" in pages["/requests"] and "W-\\u202e9" in pages["/requests"]
+    assert "abc\\u202edef\\nghijklmnop" in pages["/audit"]
+    # The JSON API keeps the text exactly (JSON escapes what needs escaping).
+    api = web.client.get("/api/requests?status=pending").json()
+    assert api["requests"][0]["reason"] == TRICK
+
+
+def test_cli_listings_and_logs_show_requester_text_escaped(
+    web: WebHarness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    web.submit_request(TRICK)
+    web.audit.append("request_rejected", jti=f"abc{RLO}def\nghijklmnop", error="bad_claims")
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump(web.cfg.model_dump(mode="json", exclude_none=True)))
+    for args in (["requests", "list"], ["pending"], ["audit", "show"]):
+        assert agent_main(["--config", str(config), *args]) == 0
+    out = capsys.readouterr().out
+    assert RLO not in out and "FORGED" not in out.replace(SHOWN, "")
+    assert SHOWN in out and "abc\\u202edef\\nghijklmnop" in out
+    # Log lines quoting requester text stay one line each.
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(VisibleFormatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger("test.visible")
+    logger.addHandler(handler)
+    try:
+        logger.warning("rejected request %s", f"abc{RLO}def\nWARNING forged")
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue() == "WARNING rejected request abc\\u202edef\\nWARNING forged\n"
