@@ -23,6 +23,7 @@ from agent.cli import VisibleFormatter
 from agent.cli import main as agent_main
 from agent.keys import kid_for, public_jwk
 from agent.web.auth import PasswordFile
+from agent.web.server import snapshot_items
 from tests.web.harness import PASSWORD, WebHarness
 
 
@@ -220,3 +221,21 @@ def test_cli_listings_and_logs_show_requester_text_escaped(
     finally:
         logger.removeHandler(handler)
     assert stream.getvalue() == "WARNING rejected request abc\\u202edef\\nWARNING forged\n"
+
+
+def test_status_page_item_says_when_another_client_uses_the_client_id() -> None:
+    conflict = {
+        "client_id": "doorbell-agent-front-door", "conflicts": 3,
+        "last": "2026-12-06T17:00:00Z", "detail": "another client probably uses this client id",
+    }
+    stats = {"connected": False, "received": 0, "client_id_conflict": conflict}
+    items = snapshot_items({"workers": {"requests": {"state": "running", "stats": stats}}})
+    assert [i.label for i in items] == ["MQTT"]
+    assert items[0].value.startswith(
+        "ANOTHER CLIENT USES THIS CLIENT ID (doorbell-agent-front-door)"
+    )
+    assert items[0].ok is False
+    calm = snapshot_items(
+        {"workers": {"requests": {"state": "running", "stats": {"connected": True}}}}
+    )
+    assert calm[0].ok is True and "ANOTHER" not in calm[0].value
