@@ -175,22 +175,29 @@ class TakeoverGuard:
         """A CONNACK accepted us at ``now``."""
         self._up_since = now
 
-    def disconnected(self, reason: int, now: float) -> float | None:
-        """The connection ended at ``now`` with MQTT reason code ``reason``; returns the seconds
-        to wait before reconnecting, or None for the normal reconnect policy."""
+    def disconnected(
+        self, reason: int, now: float, *, from_server: bool = False
+    ) -> float | None:
+        """The connection ended at ``now`` with MQTT reason code ``reason`` (``from_server``:
+        the broker sent a DISCONNECT saying so); returns the seconds to wait before
+        reconnecting, or None for the normal reconnect policy."""
         lasted = None if self._up_since is None else now - self._up_since
         self._up_since = None
-        stable = lasted is not None and lasted >= 2 * self.limit
-        if stable:
+        if lasted is not None and lasted >= 2 * self.limit:
             self.streak = 0
             self._quick = 0
-        if reason != SESSION_TAKEN_OVER and not (self.streak and not stable):
-            if lasted is None or lasted >= self.quick:
+        if reason != SESSION_TAKEN_OVER:
+            if from_server:
+                # The broker said why (shutting down, keep-alive, ...), and it was not us.
                 self._quick = 0
                 return None
-            self._quick += 1
-            if self._quick < self.quick_drops:
-                return None
+            if not self.streak:
+                if lasted is None or lasted >= self.quick:
+                    self._quick = 0
+                    return None
+                self._quick += 1
+                if self._quick < self.quick_drops:
+                    return None
         self.conflicts += 1
         self.streak += 1
         return min(self.base * 2.0 ** min(self.streak - 1, 30), self.limit)
@@ -605,7 +612,7 @@ class MQTTClient:
         self,
         _client: paho.Client,
         _userdata: Any,
-        _flags: paho.DisconnectFlags,
+        flags: paho.DisconnectFlags,
         reason: ReasonCode,
         _props: Properties | None,
     ) -> None:
@@ -613,7 +620,9 @@ class MQTTClient:
         self.stats.disconnects += 1
         if self._closing.is_set():
             return
-        wait = self._guard.disconnected(reason.value, self._monotonic())
+        wait = self._guard.disconnected(
+            reason.value, self._monotonic(), from_server=flags.is_disconnect_packet_from_server
+        )
         if wait is None:
             if self.reconnect_wait is not None:
                 self.reconnect_wait = None

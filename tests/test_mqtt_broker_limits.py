@@ -65,6 +65,9 @@ def test_takeover_guard_spots_repeated_immediate_drops_without_a_reason() -> Non
     assert guard.disconnected(0x80, t + 200.0) is None  # a long connection ends the series
     guard.connected(t)
     assert guard.disconnected(0x80, t + 0.5) is None  # quick drops must add up again
+    for _ in range(5):  # a broker that says why it drops us (here: shutting down) is believed
+        guard.connected(t)
+        assert guard.disconnected(0x8B, t + 0.5, from_server=True) is None
 
 
 # --- client id ----------------------------------------------------------------------------------
