@@ -246,7 +246,6 @@ class MQTTClient:
         outbox_size: int = 256,
         reconnect_min: int = 1,
         reconnect_max: int = 60,
-        takeover_guard: TakeoverGuard | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         now: Callable[[], datetime] = utcnow,
     ) -> None:
@@ -256,7 +255,7 @@ class MQTTClient:
         self._maximum_packet_size = maximum_packet_size
         self._reconnect_min = reconnect_min
         self._reconnect_max = reconnect_max
-        self._guard = takeover_guard or TakeoverGuard(base=max(2.0, float(reconnect_min)))
+        self._guard = TakeoverGuard(base=max(2.0, float(reconnect_min)))
         self.reconnect_wait: float | None = None
         """Seconds waited before the next reconnect while another client uses our client id
         (None: the normal reconnect policy)."""
