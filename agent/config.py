@@ -202,7 +202,11 @@ class MQTTConfig(_Strict):
         le=timedelta(days=30),
         description="how long the broker keeps our session (and queued requests) while offline",
     )
-    client_id: str | None = Field(None, max_length=128, description="default doorbell-agent-<id>")
+    client_id: str | None = Field(
+        None,
+        max_length=128,
+        description="default doorbell-agent-<id>-<random suffix made at init, in the state dir>",
+    )
 
 
 class RequestsConfig(_Strict):

@@ -57,6 +57,7 @@ from agent.keys import load_device_key
 from agent.requests.service import RequestsWorker, requests_worker
 from agent.requests.store import RequestStore
 from agent.sdnotify import Notifier, Watchdog
+from agent.statelock import StateLock
 from agent.timeutil import rfc3339, utcnow
 from agent.vault import Space, Vault
 from agent.web.server import app_worker
@@ -532,11 +533,14 @@ def run_daemon(
     """Open the state, build the workers, run until SIGTERM/SIGINT (or ``stop``).
 
     Audits ``agent_started`` before any worker runs and ``agent_stopped`` after all have
-    finished. Raises AgentError when the state cannot be opened or a worker cannot be built.
+    finished. Raises AgentError when the state cannot be opened or a worker cannot be built,
+    and StateLockedError, before anything is touched, while another run holds ``state_dir``.
     """
     stop = stop or threading.Event()
     state_dir = cfg.state_dir
     with contextlib.ExitStack() as resources:
+        # First of all: a second agent must not touch the broker, camera, app or logs.
+        resources.enter_context(StateLock(state_dir))
         notifier = resources.enter_context(Notifier.from_env())
         key = load_device_key(state_dir)
         audit = resources.enter_context(AuditLog(state_dir / AUDIT_FILE, key))

@@ -58,6 +58,10 @@ class StateError(AgentError):
     exit_code = 2
 
 
+class StateLockedError(AgentError):
+    """Another ``doorbell-agent run`` holds the state directory (contract §8: exit status 1)."""
+
+
 class KeyFileError(AgentError):
     """A key file is malformed or of the wrong type."""
 

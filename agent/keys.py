@@ -157,25 +157,45 @@ def create_device_keys(state_dir: Path) -> Ed25519PrivateKey:
     return key
 
 
+PATH_PREFIXES = ("/", "~", "./", "../", "file:")
+"""How a file name starts, as opposed to key text (JWK ``{``, PEM ``-----``, base64url)."""
+
+
 def parse_public_key(value: str | Path) -> Ed25519PublicKey:
     """An Ed25519 public key from a JWK (JSON file or string), a PEM file, or raw base64url.
 
-    A string naming an existing file is read; otherwise it is parsed as the key itself.
+    A string naming an existing file is read; otherwise it is parsed as the key itself. For the
+    owner's command line only: the local app uses :func:`parse_public_key_text`, which never
+    reads a file.
     """
-    text: str
     source = str(value)
     path = Path(value)
     try:
         is_file = len(source) < 4096 and path.is_file()
     except OSError:
         is_file = False
-    if is_file:
-        try:
-            text = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise KeyFileError(f"cannot read key file {path}: {exc}") from None
-    else:
-        text = source.strip()
+    if not is_file:
+        if source.strip().startswith(PATH_PREFIXES):
+            raise KeyFileError(f"no key file {source.strip()}")
+        return parse_public_key_text(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"cannot read key file {path}: {exc}") from None
+    return parse_public_key_text(text)
+
+
+def parse_public_key_text(text: str) -> Ed25519PublicKey:
+    """An Ed25519 public key from its text: a JWK, a PEM public key, or raw base64url.
+
+    Never touches the file system: text that looks like a path is refused as such.
+    """
+    text = text.strip()
+    if text.startswith(PATH_PREFIXES):
+        raise KeyFileError(
+            "that looks like a file name; give the key itself (paste it, or upload the key "
+            "file): files on the device are never read"
+        )
     if text.startswith("{"):
         return _from_jwk(text)
     if text.startswith("-----BEGIN"):

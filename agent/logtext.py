@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import logging
 
+from agent.display import visible
+
 
 def one_line(value: object, limit: int | None = None) -> str:
     """``value`` (``repr`` unless a string) as printable text on one line, cut to ``limit``
-    characters first when given: ``\\n``, ``\\x1b``, ``\\u202e`` and the like become escapes."""
+    characters first when given: ``\\n``, ``\\x1b``, ``\\u202e`` and the like become escapes
+    (:func:`agent.display.visible`, the same form the app and the listings show)."""
     text = value if isinstance(value, str) else repr(value)
     if limit is not None:
         text = text[:limit]
-    if text.isprintable():
-        return text
-    return "".join(
-        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
-    )
+    return visible(text)
 
 
 class OneLineFormatter(logging.Formatter):

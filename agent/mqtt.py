@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -39,6 +40,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.config import MQTTConfig
 from agent.errors import ConfigError, MQTTError
 from agent.keys import check_secret
+from agent.timeutil import rfc3339, utcnow
 
 log = logging.getLogger(__name__)
 paho_log = logging.getLogger("agent.mqtt.paho")
@@ -62,6 +64,17 @@ def _paho_log(_client: paho.Client, _userdata: Any, level: int, message: str) ->
         paho_log.debug("%s", message)
         return
     paho_log.log(_PAHO_LEVELS.get(level, logging.DEBUG), "%s", message)
+
+SESSION_TAKEN_OVER = 0x8E
+"""MQTT v5 DISCONNECT reason: another client connected with our client id."""
+QUICK_DROP = 5.0
+"""Seconds: a connection lost this soon after its CONNACK counts as an immediate drop."""
+QUICK_DROPS = 3
+"""Immediate drops in a row (without a reason code saying why) that suggest a client-id clash."""
+TAKEOVER_BACKOFF_MAX = 300.0
+"""Longest wait, in seconds, before reconnecting while another client uses our client id."""
+CONFLICT_MEMORY = timedelta(hours=1)
+"""How long ``status`` keeps saying "another client uses this client id" after the last sign."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +165,63 @@ class MQTTStats:
     publish_failures: int = 0
 
 
+@dataclass
+class TakeoverGuard:
+    """Spots two clients fighting over one client id and says how long to wait before the next
+    reconnect. Pure: the caller passes monotonic seconds.
+
+    Two agents with one client id (a copied config) knock each other off the broker as soon as
+    either reconnects. A broker may say so (MQTT v5 DISCONNECT reason 0x8E, Session taken
+    over); mosquitto 2.0 only closes the socket, which shows as connections dropped soon after
+    their CONNACK, ``quick_drops`` times in a row. Once a series has started, every loss of a
+    connection shorter than ``2 * limit`` continues it (the other client came back). Each sign
+    doubles the wait, from ``base`` up to ``limit``, so the pair stops flapping every second;
+    a connection that lasts ``2 * limit`` (longer than the other client can stay away) ends
+    the series and the normal reconnect policy returns.
+    """
+
+    base: float = 2.0
+    limit: float = TAKEOVER_BACKOFF_MAX
+    quick: float = QUICK_DROP
+    quick_drops: int = QUICK_DROPS
+    conflicts: int = 0
+    """Disconnects taken as another client using our client id, ever."""
+    streak: int = 0
+    _quick: int = 0
+    _up_since: float | None = None
+
+    def connected(self, now: float) -> None:
+        """A CONNACK accepted us at ``now``."""
+        self._up_since = now
+
+    def disconnected(
+        self, reason: int, now: float, *, from_server: bool = False
+    ) -> float | None:
+        """The connection ended at ``now`` with MQTT reason code ``reason`` (``from_server``:
+        the broker sent a DISCONNECT saying so); returns the seconds to wait before
+        reconnecting, or None for the normal reconnect policy."""
+        lasted = None if self._up_since is None else now - self._up_since
+        self._up_since = None
+        if lasted is not None and lasted >= 2 * self.limit:
+            self.streak = 0
+            self._quick = 0
+        if reason != SESSION_TAKEN_OVER:
+            if from_server:
+                # The broker said why (shutting down, keep-alive, ...), and it was not us.
+                self._quick = 0
+                return None
+            if not self.streak:
+                if lasted is None or lasted >= self.quick:
+                    self._quick = 0
+                    return None
+                self._quick += 1
+                if self._quick < self.quick_drops:
+                    return None
+        self.conflicts += 1
+        self.streak += 1
+        return min(self.base * 2.0 ** min(self.streak - 1, 30), self.limit)
+
+
 def read_password_file(path: Path) -> str:
     """The broker password: the first line of ``path``, which must be private (0600)."""
     if not path.is_file():
@@ -192,15 +262,29 @@ class MQTTClient:
         persistent: bool = False,
         manual_ack: bool = False,
         receive_maximum: int | None = None,
+        maximum_packet_size: int | None = None,
         max_inflight: int = 16,
         outbox_size: int = 256,
         reconnect_min: int = 1,
         reconnect_max: int = 60,
         fail_fast: bool = False,
+        monotonic: Callable[[], float] = time.monotonic,
+        now: Callable[[], datetime] = utcnow,
     ) -> None:
         self.settings = settings
         self.client_id = client_id
         self.stats = MQTTStats()
+        self._maximum_packet_size = maximum_packet_size
+        self._reconnect_min = reconnect_min
+        self._reconnect_max = reconnect_max
+        self._guard = TakeoverGuard(base=max(2.0, float(reconnect_min)))
+        self.reconnect_wait: float | None = None
+        """Seconds waited before the next reconnect while another client uses our client id
+        (None: the normal reconnect policy)."""
+        self._monotonic = monotonic
+        self._now = now
+        self._conflict_at: datetime | None = None
+        self._conflict_kind: str | None = None
         self._subscriptions = tuple(subscriptions)
         self._handler = on_message
         self._connect_hook = on_connect
@@ -282,6 +366,10 @@ class MQTTClient:
         if self._receive_maximum is not None:
             # The broker sends at most this many unacknowledged QoS 1 messages at once.
             props.ReceiveMaximum = self._receive_maximum
+        if self._maximum_packet_size is not None:
+            # The broker then drops (and never sends us) anything larger: an oversize message
+            # costs us nothing, not even the memory to read it and throw it away.
+            props.MaximumPacketSize = self._maximum_packet_size
         self._client.connect_async(
             self.settings.host,
             self.settings.port,
@@ -311,6 +399,19 @@ class MQTTClient:
     def wait_connected(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for a connection; says whether there is one."""
         return self._connected.wait(timeout)
+
+    def client_id_conflict(self) -> dict[str, Any] | None:
+        """When another client recently used our client id (within CONFLICT_MEMORY): what was
+        seen, for ``doorbell-agent status`` and the app (never for the retained MQTT status)."""
+        at, kind = self._conflict_at, self._conflict_kind
+        if at is None or kind is None or self._now() - at > CONFLICT_MEMORY:
+            return None
+        return {
+            "client_id": self.client_id,
+            "conflicts": self._guard.conflicts,
+            "last": rfc3339(at),
+            "detail": kind,
+        }
 
     def wait_ready(self, timeout: float) -> None:
         """Wait until connected and every subscription is acknowledged.
@@ -499,6 +600,7 @@ class MQTTClient:
         self._down_reported = False
         self._generation += 1
         self.stats.connects += 1
+        self._guard.connected(self._monotonic())
         self._connected.set()
         log.info(
             "connected to MQTT broker %s:%s as %s (session present: %s)",
@@ -560,15 +662,46 @@ class MQTTClient:
         self,
         _client: paho.Client,
         _userdata: Any,
-        _flags: paho.DisconnectFlags,
+        flags: paho.DisconnectFlags,
         reason: ReasonCode,
         _props: Properties | None,
     ) -> None:
         self._connected.clear()
         self.stats.disconnects += 1
-        if not self._closing.is_set():
-            self._down_reported = True  # the failed reconnects that follow are the same outage
+        if self._closing.is_set():
+            return
+        self._down_reported = True  # the failed reconnects that follow are the same outage
+        wait = self._guard.disconnected(
+            reason.value, self._monotonic(), from_server=flags.is_disconnect_packet_from_server
+        )
+        if wait is None:
+            if self.reconnect_wait is not None:
+                self.reconnect_wait = None
+                self._client.reconnect_delay_set(self._reconnect_min, self._reconnect_max)
             log.warning("lost the MQTT connection (%s); reconnecting", reason.getName())
+            return
+        self.reconnect_wait = wait
+        # paho waits min_delay before the next attempt (its delay was reset by our CONNACK).
+        self._client.reconnect_delay_set(int(wait), max(int(wait), self._reconnect_max))
+        if reason.value == SESSION_TAKEN_OVER:
+            kind = (
+                f"another MQTT client connected with this client id ({self.client_id}) and the "
+                "broker handed it our session (reason: Session taken over)"
+            )
+        else:
+            kind = (
+                f"the broker keeps dropping our connection right after it accepts it "
+                f"({reason.getName()}); another client probably uses this client id "
+                f"({self.client_id})"
+            )
+        self._conflict_kind = kind
+        self._conflict_at = self._now()
+        log.error(
+            "%s; waiting %d s before reconnecting. Two agents (a copied config or state "
+            "directory?) must not share one client id: give each its own mqtt.client_id, or "
+            "bind client ids to broker accounts (see config/mosquitto.example.conf)",
+            kind, int(wait),
+        )
 
     def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
         self.stats.received += 1

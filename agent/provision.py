@@ -24,6 +24,8 @@ APP_PASSWORD = "app-password"  # noqa: S105 (a file name, not a password)
 TLS_DIR = "tls"
 TLS_CERT = "cert.pem"
 TLS_KEY = "key.pem"
+CLIENT_ID_SUFFIX = "mqtt-client-id-suffix"
+"""The random part of the device's default MQTT client id (contract §2)."""
 
 
 @dataclass(frozen=True)
@@ -53,10 +55,54 @@ def initialise(state_dir: Path, device_id: str, *, now: datetime) -> InitResult:
                 "move the state directory away to start over",
             )
     key = create_device_keys(state_dir)
+    client_id_suffix(state_dir)
     password = new_app_password()
     write_secret(state_dir / APP_PASSWORD, hash_password(password).encode("ascii"))
     fingerprint = make_tls_certificate(state_dir / TLS_DIR, device_id, now=now)
     return InitResult(state_dir, kid_for(key.public_key()), password, fingerprint)
+
+
+def client_id_suffix(state_dir: Path, *, create: bool = True) -> str | None:
+    """The state directory's client-id suffix: 20 random hex digits (80 bits), made once.
+
+    ``init`` makes it; a state directory made before it existed gets one on first use, kept from
+    then on (O_EXCL: two processes racing to make it end up with the same one). With ``create``
+    False a missing suffix is None (for read-only commands such as ``status``).
+    """
+    path = state_dir / CLIENT_ID_SUFFIX
+    if not create and not path.exists():
+        return None
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        text = path.read_text(encoding="ascii").strip()
+        if len(text) == 20 and all(c in "0123456789abcdef" for c in text):
+            return text
+        raise StateError(
+            f"{path} is not a client-id suffix (20 hex digits)",
+            hint="delete it; the agent then makes a new one",
+        ) from None
+    suffix = secrets.token_hex(10)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(suffix + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return suffix
+
+
+def device_client_id(state_dir: Path, device_id: str) -> str:
+    """The device's default MQTT client id, ``doorbell-agent-D-SUFFIX``: no other broker user
+    can guess it and take over the device's session."""
+    return f"doorbell-agent-{device_id}-{client_id_suffix(state_dir)}"
+
+
+def configured_client_id(state_dir: Path, device_id: str, configured: str | None) -> str | None:
+    """The client id ``run`` uses (``mqtt.client_id`` or the default), without making a suffix:
+    None when the default's suffix does not exist yet."""
+    if configured is not None:
+        return configured
+    suffix = client_id_suffix(state_dir, create=False)
+    return None if suffix is None else f"doorbell-agent-{device_id}-{suffix}"
 
 
 def new_app_password() -> str:

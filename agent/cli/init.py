@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from agent.cli.common import load_config
-from agent.provision import initialise
+from agent.provision import configured_client_id, initialise
 from agent.timeutil import utcnow
 
 
@@ -26,4 +26,6 @@ def handler(args: argparse.Namespace) -> int:
     print(f"device key id (kid): {result.kid}")
     print(f"local app password (shown once, write it down): {result.app_password}")
     print(f"local app TLS certificate SHA-256 fingerprint: {result.tls_fingerprint}")
+    client_id = configured_client_id(cfg.state_dir, cfg.device_id, cfg.mqtt.client_id)
+    print(f"MQTT client id: {client_id} (bind it to the device's broker account)")
     return 0

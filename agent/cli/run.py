@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="run the agent: camera, motion recording into the vault, requests and approvals",
         description="Run the agent until SIGTERM or SIGINT (Ctrl-C); the open clip is finished "
         "cleanly. Supports systemd Type=notify (READY=1, STOPPING=1, watchdog). Writes a "
-        "status snapshot to status.json in the state directory every few seconds.",
+        "status snapshot to status.json in the state directory every few seconds. Refuses to "
+        "start (exit 1, naming the other process) while another run holds the state directory.",
     )
     p.set_defaults(func=handler)
 

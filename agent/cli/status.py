@@ -14,7 +14,7 @@ from agent.cli.common import add_json_flag, load_config, print_json, require_ini
 from agent.config import Config
 from agent.daemon import AUDIT_FILE, STATUS_FILE, STATUS_INTERVAL
 from agent.keys import kid_for, load_device_key, public_jwk
-from agent.provision import TLS_CERT, TLS_DIR, certificate_fingerprint
+from agent.provision import TLS_CERT, TLS_DIR, certificate_fingerprint, configured_client_id
 from agent.requests.store import RequestStore
 from agent.timeutil import format_duration, format_size, parse_rfc3339, utcnow
 from agent.vault import Vault
@@ -102,11 +102,22 @@ def collect(cfg: Config, *, now: datetime) -> dict[str, Any]:
             "broker": f"{cfg.mqtt.host}:{cfg.mqtt.port}",
             "tls": cfg.mqtt.tls.enabled,
             "topic_prefix": cfg.mqtt.topic_prefix,
+            "client_id": configured_client_id(state_dir, cfg.device_id, cfg.mqtt.client_id),
+            "client_id_conflict": client_id_conflict(snapshot),
         },
     }
 
 
 _SHOWN_ELSEWHERE = frozenset({"stored_bytes", "free_bytes", "reserve_bytes", "storage"})
+
+
+def client_id_conflict(snapshot: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the running agent saw of another MQTT client using its client id, if anything."""
+    workers = snapshot.get("workers") if snapshot else None
+    requests = workers.get("requests") if isinstance(workers, dict) else None
+    stats = requests.get("stats") if isinstance(requests, dict) else None
+    conflict = stats.get("client_id_conflict") if isinstance(stats, dict) else None
+    return conflict if isinstance(conflict, dict) else None
 
 
 def _worker_lines(snapshot: dict[str, Any] | None) -> list[str]:
@@ -182,6 +193,17 @@ def handler(args: argparse.Namespace) -> int:
     )
     print(f"requests pending: {doc['requests']['pending']}")
     print(f"audit head: seq {audit['seq']}" + (f" hash {audit['hash']}" if audit["hash"] else ""))
-    print(f"mqtt: {doc['mqtt']['broker']}" + (" (TLS)" if doc["mqtt"]["tls"] else ""))
+    mqtt = doc["mqtt"]
+    print(
+        f"mqtt: {mqtt['broker']}" + (" (TLS)" if mqtt["tls"] else "")
+        + (f", client id {mqtt['client_id']}" if mqtt["client_id"] else "")
+    )
+    conflict = mqtt["client_id_conflict"]
+    if conflict:
+        print(
+            f"MQTT CLIENT ID CONFLICT: another client uses this client id: {conflict['detail']} "
+            f"(last {conflict['last']}, seen {conflict['conflicts']} times); the agent "
+            "backs off between reconnects. Give each agent its own mqtt.client_id."
+        )
     print(clock.status_text(clock.clock_state()))
     return 0

@@ -107,6 +107,7 @@ from agent.errors import AgentError, AuditWriteError, MQTTError, RequestNotFound
 from agent.keys import sign_jws
 from agent.logtext import one_line
 from agent.mqtt import BoundedPublisher, InboundMessage, MQTTClient, Topics
+from agent.provision import device_client_id
 from agent.release.manifest import RESPONSE_TYP
 from agent.requests.store import RequestRecord, RequestStore
 from agent.requests.verify import (
@@ -1092,7 +1093,7 @@ class RequestsWorker:
         )
         self.client = MQTTClient(
             cfg.mqtt,
-            client_id=cfg.mqtt.client_id or f"doorbell-agent-{cfg.device_id}",
+            client_id=cfg.mqtt.client_id or device_client_id(cfg.state_dir, cfg.device_id),
             subscriptions=[self.topics.requests],
             on_message=self.service.on_message,
             on_connect=self.announcer.connected,
@@ -1100,6 +1101,7 @@ class RequestsWorker:
             persistent=True,
             manual_ack=True,
             receive_maximum=self.service.receive_maximum,
+            maximum_packet_size=cfg.requests.max_bytes + 1024,
             # Room for a full delivery window plus responses and announcements.
             max_inflight=cfg.delivery.max_inflight + 8,
         )
@@ -1153,6 +1155,8 @@ class RequestsWorker:
             "responses": s.responses,
             "audit_failures": s.audit_failures,
             "failures": s.failures,
+            "client_id": self.client.client_id,
+            "client_id_conflict": self.client.client_id_conflict(),
         }
 
     def close(self) -> None:

@@ -31,9 +31,10 @@ from typing import Any, Final
 from urllib.parse import urlencode
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import FormData
+from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import (
     HTMLResponse,
@@ -49,6 +50,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__, report
 from agent.audit import AuditEntry, VerifyResult, read_entries
+from agent.display import visible
 from agent.errors import (
     AgentError,
     ApprovalError,
@@ -59,7 +61,7 @@ from agent.errors import (
     RequestError,
     RequestNotFoundError,
 )
-from agent.keys import kid_for, parse_public_key, public_jwk
+from agent.keys import kid_for, parse_public_key_text, public_jwk
 from agent.report import Report
 from agent.requests.store import Requester, RequestRecord, Revocation
 from agent.requests.verify import REQUESTER_KINDS
@@ -199,7 +201,11 @@ class WebApp:
             undefined=StrictUndefined,
             trim_blocks=True,
             lstrip_blocks=True,
+            # Every string shown goes through visible(): requester text cannot hide, reorder
+            # (bidi controls) or break lines; only |verbatim values (key text) keep theirs.
+            finalize=_finalize,
         )
+        env.filters["verbatim"] = Verbatim
         env.filters["when"] = lambda d: views.human_time(d, self.tz)
         env.filters["day"] = views.human_day
         env.filters["time_of_day"] = lambda d: d.astimezone(self.tz).strftime("%H:%M:%S %Z")
@@ -420,7 +426,8 @@ class WebApp:
             return self._login_page(request, exc.message, 403)
         if cookie_token is None or not tokens_equal(form_token, cookie_token):
             return self._login_page(request, "The form expired. Please try again.", 403)
-        verdict = self.limiter.check(client)
+        # Counted before the password check, atomically: parallel guesses cannot outrun the lock.
+        verdict = self.limiter.attempt(client)
         if not verdict.allowed:
             assert verdict.locked_until is not None
             wait = views.human_duration(verdict.locked_until - self.now())
@@ -435,7 +442,7 @@ class WebApp:
             if outcome.locked_until is not None or outcome.global_lock:
                 message += " Logins are now locked for a few minutes."
             return self._login_page(request, message, 401)
-        self.limiter.success(client)
+        self.limiter.success(client, verdict)
         session = self.sessions.create(version)
         response = RedirectResponse("/requests", status_code=303)
         response.set_cookie(
@@ -823,10 +830,12 @@ class WebApp:
         )
 
     async def requester_preview(self, request: Request, session: Session) -> Response:
-        """Parse the pasted key and show its kid before the owner confirms."""
-        form = _enrol_fields(await request.form())
+        """Parse the pasted (or uploaded) key and show its kid before the owner confirms."""
+        raw = await request.form()
+        form = _enrol_fields(raw)
         try:
-            key = parse_public_key(form["key"])
+            form["key"] = await _key_text(raw)
+            key = parse_public_key_text(form["key"])
         except (KeyFileError, ValueError) as exc:
             requesters = await run_in_threadpool(self.services.requests.list_requesters)
             return self._render(
@@ -872,7 +881,7 @@ class WebApp:
 
     def _enroll(self, form: dict[str, str]) -> Requester:
         try:
-            key = parse_public_key(form["key"])
+            key = parse_public_key_text(form["key"])
         except ValueError as exc:
             raise KeyFileError(str(exc)) from exc
         return self.services.requests.add_requester(
@@ -904,24 +913,21 @@ class WebApp:
         return JSONResponse({"requesters": [views.requester_json(r) for r in requesters]})
 
     async def api_preview(self, request: Request, session: Session) -> Response:
-        """``POST /api/requesters/preview`` ``{"key": ...}``: the key's kid and JWK."""
-        body = await _json_body(request)
-        text = body.get("key")
-        if not isinstance(text, str) or not text.strip():
+        """``POST /api/requesters/preview`` ``{"key": ...}`` (or a form with the key file):
+        the key's kid and JWK. The key is its text, never a path on the device."""
+        text = (await _api_enrol_fields(request))["key"]
+        if not text:
             raise RequestError("key is required: a JWK, a PEM public key or raw base64url")
         try:
-            key = parse_public_key(text)
+            key = parse_public_key_text(text)
         except ValueError as exc:
             raise KeyFileError(str(exc)) from exc
         return JSONResponse({"kid": kid_for(key), "public_jwk": public_jwk(key)})
 
     async def api_enroll(self, request: Request, session: Session) -> Response:
-        """``POST /api/requesters`` ``{"id","name","kind","key","contact"?}``."""
-        body = await _json_body(request)
-        form = {
-            name: value.strip() if isinstance(value := body.get(name), str) else ""
-            for name in ("id", "name", "kind", "key", "contact")
-        }
+        """``POST /api/requesters`` ``{"id","name","kind","key","contact"?}`` (or the same as a
+        form, the key as text or an uploaded file)."""
+        form = await _api_enrol_fields(request)
         requester = await run_in_threadpool(self._enroll, form)
         return JSONResponse({"requester": views.requester_json(requester)}, status_code=201)
 
@@ -1033,6 +1039,17 @@ class WebApp:
 # ---------------------------------------------------------------------- small helpers
 
 
+class Verbatim(str):
+    """A string a template shows as it is (autoescaped for HTML, but newlines kept): the
+    owner's own key text and its JWK, never requester text."""
+
+
+def _finalize(value: object) -> object:
+    if isinstance(value, str) and not isinstance(value, (Verbatim, Markup)):
+        return visible(value)
+    return value
+
+
 def _client(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
@@ -1053,6 +1070,44 @@ def _action(action: str) -> bool:
 def _enrol_fields(form: FormData) -> dict[str, str]:
     return {
         name: (_field(form, name) or "").strip()
+        for name in ("id", "name", "kind", "key", "contact")
+    }
+
+
+MAX_KEY_FILE: Final = 16 * 1024
+"""Largest uploaded key file read (a JWK or PEM public key is a few hundred bytes)."""
+
+
+async def _key_text(form: FormData) -> str:
+    """The key from an enrolment form: the pasted text (``key``) or the content of an uploaded
+    key file (``key_file``, or ``key`` sent as a file). Never a path on the device."""
+    text = (_field(form, "key") or "").strip()
+    upload = next(
+        (v for n in ("key_file", "key") if isinstance(v := form.get(n), UploadFile)), None
+    )
+    if upload is None or not upload.filename:
+        return text
+    if text:
+        raise KeyFileError("paste the key or upload its file, not both")
+    data = await upload.read(MAX_KEY_FILE + 1)
+    if len(data) > MAX_KEY_FILE:
+        raise KeyFileError("the uploaded file is too large to be a public key")
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise KeyFileError("the uploaded file is not a text key (JWK, PEM or base64url)") from None
+
+
+async def _api_enrol_fields(request: Request) -> dict[str, str]:
+    """Enrolment fields of an API call: a JSON object, or a multipart form with a key file."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form()
+        fields = _enrol_fields(form)
+        fields["key"] = await _key_text(form)
+        return fields
+    body = await _json_body(request)
+    return {
+        name: value.strip() if isinstance(value := body.get(name), str) else ""
         for name in ("id", "name", "kind", "key", "contact")
     }
 

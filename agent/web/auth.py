@@ -12,6 +12,8 @@ enforces (expiry, lockout, invalidation on password change) are unit-tested with
   a memory dump nor a timing side channel on the dict lookup gives a usable id.
 - :class:`LoginLimiter` locks a client address out after repeated failures, and locks logins
   globally when failures from many addresses add up (a distributed guess), with bounded memory.
+  Every attempt is counted, atomically, before its password is checked, so parallel guesses
+  cannot all slip in before the first failure is recorded.
 """
 
 from __future__ import annotations
@@ -189,10 +191,15 @@ class SessionStore:
 
 @dataclass(frozen=True)
 class LoginVerdict:
-    """What the limiter says about a login attempt from one address."""
+    """What the limiter says about a login attempt from one address.
+
+    ``number`` is the attempt's place among those counted since the address's last success
+    (1-based); :meth:`LoginLimiter.success` needs it.
+    """
 
     allowed: bool
     locked_until: datetime | None = None
+    number: int = 0
 
 
 @dataclass
@@ -203,7 +210,7 @@ class _Client:
 
 @dataclass(frozen=True)
 class FailureOutcome:
-    """After a failure: how many in a row from this address, and any lock it triggered."""
+    """After a failure: how many attempts in a row from this address, and any lock."""
 
     failures: int
     locked_until: datetime | None
@@ -213,11 +220,15 @@ class FailureOutcome:
 class LoginLimiter:
     """Lockout after repeated failed logins, per client address and globally.
 
-    - ``max_failures`` consecutive failures from one address lock that address for ``lockout``;
-      while locked, even the right password is refused (the password is not even checked).
-      A success resets the address's count.
-    - ``global_max_failures`` failures from all addresses within ``lockout`` lock every login for
-      ``lockout``: guessing from many addresses gains nothing over guessing from one.
+    - :meth:`attempt` counts every attempt as a failure before its password is checked, in one
+      step with the lock check, so that parallel guesses all count: the ``max_failures``-th
+      attempt in a row from one address locks it for ``lockout``, and attempts made while it is
+      locked are refused without a password check (the right password included).
+    - :meth:`success` takes the count back, but only when no attempt from that address was
+      counted after the successful one: a right password among parallel wrong ones logs in but
+      does not clear the lock those set.
+    - ``global_max_failures`` attempts from all addresses within ``lockout`` lock every login
+      for ``lockout``: guessing from many addresses gains nothing over guessing from one.
     - At most ``max_clients`` addresses are remembered (least recently seen forgotten first),
       so a flood of spoofed addresses cannot grow memory; the global budget still applies.
     """
@@ -241,41 +252,44 @@ class LoginLimiter:
         self._global_until: datetime | None = None
         self._lock = threading.Lock()
 
-    def check(self, client: str) -> LoginVerdict:
-        """Whether a login attempt from ``client`` may be checked at all right now."""
+    def attempt(self, client: str) -> LoginVerdict:
+        """Count a login attempt from ``client``; whether its password may be checked at all."""
         now = self._now()
         with self._lock:
             if self._global_until is not None and now < self._global_until:
                 return LoginVerdict(False, self._global_until)
-            state = self._clients.get(client)
-            if state is not None and state.locked_until is not None:
-                if now < state.locked_until:
-                    return LoginVerdict(False, state.locked_until)
-                state.locked_until = None
-                state.failures = 0
-            return LoginVerdict(True)
-
-    def failure(self, client: str) -> FailureOutcome:
-        """Record a wrong password from ``client``; returns the resulting state."""
-        now = self._now()
-        with self._lock:
             state = self._clients.pop(client, None) or _Client()
             self._clients[client] = state  # most recently seen goes last
             while len(self._clients) > self._max_clients:
                 self._clients.popitem(last=False)
+            if state.locked_until is not None:
+                if now < state.locked_until:
+                    return LoginVerdict(False, state.locked_until)
+                state.locked_until = None
+                state.failures = 0
             state.failures += 1
             if state.failures >= self.max_failures:
                 state.locked_until = now + self.lockout
             while self._recent and now - self._recent[0] >= self.lockout:
                 self._recent.popleft()
             self._recent.append(now)
-            global_lock = len(self._recent) >= self.global_max_failures
-            if global_lock:
+            if len(self._recent) >= self.global_max_failures:
                 self._global_until = now + self.lockout
                 self._recent.clear()
+            return LoginVerdict(True, None, state.failures)
+
+    def failure(self, client: str) -> FailureOutcome:
+        """The state after a wrong password from ``client`` (already counted by attempt)."""
+        now = self._now()
+        with self._lock:
+            state = self._clients.get(client) or _Client()
+            global_lock = self._global_until is not None and now < self._global_until
             return FailureOutcome(state.failures, state.locked_until, global_lock)
 
-    def success(self, client: str) -> None:
-        """A correct password from ``client``: forget its failures."""
+    def success(self, client: str, verdict: LoginVerdict) -> None:
+        """A correct password in the attempt ``verdict`` allowed: forget the address's count,
+        unless a later attempt was counted meanwhile (its lock, if any, stays)."""
         with self._lock:
-            self._clients.pop(client, None)
+            state = self._clients.get(client)
+            if state is not None and state.failures == verdict.number:
+                del self._clients[client]

@@ -292,14 +292,20 @@ def _camera_line(stats: dict[str, Any]) -> str:
 
 
 def _mqtt_line(stats: dict[str, Any]) -> str:
-    return " · ".join(
-        [
-            "connected" if stats.get("connected") else "NOT connected",
-            f"{stats.get('received', 0)} messages received",
-            f"{stats.get('dropped', 0)} dropped",
-            f"{stats.get('responses', 0)} responses sent",
-        ]
-    )
+    parts = [
+        "connected" if stats.get("connected") else "NOT connected",
+        f"{stats.get('received', 0)} messages received",
+        f"{stats.get('dropped', 0)} dropped",
+        f"{stats.get('responses', 0)} responses sent",
+    ]
+    conflict = stats.get("client_id_conflict")
+    if isinstance(conflict, dict):
+        parts.insert(
+            0,
+            f"ANOTHER CLIENT USES THIS CLIENT ID ({conflict.get('client_id')}), last "
+            f"{conflict.get('last')}: give each agent its own mqtt.client_id",
+        )
+    return " · ".join(parts)
 
 
 def _disk_line(stats: dict[str, Any]) -> str:
@@ -364,7 +370,8 @@ def snapshot_items(snapshot: dict[str, Any]) -> list[StatusItem]:
         if isinstance(stats, dict) and stats and "error" not in stats:
             parts.append(summarise(stats))
         text = " · ".join(p for p in parts if p) or state
-        ok = state == "running" and not (
+        conflict = isinstance(stats, dict) and stats.get("client_id_conflict")
+        ok = state == "running" and not conflict and not (
             isinstance(stats, dict)
             and (stats.get("storage") == "full" or stats.get("connected") is False)
         )

@@ -11,6 +11,7 @@ from argon2 import PasswordHasher
 
 from agent.errors import StateError
 from agent.web.auth import (
+    FailureOutcome,
     LoginLimiter,
     PasswordFile,
     SessionStore,
@@ -129,54 +130,74 @@ def test_tokens_equal_is_exact() -> None:
     assert not tokens_equal(token + "x", token)
 
 
+def fail(limiter: LoginLimiter, client: str) -> FailureOutcome:
+    """One attempt from ``client`` that is let in and has the wrong password."""
+    assert limiter.attempt(client).allowed
+    return limiter.failure(client)
+
+
 def test_lockout_after_five_failures_for_five_minutes(clock: Clock) -> None:
     limiter = LoginLimiter(now=clock)
     for n in range(1, 5):
-        assert limiter.check("10.0.0.5").allowed
-        outcome = limiter.failure("10.0.0.5")
+        outcome = fail(limiter, "10.0.0.5")
         assert outcome.failures == n and outcome.locked_until is None
-    outcome = limiter.failure("10.0.0.5")
+    outcome = fail(limiter, "10.0.0.5")
     assert outcome.locked_until == T0 + timedelta(minutes=5)
-    verdict = limiter.check("10.0.0.5")
+    verdict = limiter.attempt("10.0.0.5")
     assert not verdict.allowed and verdict.locked_until == T0 + timedelta(minutes=5)
-    assert limiter.check("10.0.0.6").allowed  # another address is not affected
+    assert limiter.attempt("10.0.0.6").allowed  # another address is not affected
     clock.now = T0 + timedelta(minutes=4, seconds=59)
-    assert not limiter.check("10.0.0.5").allowed
+    assert not limiter.attempt("10.0.0.5").allowed
     clock.now = T0 + timedelta(minutes=5)
-    assert limiter.check("10.0.0.5").allowed
-    assert limiter.failure("10.0.0.5").failures == 1  # a fresh count after the lock
+    assert fail(limiter, "10.0.0.5").failures == 1  # a fresh count after the lock
 
 
 def test_success_resets_the_count(clock: Clock) -> None:
     limiter = LoginLimiter(now=clock)
     for _ in range(4):
-        limiter.failure("10.0.0.5")
-    limiter.success("10.0.0.5")
-    assert limiter.failure("10.0.0.5").failures == 1
+        fail(limiter, "10.0.0.5")
+    verdict = limiter.attempt("10.0.0.5")
+    assert verdict.allowed and verdict.number == 5  # the 5th attempt is still checked
+    limiter.success("10.0.0.5", verdict)
+    assert fail(limiter, "10.0.0.5").failures == 1
+
+
+def test_attempts_count_before_the_check_so_parallel_guesses_cannot_outrun_the_lock(
+    clock: Clock,
+) -> None:
+    limiter = LoginLimiter(now=clock)
+    # Ten attempts arrive together, none finished yet: only five are let in.
+    verdicts = [limiter.attempt("10.0.0.5") for _ in range(10)]
+    assert [v.allowed for v in verdicts] == [True] * 5 + [False] * 5
+    # The right password was the 3rd; the 4th and 5th were wrong. It logs in, but the lock
+    # they set stays, and the right password while locked is not even checked.
+    limiter.success("10.0.0.5", verdicts[2])
+    assert limiter.failure("10.0.0.5").locked_until == T0 + timedelta(minutes=5)
+    assert not limiter.attempt("10.0.0.5").allowed
 
 
 def test_global_lockout_bounds_guessing_from_many_addresses(clock: Clock) -> None:
     limiter = LoginLimiter(now=clock, global_max_failures=10)
     for i in range(9):
-        assert not limiter.failure(f"10.0.1.{i}").global_lock
-    assert limiter.failure("10.0.1.99").global_lock
-    verdict = limiter.check("192.168.1.20")  # even an address that never failed
+        assert not fail(limiter, f"10.0.1.{i}").global_lock
+    assert fail(limiter, "10.0.1.99").global_lock
+    verdict = limiter.attempt("192.168.1.20")  # even an address that never failed
     assert not verdict.allowed and verdict.locked_until == T0 + timedelta(minutes=5)
     clock.now = T0 + timedelta(minutes=5)
-    assert limiter.check("192.168.1.20").allowed
+    assert limiter.attempt("192.168.1.20").allowed
 
 
 def test_global_budget_counts_only_recent_failures(clock: Clock) -> None:
     limiter = LoginLimiter(now=clock, global_max_failures=3)
-    limiter.failure("a")
-    limiter.failure("b")
+    fail(limiter, "a")
+    fail(limiter, "b")
     clock.now = T0 + timedelta(minutes=6)
-    assert not limiter.failure("c").global_lock  # the first two aged out
-    assert limiter.check("d").allowed
+    assert not fail(limiter, "c").global_lock  # the first two aged out
+    assert limiter.attempt("d").allowed
 
 
 def test_limiter_memory_is_bounded(clock: Clock) -> None:
     limiter = LoginLimiter(now=clock, max_clients=4, global_max_failures=10**6)
     for i in range(100):
-        limiter.failure(f"10.1.{i // 256}.{i % 256}")
+        fail(limiter, f"10.1.{i // 256}.{i % 256}")
     assert len(limiter._clients) == 4
