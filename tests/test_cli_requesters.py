@@ -251,6 +251,7 @@ def test_revoke_cancels_pending_requests_and_is_audited(
     assert device.run("requesters", "revoke", "alice-pd") == 0
     out = capsys.readouterr().out
     assert "revoked requester alice-pd" in out and "jti-0123456789abcdef" in out
+    assert "hint: also remove alice-pd's account from the MQTT broker" in out
     assert device.events() == ["requester_added", "requester_revoked", "request_rejected"]
     assert verify_file(device.state / "audit.jsonl", device.key.public_key()).ok
     with RequestStore.open(device.state) as store:
