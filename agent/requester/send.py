@@ -203,6 +203,13 @@ def handler(args: argparse.Namespace) -> int:
             step.close()
 
 
+def say(line: str) -> None:
+    """Print one progress line and flush it at once: scripts (and tests) follow these lines on
+    a pipe, where stdout is block-buffered, and act on each (revoke, approve...) as it comes;
+    buffered, a ``pending`` line would only appear when the command gives up."""
+    print(line, flush=True)
+
+
 def follow(
     exchange: Exchange,
     next_message: Callable[[bool, float | None], InboundMessage],
@@ -210,7 +217,7 @@ def follow(
     timeout: float | None,
     step: DeliveryStep | None = None,
     grace: float = DELIVERY_GRACE,
-    out: Callable[[str], None] = print,
+    out: Callable[[str], None] = say,
 ) -> int:
     """Print each verified response to ``exchange`` until a final one; return the exit status.
 
