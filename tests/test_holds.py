@@ -262,3 +262,19 @@ def test_a_request_is_held_from_its_arrival_before_any_tick(
         assert day.vault.enforce_retention(day.clock.now).deleted == ((clip.id, "retention"),)
     day.vault.close()
     day.store.close()
+
+
+def test_sync_leaves_holds_that_are_not_a_request_alone(
+    tmp_path: Path, audit: RecordingAudit
+) -> None:
+    day = Day(tmp_path, audit)
+    clip = record(day.vault, T0 - timedelta(hours=1), 1000)
+    day.vault.hold("owner-keep", clip.start, clip.end)
+    jti = day.ask("r-one", (clip.start, clip.end))
+    day.coordinator.sync_holds()
+    assert {h.holder for h in day.vault.holds()} == {"owner-keep", jti}
+    day.coordinator.decide(jti, "deny", Channel.CLI)
+    day.coordinator.sync_holds()
+    assert [h.holder for h in day.vault.holds()] == ["owner-keep"]
+    day.vault.close()
+    day.store.close()

@@ -334,7 +334,8 @@ class ApprovalCoordinator:
             self._refresh_indicator()
 
     def sync_holds(self) -> None:
-        """Hold the window of every pending or approved request, release every other hold.
+        """Hold the window of every pending or approved request, release the holds of every
+        other request (holds not named after a request are left alone).
 
         Run by the tick, at start and by the vault before each retention pass. Requests whose
         hold the vault refuses (over the held-footage cap) stay pending, unheld; the owner is
@@ -348,6 +349,10 @@ class ApprovalCoordinator:
                 log.error("cannot read the retention holds: %s", exc)
                 return
             for holder in sorted(holds - live.keys()):
+                try:
+                    self._store.get_request(holder)
+                except RequestNotFoundError:
+                    continue  # not a request's hold (the owner's): not ours to release
                 self._release_hold(holder)
             for jti, record in live.items():
                 if jti not in holds:
