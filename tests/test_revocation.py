@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from agent import config
 from agent.approval.machine import Channel
+from agent.mqtt import BoundedPublisher, MQTTClient
 from agent.requests.service import response_expiry
 from agent.requests.store import RequestStore
 from tests.mosquitto import Mosquitto
@@ -226,3 +228,21 @@ def test_responses_carry_message_expiry_at_the_broker(
         assert 0 < msg.properties.MessageExpiryInterval <= 3600
     finally:
         harness.stop()
+
+
+def test_delivery_publisher_sets_message_expiry_at_the_broker(mosquitto: Mosquitto) -> None:
+    settings = config.parse(
+        {"device_id": "door-1", "mqtt": {"host": mosquitto.host, "port": mosquitto.port}}
+    ).mqtt
+    sink = mosquitto.client()
+    sink.subscribe("chunks/#")
+    with MQTTClient(settings, client_id="expiry-test") as client:
+        client.wait_ready(10)
+        pub = BoundedPublisher(client, 2)
+        pub.make_room()
+        pub.publish("chunks/0", b"x" * 100, 1, expiry=120)
+        pub.publish("chunks/1", b"y", 1)
+        pub.drain()
+        first, second = sink.get(), sink.get()
+        assert 0 < getattr(first.properties, "MessageExpiryInterval", 0) <= 120
+        assert not hasattr(second.properties, "MessageExpiryInterval")
