@@ -581,6 +581,7 @@ class Vault:
         self._reserve = reserve_bytes
         self._max_held = max_held_bytes
         self._hold_limit = hold_limit
+        self._refused: set[Hold] = set()
         self.hold_sync: Callable[[], None] | None = None
         """Called at the start of every retention pass to bring the holds up to date (the
         approval coordinator sets it), so a request that arrived since its last tick is held
@@ -1061,10 +1062,13 @@ class Vault:
             covered = self.held_bytes([*others, wanted])
             window = {"start": rfc3339(start), "end": rfc3339(end)}
             if self._max_held is not None and covered > self._max_held:
-                self._audit_event(
-                    "hold_refused", holder=holder, window=window, held_bytes=covered,
-                    max_held_bytes=self._max_held,
-                )
+                if wanted not in self._refused:
+                    # Once per window: the coordinator asks again every second.
+                    self._audit_event(
+                        "hold_refused", holder=holder, window=window, held_bytes=covered,
+                        max_held_bytes=self._max_held,
+                    )
+                    self._refused.add(wanted)
                 raise HoldRefusedError(
                     f"holding the footage of {holder} would keep {format_size(covered)} from "
                     f"retention, over the cap of {format_size(self._max_held)}",
@@ -1073,6 +1077,7 @@ class Vault:
                 )
             # Audited inside the transaction: no hold without its entry.
             self._audit_event("hold_placed", holder=holder, window=window, held_bytes=covered)
+            self._refused.discard(wanted)
             db.execute(
                 "INSERT INTO holds (holder, start_us, end_us) VALUES (?, ?, ?) ON CONFLICT"
                 " (holder) DO UPDATE SET start_us = excluded.start_us, end_us = excluded.end_us",
