@@ -161,6 +161,13 @@ class StorageConfig(_Strict):
         le=16 * 1024**4,
         description="oldest clips are shredded beyond this total",
     )
+    max_held_share: float = Field(
+        0.25,
+        ge=0.0,
+        le=0.5,
+        description="share of max_bytes that retention holds of pending requests may keep; a "
+        "request whose hold would exceed it stays pending with its footage unheld",
+    )
     cipher: Literal["auto", "aes-256-gcm", "chacha20-poly1305"] = Field(
         "auto", description="auto: AES-GCM with CPU AES instructions, else ChaCha20-Poly1305"
     )

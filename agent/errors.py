@@ -74,6 +74,10 @@ class ClipNotFoundError(VaultError):
     """No clip with that id exists (or it was shredded)."""
 
 
+class HoldRefusedError(VaultError):
+    """A retention hold was refused: the held footage would exceed its cap."""
+
+
 class TamperError(VaultError):
     """Stored ciphertext failed authentication: it was corrupted or tampered with."""
 
@@ -112,6 +116,10 @@ class ApprovalError(AgentError):
 
 class DeliveryError(AgentError):
     """Releasing footage to a requester failed."""
+
+
+class DeliveryRevokedError(DeliveryError):
+    """The requester was revoked: the delivery stops for good (``failed``, ``error: revoked``)."""
 
 
 class ReceiveError(AgentError):

@@ -19,6 +19,7 @@ the broker keeps our subscription and queues QoS 1 messages while we are offline
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -75,6 +76,20 @@ TAKEOVER_BACKOFF_MAX = 300.0
 """Longest wait, in seconds, before reconnecting while another client uses our client id."""
 CONFLICT_MEMORY = timedelta(hours=1)
 """How long ``status`` keeps saying "another client uses this client id" after the last sign."""
+
+MAX_EXPIRY: Final = 2**32 - 1
+"""Seconds: the largest MQTT v5 Message Expiry Interval (a four-byte integer)."""
+
+
+def message_expiry(exp: datetime, now: datetime, cap: timedelta | None = None) -> int:
+    """The Message Expiry Interval for something published about a request ending at ``exp``:
+    its remaining lifetime in whole seconds, at least 1 (0 would mean "never expires" to some
+    brokers' eyes, and an expired request's last answer must still reach a connected
+    requester), at most ``cap`` (and the protocol's limit)."""
+    remaining = math.ceil((exp - now).total_seconds())
+    if cap is not None:
+        remaining = min(remaining, math.ceil(cap.total_seconds()))
+    return max(1, min(remaining, MAX_EXPIRY))
 
 
 @dataclass(frozen=True)
@@ -483,20 +498,28 @@ class MQTTClient:
         *,
         retain: bool = False,
         correlation_data: bytes | None = None,
+        expiry: int | None = None,
         timeout: float | None = None,
     ) -> Future[None]:
         """Queue a QoS 1 message for the publisher thread; the future completes on its PUBACK.
 
+        ``expiry`` is the MQTT v5 Message Expiry Interval in seconds (see
+        :func:`message_expiry`): the broker drops the message once it has waited that long.
         Blocks while the outbox is full (``timeout`` None: indefinitely). Raises MQTTError when
         the client is closing or the outbox stayed full for ``timeout`` seconds. The future fails
         with MQTTError if the broker refuses the message or the client closes first.
         """
         if self._closing.is_set():
             raise MQTTError(f"the MQTT client is closing; not publishing to {topic}")
+        if expiry is not None and not 1 <= expiry <= MAX_EXPIRY:
+            raise ValueError(f"message expiry {expiry} s is out of range")
         props: Properties | None = None
-        if correlation_data is not None:
+        if correlation_data is not None or expiry is not None:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.CorrelationData = correlation_data
+            if correlation_data is not None:
+                props.CorrelationData = correlation_data
+            if expiry is not None:
+                props.MessageExpiryInterval = expiry
         data = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
         out = _Outgoing(topic, data, retain, props)
         try:
@@ -765,14 +788,24 @@ class BoundedPublisher:
         """Wait up to ``timeout`` seconds for a connection; says whether there is one."""
         return self._client.wait_connected(timeout)
 
-    def publish(self, topic: str, payload: bytes, qos: int) -> None:
-        """Publish one QoS 1 message, first waiting for room in the in-flight window."""
-        if qos != 1:
-            raise ValueError("deliveries are published with QoS 1")
+    def make_room(self) -> None:
+        """Wait until the in-flight window has room for one more message (MQTTError when the
+        connection is down or dropped meanwhile)."""
         self._check_connection()
         while len(self._futures) >= self._max:
             self._wait_oldest()
-        self._futures.append(self._client.publish(topic, payload, timeout=self._poll * 20))
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int, *, expiry: int | None = None
+    ) -> None:
+        """Hand one QoS 1 message to the client, first waiting for room in the in-flight window
+        (after :meth:`make_room` there is room, so this returns at once)."""
+        if qos != 1:
+            raise ValueError("deliveries are published with QoS 1")
+        self.make_room()
+        self._futures.append(
+            self._client.publish(topic, payload, expiry=expiry, timeout=self._poll * 20)
+        )
 
     def drain(self) -> None:
         """Wait until every message published so far is acknowledged."""

@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent import stream
-from agent.errors import ClipNotFoundError, TamperError, VaultError
+from agent.errors import ClipNotFoundError, HoldRefusedError, TamperError, VaultError
 from agent.keys import load_storage_key
 from agent.timeutil import format_size, rfc3339, utcnow
 
@@ -133,6 +133,11 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def held_cap(max_bytes: int, share: float) -> int:
+    """The most stored bytes retention holds may keep: ``share`` of ``storage.max_bytes``."""
+    return int(max_bytes * share)
 
 
 def default_reserve(total_bytes: int) -> int:
@@ -544,10 +549,15 @@ class Vault:
         max_bytes: int | None = None,
         sync_bytes: int = DEFAULT_SYNC_BYTES,
         reserve_bytes: int | None = None,
+        max_held_bytes: int | None = None,
+        hold_limit: timedelta | None = None,
         now: Callable[[], datetime] = utcnow,
         rng: Callable[[int], bytes] = os.urandom,
     ) -> None:
-        """``reserve_bytes``: free space to keep (None: :func:`default_reserve`)."""
+        """``reserve_bytes``: free space to keep (None: :func:`default_reserve`).
+        ``max_held_bytes``: the most stored bytes holds may keep (None: no cap).
+        ``hold_limit``: how long past its retention a hold may keep a clip (None: no limit).
+        """
         if len(master_key) != stream.KEY_SIZE:
             raise ValueError(
                 f"the storage master key is {stream.KEY_SIZE} bytes, got {len(master_key)}"
@@ -569,6 +579,13 @@ class Vault:
         self._max_bytes = max_bytes
         self._sync_bytes = sync_bytes
         self._reserve = reserve_bytes
+        self._max_held = max_held_bytes
+        self._hold_limit = hold_limit
+        self._refused: set[Hold] = set()
+        self.hold_sync: Callable[[], None] | None = None
+        """Called at the start of every retention pass to bring the holds up to date (the
+        approval coordinator sets it), so a request that arrived since its last tick is held
+        before retention looks at its window."""
         self._now = now
         self._rng = rng
         self._lock = threading.RLock()
@@ -636,6 +653,8 @@ class Vault:
             audit=audit,
             retention=cfg.storage.retention,
             max_bytes=cfg.storage.max_bytes,
+            max_held_bytes=held_cap(cfg.storage.max_bytes, cfg.storage.max_held_share),
+            hold_limit=cfg.approval.timeout,
         )
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -1013,39 +1032,107 @@ class Vault:
 
     # -- holds and retention ----------------------------------------------------------------
 
+    def held_bytes(self, holds: list[Hold] | None = None) -> int:
+        """Stored bytes of the final clips that ``holds`` (default: every hold in force) cover,
+        each clip counted once however many holds cover it."""
+        holds = self.holds() if holds is None else holds
+        return sum(
+            c.stored_bytes
+            for c in self.list_clips()
+            if c.state == "final" and any(h.covers(c) for h in holds)
+        )
+
     def hold(self, holder: str, start: datetime, end: datetime) -> None:
         """Keep every clip touching ``[start, end]`` from retention until released.
 
-        One window per holder; holding again replaces it. Holds survive restarts.
+        One window per holder; holding again replaces it (holding the same window again
+        changes nothing). Holds survive restarts. Raises HoldRefusedError (nothing held)
+        when the clips all holds would then cover exceed ``max_held_bytes``. Placing a hold is
+        audited ``hold_placed`` (with the bytes it covers), a refusal ``hold_refused``.
         """
         if not holder:
             raise ValueError("holder must be a non-empty string")
         if end < start:
             raise ValueError("a hold cannot end before it starts")
+        wanted = Hold(holder, start, end)
         with self._tx() as db:
+            others = [h for h in self.holds() if h.holder != holder]
+            if any(h == wanted for h in self.holds()):
+                return
+            covered = self.held_bytes([*others, wanted])
+            window = {"start": rfc3339(start), "end": rfc3339(end)}
+            if self._max_held is not None and covered > self._max_held:
+                if wanted not in self._refused:
+                    # Once per window: the coordinator asks again every second.
+                    self._audit_event(
+                        "hold_refused", holder=holder, window=window, held_bytes=covered,
+                        max_held_bytes=self._max_held,
+                    )
+                    self._refused.add(wanted)
+                raise HoldRefusedError(
+                    f"holding the footage of {holder} would keep {format_size(covered)} from "
+                    f"retention, over the cap of {format_size(self._max_held)}",
+                    hint="decide on the pending requests (held footage is released when they "
+                    "end) or raise storage.max_held_share",
+                )
+            # Audited inside the transaction: no hold without its entry.
+            self._audit_event("hold_placed", holder=holder, window=window, held_bytes=covered)
+            self._refused.discard(wanted)
             db.execute(
                 "INSERT INTO holds (holder, start_us, end_us) VALUES (?, ?, ?) ON CONFLICT"
                 " (holder) DO UPDATE SET start_us = excluded.start_us, end_us = excluded.end_us",
                 (holder, _to_us(start), _to_us(end)),
             )
 
-    def release_hold(self, holder: str) -> bool:
-        """Drop ``holder``'s hold; says whether there was one."""
+    def release_hold(self, holder: str, reason: str = "ended") -> bool:
+        """Drop ``holder``'s hold (audited ``hold_released`` with ``reason``); says whether
+        there was one."""
         with self._tx() as db:
-            return db.execute("DELETE FROM holds WHERE holder = ?", (holder,)).rowcount > 0
+            if db.execute("SELECT 1 FROM holds WHERE holder = ?", (holder,)).fetchone() is None:
+                return False
+            self._audit_event("hold_released", holder=holder, reason=reason)
+            db.execute("DELETE FROM holds WHERE holder = ?", (holder,))
+            return True
 
     def holds(self) -> list[Hold]:
-        """Every hold in force."""
-        rows = self._query("SELECT holder, start_us, end_us FROM holds ORDER BY holder")
+        """Every hold in force, in the order they were placed."""
+        rows = self._query("SELECT holder, start_us, end_us FROM holds ORDER BY rowid")
         return [Hold(h, _from_us(s), _from_us(e)) for h, s, e in rows]
+
+    def _trim_holds(self) -> None:
+        """Release the most recently placed holds while held bytes exceed the cap (a clip being
+        written when its window was held may have grown since). Their holders find themselves
+        unheld at the next :attr:`hold_sync` and are told."""
+        if self._max_held is None:
+            return
+        holds = self.holds()
+        while holds and self.held_bytes(holds) > self._max_held:
+            last = holds.pop()
+            log.warning(
+                "held footage is over the cap of %s: releasing the hold of %s",
+                format_size(self._max_held), last.holder,
+            )
+            self.release_hold(last.holder, reason="cap")
 
     def enforce_retention(self, now: datetime | None = None) -> RetentionReport:
         """Shred clips that ended before ``now - retention``, then the oldest beyond max_bytes,
         then the oldest while free space is below the reserve (reason ``space``).
 
-        Held clips and clips being written are never deleted.
+        First :attr:`hold_sync` (if set) brings the holds up to date and holds over the cap
+        are released. Held clips and clips being written are never deleted, except that a
+        hold keeps a clip at most ``hold_limit`` past its retention. Quota and space deletions
+        take the oldest unheld clips first.
         """
-        cutoff = (now or self._now()) - self._retention
+        if self.hold_sync is not None:
+            try:
+                self.hold_sync()
+            except Exception:
+                # Retention must go on (the disk fills otherwise); the holds stay as they were.
+                log.exception("updating the holds before retention failed")
+        self._trim_holds()
+        now = now or self._now()
+        cutoff = now - self._retention
+        hard_cutoff = cutoff - self._hold_limit if self._hold_limit is not None else None
         holds = self.holds()
         clips = [c for c in self.list_clips() if c.state == "final"]
         deleted: list[tuple[str, str]] = []
@@ -1053,6 +1140,12 @@ class Vault:
         kept: list[ClipInfo] = []
         for clip in clips:
             is_held = any(h.covers(clip) for h in holds)
+            if clip.end < cutoff and is_held and hard_cutoff is not None and clip.end < hard_cutoff:
+                log.warning(
+                    "clip %s is held but past retention plus approval.timeout: shredding it",
+                    clip.id,
+                )
+                is_held = False
             if clip.end < cutoff and not is_held:
                 self._delete_for_retention(clip.id, "retention", deleted)
             else:
@@ -1061,6 +1154,7 @@ class Vault:
                 kept.append(clip)
         total = sum(c.stored_bytes for c in kept)
         if self._max_bytes is not None:
+            # Oldest first (kept is in start order), skipping held clips.
             for clip in kept:
                 if total <= self._max_bytes:
                     break

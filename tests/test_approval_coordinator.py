@@ -411,11 +411,13 @@ def test_delivery_that_keeps_failing_ends_failed_and_audited(h: Harness) -> None
         c.decide(JTI, "approve", Channel.CLI)
         assert c.wait_idle(30)
     assert h.status(JTI) == "failed"
-    assert [s for _, s, _ in h.responses] == ["approved", "failed"]
+    assert [(s, c) for _, s, c in h.responses][1] == ("failed", {"error": "delivery_error"})
     failed = h.entries("request_failed")[0]
-    assert "failed after 3 attempts" in failed["error"]
+    assert failed["error"] == "delivery_error"
+    assert "failed after 3 attempts" in failed["detail"]
     assert h.vault.holds() == []
-    assert h.store.get_request(JTI).detail is not None
+    record = h.store.get_request(JTI)
+    assert (record.error, record.detail is not None) == ("delivery_error", True)
 
 
 def test_unanswered_final_responses_are_sent_again_at_start(h: Harness) -> None:

@@ -134,8 +134,17 @@ def test_delivery_outcomes() -> None:
     )
     bad = transition(state(Status.APPROVED), DeliveryFailed("no broker"), policy(), T0)
     assert bad.effects == (
-        Audit("request_failed", {"error": "no broker"}),
-        Respond(Status.FAILED),
+        Audit("request_failed", {"error": "delivery_error", "detail": "no broker"}),
+        Respond(Status.FAILED, {"error": "delivery_error"}),
+        ReleaseHold(),
+    )
+    revoked = transition(
+        state(Status.APPROVED), DeliveryFailed("revoked", error="revoked"), policy(), T0
+    )
+    assert revoked.after.status is Status.FAILED
+    assert revoked.effects == (
+        Audit("request_failed", {"error": "revoked", "detail": "revoked"}),
+        Respond(Status.FAILED, {"error": "revoked"}),
         ReleaseHold(),
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from agent.audit import read_entries, verify_file
 from agent.cli import main
 from agent.requests.store import RequestStore
 from agent.requests.verify import RequestPolicy, verify_request
+from agent.vault import Vault
 from tests.test_verify import T0, Party, token
 
 
@@ -251,6 +253,7 @@ def test_revoke_cancels_pending_requests_and_is_audited(
     assert device.run("requesters", "revoke", "alice-pd") == 0
     out = capsys.readouterr().out
     assert "revoked requester alice-pd" in out and "jti-0123456789abcdef" in out
+    assert "hint: also remove alice-pd's account from the MQTT broker" in out
     assert device.events() == ["requester_added", "requester_revoked", "request_rejected"]
     assert verify_file(device.state / "audit.jsonl", device.key.public_key()).ok
     with RequestStore.open(device.state) as store:
@@ -294,6 +297,8 @@ def test_pending_and_requests_list(device: Device, capsys: pytest.CaptureFixture
     assert device.run("pending") == 0
     out = capsys.readouterr().out
     assert "jti-0123456789abcdef  pending" in out and "jti-second-request" not in out
+    # Nothing holds its footage yet (no agent ran): the owner is told.
+    assert "footage:     NOT held from retention" in out
     assert "alice-pd (law-enforcement)" in out
     assert "2026-01-31T11:00:00Z .. 2026-01-31T11:30:00Z" in out
     assert "warrant W-7" in out
@@ -311,6 +316,13 @@ def test_pending_and_requests_list(device: Device, capsys: pytest.CaptureFixture
     assert item["reason"] == "Stolen bike \x1b[31m\u202egnp.exe"  # JSON keeps it verbatim
     assert (item["legal_basis"], item["legal_ref"]) == ("warrant", "W-7")
     assert item["window"] == {"start": "2026-01-31T11:00:00Z", "end": "2026-01-31T11:30:00Z"}
+    assert item["footage_held"] is False
+    with Vault(device.state, keys.load_storage_key(device.state)) as vault:
+        vault.hold("jti-0123456789abcdef", T0 - timedelta(hours=1), T0)
+    assert device.run("pending") == 0
+    assert "NOT held" not in capsys.readouterr().out
+    assert device.run("pending", "--json") == 0
+    assert json.loads(capsys.readouterr().out)[0]["footage_held"] is True
     assert device.run("requests", "list", "--json") == 0
     listed = json.loads(capsys.readouterr().out)
     assert [(r["id"], r["status"], r["error"]) for r in listed] == [

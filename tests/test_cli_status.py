@@ -47,9 +47,10 @@ def test_status_json_identity_and_empty_state(
         "snapshot": None,
     }
     assert doc["storage"] == {
-        "clips": 0, "stored_bytes": 0, "max_bytes": 8 * 1024**3, "retention": "7d"
+        "clips": 0, "stored_bytes": 0, "max_bytes": 8 * 1024**3, "retention": "7d",
+        "held_bytes": 0, "max_held_bytes": 2 * 1024**3,
     }
-    assert doc["requests"] == {"pending": 0}
+    assert doc["requests"] == {"pending": 0, "unheld": []}
     assert doc["audit"] == {"seq": 0, "hash": None}
     assert set(doc["clock"]) >= {"synchronised", "source", "detail", "note"}
 

@@ -306,12 +306,16 @@ def test_send_wait_prints_pending_then_exits_1_when_revoked(
     harness: AgentHarness, enrolled_keys: Path, tmp_path: Path
 ) -> None:
     harness.start()
+    # Without PYTHONUNBUFFERED (CI, the emulated arm64 run, a user's shell) stdout on a pipe is
+    # block-buffered: each response line must be flushed as it is printed, or a script reading
+    # them (this test) sees nothing until the command gives up, and revokes only then.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     proc = subprocess.Popen(
         [sys.executable, "-c",
          "import sys; from agent.requester.cli import main; sys.exit(main(sys.argv[1:]))",
          *_send_args(harness, enrolled_keys), "--wait", "--timeout", "60s",
          "-o", str(tmp_path / "evidence")],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     try:
         assert proc.stdout is not None
@@ -320,6 +324,7 @@ def test_send_wait_prints_pending_then_exits_1_when_revoked(
         jti = first.split()[2].rstrip(";")
         pending = proc.stdout.readline().split()
         assert pending[1:] == [jti, "pending"]
+        assert proc.poll() is None  # read while it still waits, not flushed at its exit
         harness.revoke("alice")
         rest = proc.stdout.read()
         assert proc.wait(timeout=30) == 1

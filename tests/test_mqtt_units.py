@@ -48,7 +48,11 @@ def test_response_claims_carry_exactly_what_each_status_allows() -> None:
     common = {"iss": "D", "aud": "r", "iat": int(NOW.timestamp()), "req": "J" * 16}
     assert base("pending") == {**common, "status": "pending"}
     assert base("expired") == {**common, "status": "expired"}
-    assert base("failed") == {**common, "status": "failed"}
+    assert base("failed", error="revoked") == {
+        **common, "status": "failed", "error": "revoked",
+        "detail": "the requester was revoked; the delivery was stopped",
+    }
+    assert base("failed", error="delivery_error")["error"] == "delivery_error"
     assert base("rejected", error="expired") == {
         **common, "status": "rejected", "error": "expired", "detail": REJECTION_DETAIL["expired"]
     }
@@ -72,6 +76,8 @@ def test_response_claims_carry_exactly_what_each_status_allows() -> None:
         ("denied", {"channel": "telepathy"}),
         ("delivered", {"clips": True}),
         ("expired", {"channel": "cli"}),
+        ("failed", {}),  # failed says why: revoked or delivery_error
+        ("failed", {"error": "expired"}),
         ("lost", {}),
     ],
 )
@@ -159,6 +165,7 @@ class FakeClient:
 
     def __init__(self) -> None:
         self.published: list[tuple[str, bytes, bytes | None]] = []
+        self.expiries: list[int | None] = []
         self.acked: list[int] = []
         self.changed = threading.Condition()
 
@@ -169,11 +176,13 @@ class FakeClient:
         *,
         retain: bool = False,
         correlation_data: bytes | None = None,
+        expiry: int | None = None,
         timeout: float | None = None,
     ) -> Future[None]:
         data = payload.encode() if isinstance(payload, str) else payload
         with self.changed:
             self.published.append((topic, data, correlation_data))
+            self.expiries.append(expiry)
         done: Future[None] = Future()
         done.set_result(None)
         return done

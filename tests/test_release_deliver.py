@@ -78,19 +78,24 @@ class LoopbackPublisher:
 
     def __init__(self, fail_at: Sequence[int] = (), reconnects: bool = True) -> None:
         self.messages: list[tuple[str, bytes]] = []
+        self.expiries: list[int | None] = []
         self.fail_at = set(fail_at)
         self.reconnects = reconnects
         self.calls = 0
         self.waits = 0
         self.drains = 0
 
-    def publish(self, topic: str, payload: bytes, qos: int) -> None:
+    def make_room(self) -> None:
+        return None
+
+    def publish(self, topic: str, payload: bytes, qos: int, *, expiry: int | None = None) -> None:
         assert qos == 1
         assert isinstance(payload, bytes)
         self.calls += 1
         if self.calls in self.fail_at:
             raise MQTTError("connection lost")
         self.messages.append((topic, payload))
+        self.expiries.append(expiry)
 
     def drain(self) -> None:
         self.drains += 1

@@ -10,13 +10,26 @@ Every decision (button, app, CLI), every tick and every delivery outcome goes th
    still pending, so a concurrent revocation or decision wins cleanly);
 3. the response is queued, the delivery is scheduled, the retention hold is released.
 
+Revocation wins: a delivery hands each message to the MQTT client inside the store's
+:meth:`~agent.requests.store.RequestStore.release_gate`, so nothing is handed over once a
+revocation has committed; the delivery then ends ``failed`` with ``error: revoked``, and an
+``approved`` request of a revoked requester is never delivered (again), restarts included.
+
+Holds: every pending or approved request holds its window in the vault, from its arrival (the
+vault calls :meth:`ApprovalCoordinator.sync_holds` before each retention pass, the tick every
+second) until it ends; holds whose request ended in any way (revocation in another process
+included) are released by the same sync. A hold the vault refuses (held footage over its cap)
+leaves the request pending with its footage unheld; the owner is told in the log,
+``status`` and ``pending``.
+
 Decisions are serialised by one lock. Delivery runs on its own worker thread, one request at a
 time; a tick thread expires overdue requests, applies decisions the CLI stored while the daemon
 was down, places retention holds on new pending requests and drives the LED.
 
 At start (:meth:`recover`): queued decisions are applied, holds are checked, ``approved``
-requests (a crash mid-delivery) are delivered again, and responses whose status the store does
-not record as answered are sent again.
+requests (a crash mid-delivery) are delivered again unless their requester was revoked (then
+they end ``failed``/``revoked``), and responses whose status the store does not record as
+answered are sent again.
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -56,9 +70,11 @@ from agent.errors import (
     ApprovalError,
     AuditWriteError,
     DeliveryError,
+    DeliveryRevokedError,
+    HoldRefusedError,
     RequestNotFoundError,
 )
-from agent.release.deliver import DeliveryJob
+from agent.release.deliver import DeliveryJob, Gate
 from agent.release.manifest import ManifestClip
 from agent.requests.store import RequestRecord, RequestStore
 from agent.timeutil import rfc3339, utcnow
@@ -83,15 +99,26 @@ class HoldingVault(Protocol):
 
     def hold(self, holder: str, start: datetime, end: datetime) -> None: ...
 
-    def release_hold(self, holder: str) -> bool: ...
+    def release_hold(self, holder: str, reason: str = ...) -> bool: ...
+
+    def holds(self) -> Sequence[HoldView]: ...
+
+    hold_sync: Callable[[], None] | None
 
     def clips_overlapping(self, start: datetime, end: datetime) -> Sequence[object]: ...
+
+
+class HoldView(Protocol):
+    """A hold as the vault lists it (:class:`agent.vault.Hold`)."""
+
+    @property
+    def holder(self) -> str: ...
 
 
 class Deliverer(Protocol):
     """Releases one approved request (:class:`agent.release.deliver.Deliverer`)."""
 
-    def deliver(self, job: DeliveryJob) -> tuple[ManifestClip, ...]: ...
+    def deliver(self, job: DeliveryJob, gate: Gate | None = None) -> tuple[ManifestClip, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -157,7 +184,7 @@ class ApprovalCoordinator:
         self._tick_interval = tick_interval
         self._indicator = indicator
         self._lit: bool | None = None
-        self._held: set[str] = set()
+        self._unheld: set[str] = set()
         self._lock = threading.RLock()
         self._deliveries: queue.Queue[str | None] = queue.Queue()
         self._scheduled: set[str] = set()
@@ -176,6 +203,7 @@ class ApprovalCoordinator:
             return
         self._started = True
         self.recover()
+        self._vault.hold_sync = self.sync_holds
         for name, target in (("approval-tick", self._tick_loop), ("delivery", self._worker)):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -186,6 +214,8 @@ class ApprovalCoordinator:
         if self._closed:
             return
         self._closed = True
+        if self._vault.hold_sync == self.sync_holds:
+            self._vault.hold_sync = None
         self._stop.set()
         self._deliveries.put(None)
         for thread in self._threads:
@@ -300,29 +330,66 @@ class ApprovalCoordinator:
             self._apply_queued()
             now = self._now()
             self._expire_due(now)
-            for record in self._store.list_requests(["pending"]):
-                if record.jti not in self._held:
-                    self._hold(record)
+            self.sync_holds()
             self._refresh_indicator()
+
+    def sync_holds(self) -> None:
+        """Hold the window of every pending or approved request, release the holds of every
+        other request (holds not named after a request are left alone).
+
+        Run by the tick, at start and by the vault before each retention pass. Requests whose
+        hold the vault refuses (over the held-footage cap) stay pending, unheld; the owner is
+        told once per request (log, ``status``, ``pending``).
+        """
+        with self._lock:
+            live = {r.jti: r for r in self._store.list_requests(["pending", "approved"])}
+            try:
+                holds = {h.holder for h in self._vault.holds()}
+            except AgentError as exc:
+                log.error("cannot read the retention holds: %s", exc)
+                return
+            for holder in sorted(holds - live.keys()):
+                try:
+                    self._store.get_request(holder)
+                except RequestNotFoundError:
+                    continue  # not a request's hold (the owner's): not ours to release
+                self._release_hold(holder)
+            for jti, record in live.items():
+                if jti not in holds:
+                    self._hold(record)
+            self._unheld &= live.keys()
+
+    @property
+    def unheld(self) -> list[str]:
+        """Pending or approved requests whose footage is not held (held-footage cap reached)."""
+        return sorted(self._unheld)
 
     def recover(self) -> None:
         """At start: finish what the last run left (see the module docstring)."""
         with self._lock:
             self._apply_queued()
             self._expire_due(self._now())
-            for record in self._store.list_requests(["pending", "approved"]):
-                self._hold(record)
             finished = [s.value for s in TERMINAL]
             for record in self._store.list_requests(finished):
                 if record.responded != record.status:
-                    self._release_hold(record.jti)
                     self._answer(record, Status(record.status), self._claims_of(record))
+            self._fail_revoked()
+            self.sync_holds()
             for record in self._store.list_requests(["approved"]):
                 log.info("request %s was approved but not delivered: delivering again", record.jti)
                 if record.responded != "approved":
                     self._answer(record, Status.APPROVED, self._claims_of(record))
                 self._schedule(record.jti)
             self._refresh_indicator()
+
+    def _fail_revoked(self) -> None:
+        """End every approved request of a revoked requester ``failed``/``revoked``: it was
+        revoked while the agent was down, or while its delivery waited its turn."""
+        for record in self._store.list_requests(["approved"]):
+            if self._store.requester_revoked(record.jti):
+                self._end_delivery(record.jti, DeliveryFailed(
+                    "the requester was revoked before the delivery ended", error="revoked"
+                ))
 
     def _apply_queued(self) -> None:
         for decision in self.decisions.queued():
@@ -390,14 +457,27 @@ class ApprovalCoordinator:
             window_start=record.window_start,
             window_end=record.window_end,
             recipient=record.recipient,
+            exp=record.exp,
         )
+
+        def gate() -> AbstractContextManager[None]:
+            return self._store.release_gate(jti)
+
         event: Event
         try:
-            entries = self._deliverer_factory().deliver(job)
+            if self._store.requester_revoked(jti):
+                raise DeliveryRevokedError(f"the requester of request {jti} was revoked")
+            entries = self._deliverer_factory().deliver(job, gate)
             event = DeliverySucceeded(len(entries))
+        except DeliveryRevokedError as exc:
+            log.warning("delivery of %s stopped: %s", jti, exc)
+            event = DeliveryFailed(exc.message, error="revoked")
         except DeliveryError as exc:
             log.error("delivery of %s failed: %s", jti, exc)
             event = DeliveryFailed(exc.message)
+        self._end_delivery(jti, event)
+
+    def _end_delivery(self, jti: str, event: Event) -> None:
         with self._lock:
             record = self._store.get_request(jti)
             now = self._now()
@@ -476,7 +556,11 @@ class ApprovalCoordinator:
         audit = next(e for e in t.effects if isinstance(e, Audit))
         if after is Status.DELIVERED:
             return {"finished_at": now, "clips": audit.fields["clips"]}
-        return {"finished_at": now, "detail": str(audit.fields["error"])[:1000]}
+        return {
+            "finished_at": now,
+            "error": audit.fields["error"],
+            "detail": str(audit.fields["detail"])[:1000],
+        }
 
     def _clip_count(self, record: RequestRecord) -> int:
         assert record.window_start is not None and record.window_end is not None
@@ -491,6 +575,8 @@ class ApprovalCoordinator:
             return claims
         if status is Status.DELIVERED:
             return {"clips": record.clips if record.clips is not None else 0}
+        if status is Status.FAILED:
+            return {"error": "revoked" if record.error == "revoked" else "delivery_error"}
         return {}
 
     def _answer(self, record: RequestRecord, status: Status, claims: dict[str, object]) -> None:
@@ -506,17 +592,25 @@ class ApprovalCoordinator:
             return
         try:
             self._vault.hold(record.jti, record.window_start, record.window_end)
+        except HoldRefusedError as exc:
+            if record.jti not in self._unheld:
+                log.warning(
+                    "request %s stays pending but its footage is NOT held and may age out "
+                    "before you decide: %s", record.jti, exc.message,
+                )
+            self._unheld.add(record.jti)
+            return
         except AgentError as exc:
             log.error("cannot hold the clips of request %s: %s", record.jti, exc)
             return
-        self._held.add(record.jti)
+        self._unheld.discard(record.jti)
 
     def _release_hold(self, jti: str) -> None:
         try:
             self._vault.release_hold(jti)
         except AgentError as exc:
             log.error("cannot release the hold of request %s: %s", jti, exc)
-        self._held.discard(jti)
+        self._unheld.discard(jti)
 
     def _refresh_indicator(self) -> None:
         self._set_indicator(bool(self._store.list_requests(["pending"])))

@@ -162,9 +162,11 @@ class DeliverySucceeded:
 
 @dataclass(frozen=True)
 class DeliveryFailed:
-    """Delivery gave up (retries exhausted, or the vault could not produce a clip)."""
+    """Delivery gave up (retries exhausted, or the vault could not produce a clip:
+    ``delivery_error``) or was stopped because the requester was revoked (``revoked``)."""
 
     reason: str
+    error: Literal["delivery_error", "revoked"] = "delivery_error"
 
 
 Event = Approve | Deny | Tick | DeliverySucceeded | DeliveryFailed
@@ -260,7 +262,11 @@ def transition(state: ApprovalState, event: Event, policy: Policy, now: datetime
     return Transition(
         state,
         after,
-        (Audit("request_failed", {"error": event.reason}), Respond(Status.FAILED), ReleaseHold()),
+        (
+            Audit("request_failed", {"error": event.error, "detail": event.reason}),
+            Respond(Status.FAILED, {"error": event.error}),
+            ReleaseHold(),
+        ),
     )
 
 

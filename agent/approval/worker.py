@@ -63,6 +63,8 @@ class ApprovalWorker:
             "require": self.coordinator.policy.require,
             "button": "ok" if self.panel is not None else (self.button_error or "off"),
             "pending_indicator": self.panel.blinking if self.panel is not None else None,
+            # Requests whose footage is not held (held-footage cap): the owner should decide.
+            "unheld_requests": len(self.coordinator.unheld),
         }
 
     def close(self) -> None:

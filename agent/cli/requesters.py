@@ -170,4 +170,10 @@ def revoke_handler(args: argparse.Namespace) -> int:
         print(f"rejected {len(result.cancelled)} pending request(s):")
         for record in result.cancelled:
             print(f"  {record.jti}")
+    print(
+        f"hint: also remove {requester.id}'s account from the MQTT broker (e.g. "
+        f"`mosquitto_passwd -D PASSWORD_FILE {requester.id}` and its ACL lines, then reload the "
+        "broker): a revoked key can still publish until then, and each message is checked and "
+        "counted"
+    )
     return 0

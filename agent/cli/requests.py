@@ -6,11 +6,15 @@ Both read ``requests.db`` directly, so they work while ``run`` is running.
 from __future__ import annotations
 
 import argparse
+from typing import Final
 
 from agent.approval.decisions import Decision, DecisionLog
 from agent.cli.common import add_json_flag, load_config, print_json, require_initialised
+from agent.config import Config
+from agent.errors import AgentError
 from agent.requests.store import RequestRecord, RequestStore
 from agent.timeutil import rfc3339
+from agent.vault import Vault
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -34,7 +38,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def pending_handler(args: argparse.Namespace) -> int:
-    """Print the pending requests."""
+    """Print the pending requests, saying which ones' footage is not held from retention."""
     return _show(args, ["pending"], empty="no pending requests")
 
 
@@ -50,14 +54,21 @@ def _show(args: argparse.Namespace, statuses: list[str] | None, *, empty: str) -
         records = store.list_requests(statuses)
         # Decisions made with `approve`/`deny` while the agent was stopped wait here.
         stored = {d.jti: d for d in DecisionLog(store).queued()}
+    held = _held(cfg) if statuses == ["pending"] else None
     if args.json:
-        print_json([_json(r, stored.get(r.jti)) for r in records])
+        out = [_json(r, stored.get(r.jti)) for r in records]
+        if held is not None:
+            for entry in out:
+                entry["footage_held"] = entry["id"] in held
+        print_json(out)
         return 0
     if not records:
         print(empty)
         return 0
     for record in records:
         print(_format(record, stored.get(record.jti)))
+        if held is not None and record.jti not in held:
+            print(UNHELD_NOTE)
     return 0
 
 
@@ -68,6 +79,21 @@ def _json(record: RequestRecord, stored: Decision | None) -> dict[str, object]:
         else {"action": stored.action, "made_at": rfc3339(stored.made_at)}
     )
     return out
+
+
+UNHELD_NOTE: Final = (
+    "  footage:     NOT held from retention (held footage is at storage.max_held_share, or the "
+    "agent is not running): decide soon or it may be shredded"
+)
+
+
+def _held(cfg: Config) -> set[str] | None:
+    """The requests whose footage the vault holds, or None when the vault cannot be read."""
+    try:
+        with Vault.from_config(cfg) as vault:
+            return {h.holder for h in vault.holds()}
+    except (AgentError, OSError):
+        return None
 
 
 def escape(text: str) -> str:

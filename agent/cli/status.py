@@ -17,7 +17,7 @@ from agent.keys import kid_for, load_device_key, public_jwk
 from agent.provision import TLS_CERT, TLS_DIR, certificate_fingerprint, configured_client_id
 from agent.requests.store import RequestStore
 from agent.timeutil import format_duration, format_size, parse_rfc3339, utcnow
-from agent.vault import Vault
+from agent.vault import Vault, held_cap
 
 STALE_AFTER = timedelta(seconds=STATUS_INTERVAL * 3)
 """A status.json not refreshed for this long means the daemon is not running."""
@@ -72,8 +72,13 @@ def collect(cfg: Config, *, now: datetime) -> dict[str, Any]:
     with Vault.from_config(cfg) as vault:
         clips = vault.list_clips()
         space = vault.space()
+        holds = vault.holds()
+        held_bytes = vault.held_bytes(holds)
     with RequestStore.open(state_dir) as store:
-        pending = len(store.list_requests(["pending"]))
+        pending_records = store.list_requests(["pending"])
+    pending = len(pending_records)
+    holders = {h.holder for h in holds}
+    unheld = [r.jti for r in pending_records if r.jti not in holders]
     last = AuditLog(state_dir / AUDIT_FILE, key).last_entry()
     stored = sum(c.stored_bytes for c in clips)
     return {
@@ -88,6 +93,8 @@ def collect(cfg: Config, *, now: datetime) -> dict[str, Any]:
             "stored_bytes": stored,
             "max_bytes": cfg.storage.max_bytes,
             "retention": format_duration(cfg.storage.retention),
+            "held_bytes": held_bytes,
+            "max_held_bytes": held_cap(cfg.storage.max_bytes, cfg.storage.max_held_share),
         },
         "disk": {
             "state": space.state,
@@ -95,7 +102,7 @@ def collect(cfg: Config, *, now: datetime) -> dict[str, Any]:
             "reserve_bytes": space.reserve,
             "detail": space.describe(),
         },
-        "requests": {"pending": pending},
+        "requests": {"pending": pending, "unheld": unheld},
         "audit": {"seq": last.seq, "hash": last.hash} if last else {"seq": 0, "hash": None},
         "clock": clock.status_json(clock.clock_state()),
         "mqtt": {
@@ -192,6 +199,13 @@ def handler(args: argparse.Namespace) -> int:
         + ("; no new clip is recorded until space is freed" if full else "")
     )
     print(f"requests pending: {doc['requests']['pending']}")
+    if doc["requests"]["unheld"]:
+        print(
+            f"  footage NOT held from retention for {len(doc['requests']['unheld'])} of them "
+            f"(held {format_size(doc['storage']['held_bytes'])} of "
+            f"{format_size(doc['storage']['max_held_bytes'])} allowed by "
+            "storage.max_held_share): decide soon, see `doorbell-agent pending`"
+        )
     print(f"audit head: seq {audit['seq']}" + (f" hash {audit['hash']}" if audit["hash"] else ""))
     mqtt = doc["mqtt"]
     print(

@@ -7,6 +7,14 @@ and we wait until the broker has acknowledged everything. If the connection drop
 delivery starts again once the publisher is reconnected (age files are not resumable: a new
 attempt has a new file key), at most ``retries`` times.
 
+Revocation wins: every chunk and the manifest are handed to the MQTT client inside the job's
+``gate`` (the request store's :meth:`~agent.requests.store.RequestStore.release_gate`), which
+holds the store's write lock and refuses once the requester is revoked. A revocation therefore
+commits either before a message is handed over (and the delivery stops with
+:class:`~agent.errors.DeliveryRevokedError`, never retried) or after it. The wait for room in the
+in-flight window happens before the gate, so the lock is never held while the broker is slow.
+Everything published carries an MQTT Message Expiry Interval: the request's remaining lifetime.
+
 This module knows nothing of request states, audit or responses; the approval coordinator runs a
 :class:`Deliverer` and records the outcome.
 """
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -23,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pyrage import x25519
 
 from agent.errors import DeliveryError, MQTTError, VaultError
+from agent.mqtt import message_expiry
 from agent.release.encrypt import ClipReader, encrypt_to_chunks, parse_recipient
 from agent.release.manifest import NAME_RE, ManifestClip, manifest_claims, sign_manifest
 from agent.timeutil import utcnow
@@ -35,14 +45,19 @@ QOS = 1
 class Publisher(Protocol):
     """What delivery needs from the MQTT connection.
 
-    ``publish`` blocks while too many QoS 1 messages await their PUBACK and raises
-    :class:`agent.errors.MQTTError` when the connection is (or goes) down. ``drain`` blocks until
+    ``make_room`` blocks while too many QoS 1 messages await their PUBACK and raises
+    :class:`agent.errors.MQTTError` when the connection is (or goes) down; ``publish`` hands one
+    message to the client (waiting for room first if there is none) with an MQTT Message Expiry
+    Interval of ``expiry`` seconds. ``drain`` blocks until
     every message published so far is acknowledged, raising MQTTError if the connection drops
     first. ``wait_connected`` blocks until the client is connected again, up to ``timeout``
     seconds, and says whether it is.
     """
 
-    def publish(self, topic: str, payload: bytes, qos: int) -> None: ...
+    def make_room(self) -> None: ...
+
+    def publish(self, topic: str, payload: bytes, qos: int, *, expiry: int | None = None) -> None:
+        ...
 
     def drain(self) -> None: ...
 
@@ -83,6 +98,13 @@ class DeliveryJob:
     window_start: datetime
     window_end: datetime
     recipient: str
+    exp: datetime | None = None
+    """The request's ``exp``: what is published about it expires at the broker then."""
+
+
+Gate = Callable[[], AbstractContextManager[object]]
+"""Entered around each hand-over of a message to the client; raises DeliveryRevokedError once
+the delivery must stop (see the module docstring)."""
 
 
 def delivery_topic(prefix: str, job: DeliveryJob, leaf: str) -> str:
@@ -117,6 +139,7 @@ class Deliverer:
         self._retries = retries
         self._reconnect_timeout = reconnect_timeout
         self._now = now
+        self._gate: Gate = nullcontext
 
     def clips_for(self, job: DeliveryJob) -> list[ClipMeta]:
         """The clips a delivery of ``job`` releases, oldest first."""
@@ -124,12 +147,14 @@ class Deliverer:
         clips.sort(key=lambda c: (c.start, c.id))
         return clips
 
-    def deliver(self, job: DeliveryJob) -> tuple[ManifestClip, ...]:
+    def deliver(self, job: DeliveryJob, gate: Gate | None = None) -> tuple[ManifestClip, ...]:
         """Deliver ``job``; returns the manifest entries once the broker acknowledged all of it.
 
         Raises DeliveryError when the recipient is unusable, a clip cannot be read from the
-        vault (retrying would not help), or the connection failed ``retries + 1`` times.
+        vault (retrying would not help), or the connection failed ``retries + 1`` times, and
+        DeliveryRevokedError (not retried) as soon as ``gate`` refuses a message.
         """
+        self._gate = gate or nullcontext
         for name in (job.device_id, job.requester_id, job.jti):
             if not NAME_RE.match(name):
                 raise DeliveryError(f"{name!r} is not usable as a topic level")
@@ -169,17 +194,21 @@ class Deliverer:
             now=self._now(),
         )
         token = sign_manifest(self._key, claims)
-        self._publisher.publish(delivery_topic(self._prefix, job, "manifest"), token.encode(), QOS)
+        self._send(job, delivery_topic(self._prefix, job, "manifest"), token.encode())
         self._publisher.drain()
         return tuple(entries)
+
+    def _send(self, job: DeliveryJob, topic: str, payload: bytes) -> None:
+        self._publisher.make_room()
+        with self._gate():
+            expiry = None if job.exp is None else message_expiry(job.exp, self._now())
+            self._publisher.publish(topic, payload, QOS, expiry=expiry)
 
     def _send_clip(
         self, job: DeliveryJob, recipient: x25519.Recipient, clip: ClipMeta
     ) -> ManifestClip:
-        publish = self._publisher.publish
-
         def sink(seq: int, chunk: bytes) -> None:
-            publish(delivery_topic(self._prefix, job, f"{clip.id}/{seq}"), chunk, QOS)
+            self._send(job, delivery_topic(self._prefix, job, f"{clip.id}/{seq}"), chunk)
 
         try:
             reader = self._vault.open_clip(clip.id)

@@ -245,6 +245,13 @@ def handler(args: argparse.Namespace) -> int:
     return code
 
 
+def say(line: str) -> None:
+    """Print one progress line and flush it at once: scripts (and tests) follow these lines on
+    a pipe, where stdout is block-buffered, and act on each (revoke, approve...) as it comes;
+    buffered, a ``pending`` line would only appear when the command gives up."""
+    print(line, flush=True)
+
+
 def follow(
     exchange: Exchange,
     next_message: Callable[[bool, float | None], InboundMessage],
@@ -253,7 +260,7 @@ def follow(
     collector: RequestEvidence | None = None,
     client: MQTTClient | None = None,
     grace: float = DELIVERY_GRACE,
-    out: Callable[[str], None] = print,
+    out: Callable[[str], None] = say,
     silence: float = SILENCE_NOTICE,
 ) -> int:
     """Print each verified response to ``exchange`` until a final one; return the exit status.

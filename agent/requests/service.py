@@ -106,7 +106,7 @@ from agent.config import Config
 from agent.errors import AgentError, AuditWriteError, MQTTError, RequestNotFoundError
 from agent.keys import sign_jws
 from agent.logtext import one_line
-from agent.mqtt import BoundedPublisher, InboundMessage, MQTTClient, Topics
+from agent.mqtt import BoundedPublisher, InboundMessage, MQTTClient, Topics, message_expiry
 from agent.provision import device_client_id
 from agent.release.manifest import RESPONSE_TYP
 from agent.requests.store import RequestRecord, RequestStore
@@ -178,6 +178,11 @@ def audit_cost(result: VerifiedRequest | Rejection) -> int:
         + ENTRY_OVERHEAD
         for fields in (_received_fields(result), result.audit_fields())
     )
+FAILURE_DETAIL: Final[dict[str, str]] = {
+    "revoked": "the requester was revoked; the delivery was stopped",
+    "delivery_error": "the delivery could not be completed",
+}
+"""The ``error`` codes of a ``failed`` response (§4) and their fixed ``detail`` texts."""
 
 
 # --- responses (pure) -------------------------------------------------------------------------
@@ -198,17 +203,18 @@ def response_claims(
     """The claims of a §4 response, with exactly the claims its status carries.
 
     ``rejected`` needs ``error`` (a contract code; ``detail`` defaults to its fixed text),
+    ``failed`` needs ``error`` ``revoked`` or ``delivery_error`` (``detail`` its fixed text),
     ``approved`` needs ``clips`` and ``channel``, ``delivered`` needs ``clips``, ``denied`` needs
     ``channel``; every other combination raises ValueError. ``req`` is null only for a rejected
     request whose ``jti`` claim was not a string.
     """
     if status not in RESPONSE_STATUSES:
         raise ValueError(f"unknown response status {status!r}")
-    wants_error = status == "rejected"
+    wants_error = status in ("rejected", "failed")
     wants_clips = status in ("approved", "delivered")
     wants_channel = status in ("approved", "denied")
     if wants_error != (error is not None) or (detail is not None and not wants_error):
-        raise ValueError(f"error/detail go with status rejected only (status {status})")
+        raise ValueError(f"error/detail go with status rejected and failed only ({status})")
     if wants_clips != (clips is not None):
         raise ValueError(f"clips go with approved and delivered only (status {status})")
     if wants_channel != (channel is not None):
@@ -222,7 +228,12 @@ def response_claims(
         "req": jti,
         "status": status,
     }
-    if error is not None:
+    if error is not None and status == "failed":
+        if error not in FAILURE_DETAIL:
+            raise ValueError(f"{error!r} is not a failure code of the contract")
+        claims["error"] = error
+        claims["detail"] = detail if detail is not None else FAILURE_DETAIL[error]
+    elif error is not None:
         if error not in ERROR_CODES:
             raise ValueError(f"{error!r} is not a rejection code of the contract")
         claims["error"] = error
@@ -264,6 +275,20 @@ class Target:
     jti: str | None
     requester_id: str
     correlation: bytes | None
+    exp: datetime | int | None = None
+
+
+def response_expiry(exp: object, now: datetime, cap: timedelta) -> int:
+    """The Message Expiry Interval of a response to a request with claim ``exp`` (a datetime,
+    or the raw integer claim of a rejected request): its remaining lifetime, 1 s at least,
+    ``cap`` (the longest lifetime a request may have) at most or when ``exp`` is unknown."""
+    if isinstance(exp, datetime):
+        return message_expiry(exp, now, cap)
+    limit = max(1, math.ceil(cap.total_seconds()))
+    if isinstance(exp, int) and not isinstance(exp, bool):
+        # Integer arithmetic: a rejected request's exp may be far outside datetime's range.
+        return max(1, min(exp - to_epoch(now), limit))
+    return limit
 
 
 # --- flood accounting (pure) ------------------------------------------------------------------
@@ -500,6 +525,7 @@ class Publisher(Protocol):
         *,
         retain: bool = False,
         correlation_data: bytes | None = None,
+        expiry: int | None = None,
         timeout: float | None = None,
     ) -> Future[None]:
         """Queue a QoS 1 message."""
@@ -702,6 +728,9 @@ class RequestService:
             self.topics.responses(request.requester_id),
             token,
             correlation_data=request.correlation,
+            expiry=response_expiry(
+                getattr(request, "exp", None), self._now(), self.policy.max_lifetime
+            ),
         )
         self.stats.responses += 1
         if request.jti is not None:
@@ -864,7 +893,7 @@ class RequestService:
             return
         # admit passes unverifiable results through untouched and never makes one.
         assert not isinstance(final, Unverifiable)
-        target = Target(final.jti, final.requester_id, message.correlation_data)
+        target = Target(final.jti, final.requester_id, message.correlation_data, final.exp)
         if isinstance(final, VerifiedRequest):
             self.stats.pending += 1
             log.info("request %s from %s is pending", shown(final.jti), final.requester_id)

@@ -39,7 +39,13 @@ from typing import Any, Final, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.errors import RequesterNotFoundError, RequestError, RequestNotFoundError
+from agent.errors import (
+    DeliveryError,
+    DeliveryRevokedError,
+    RequesterNotFoundError,
+    RequestError,
+    RequestNotFoundError,
+)
 from agent.keys import kid_for, public_jwk, raw_public_bytes
 from agent.requests.verify import (
     RATE_WINDOW,
@@ -492,6 +498,44 @@ class RequestStore:
                 for record in cancelled:
                     audit.append("request_rejected", **_record_audit_fields(record))
         return Revocation(self.get_requester(requester_id), cancelled, already_revoked=False)
+
+    @contextmanager
+    def release_gate(self, jti: str) -> Iterator[None]:
+        """Hand one message of ``jti``'s delivery to the MQTT client inside this block.
+
+        The block runs inside a write transaction (``BEGIN IMMEDIATE``): SQLite lets one
+        writer at a time into the database, across processes, so a revocation
+        (:meth:`revoke_requester`, in the CLI or the app) commits either before the block,
+        which then raises DeliveryRevokedError and nothing is handed over, or after it. Keep
+        the block short: it holds the store's write lock.
+        """
+        with self.transaction() as conn:
+            row = conn.execute(
+                "SELECT q.revoked_at, r.status FROM requests r "
+                "JOIN requesters q ON q.id = r.requester WHERE r.jti = ?",
+                (jti,),
+            ).fetchone()
+            if row is None:
+                raise RequestNotFoundError(f"no request {jti!r} is known")
+            if row[0] is not None:
+                raise DeliveryRevokedError(
+                    f"the requester of request {jti} was revoked: its delivery stops"
+                )
+            if row[1] != "approved":
+                raise DeliveryError(f"request {jti} is {row[1]}, not approved: nothing is sent")
+            yield
+
+    def requester_revoked(self, jti: str) -> bool:
+        """Whether the requester of request ``jti`` is revoked (read fresh)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT q.revoked_at FROM requests r JOIN requesters q ON q.id = r.requester "
+                "WHERE r.jti = ?",
+                (jti,),
+            ).fetchone()
+        if row is None:
+            raise RequestNotFoundError(f"no request {jti!r} is known")
+        return row[0] is not None
 
     def key_for_kid(self, kid: str) -> TrustedKey | None:
         """TrustView: the enrolled key with this kid, read fresh so revocations apply at once."""

@@ -322,6 +322,7 @@ class _AckingClient:
         *,
         retain: bool = False,
         correlation_data: bytes | None = None,
+        expiry: int | None = None,
         timeout: float | None = None,
     ) -> Future[None]:
         self.published.append(topic)

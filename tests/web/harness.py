@@ -76,7 +76,10 @@ class MemoryPublisher:
     def __init__(self) -> None:
         self.messages: list[tuple[str, bytes]] = []
 
-    def publish(self, topic: str, payload: bytes, qos: int) -> None:
+    def make_room(self) -> None:
+        return None
+
+    def publish(self, topic: str, payload: bytes, qos: int, *, expiry: int | None = None) -> None:
         assert qos == 1
         self.messages.append((topic, payload))
 
