@@ -129,7 +129,7 @@ def accounted(agent: AgentProcess) -> int:
     return int(
         sum((stats.get("unverifiable") or {}).values())
         + sum((stats.get("rejected") or {}).values())
-        + stats.get("pending", 0) + stats.get("suppressed", 0)
+        + stats.get("admitted", 0) + stats.get("suppressed", 0)
     )
 
 
