@@ -50,7 +50,9 @@ def test_status_json_identity_and_empty_state(
         "clips": 0, "stored_bytes": 0, "max_bytes": 8 * 1024**3, "retention": "7d"
     }
     assert doc["requests"] == {"pending": 0}
-    assert doc["audit"] == {"seq": 0, "hash": None}
+    # init wrote entry 1 (device_initialized); no start-up check has found a gap.
+    assert doc["audit"]["seq"] == 1 and doc["audit"]["state"] == "ok"
+    assert isinstance(doc["audit"]["hash"], str) and len(doc["audit"]["hash"]) == 64
     assert set(doc["clock"]) >= {"synchronised", "source", "detail", "note"}
 
 
