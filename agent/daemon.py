@@ -136,8 +136,11 @@ class RetentionWorker:
         interval: timedelta = RETENTION_INTERVAL,
         space_interval: float = SPACE_CHECK_INTERVAL,
         now: Callable[[], datetime] = utcnow,
+        activity: AuditLog | None = None,
     ) -> None:
         self.vault = vault
+        self.activity = activity
+        self._storage_state: str | None = None
         self.interval = interval
         self.space_interval = space_interval
         self.now = now
@@ -165,7 +168,24 @@ class RetentionWorker:
         except OSError as exc:
             self.last_error = f"cannot measure free space: {exc}"
             return False
+        self._note_storage(self.space)
         return self.space.low
+
+    def _note_storage(self, space: Space) -> None:
+        """Record in the activity log when storage becomes full and when it recovers (camera
+        activity: it never reaches the public request log)."""
+        if space.state == self._storage_state or self.activity is None:
+            return
+        if self._storage_state is None and space.state == "ok":
+            self._storage_state = "ok"
+            return
+        event = "storage_full" if space.low else "storage_ok"
+        try:
+            self.activity.append(event, free_bytes=space.free, reserve_bytes=space.reserve)
+        except (AgentError, OSError) as exc:
+            log.warning("could not record %s in the activity log: %s", event, exc)
+            return
+        self._storage_state = space.state
 
     def enforce(self) -> None:
         """One pass; failures are logged and retried next time (recording goes on)."""
@@ -275,8 +295,8 @@ class _AfterCheck:
 
 
 def retention_worker(ctx: DaemonContext) -> Worker | None:
-    """Retention and quota enforcement."""
-    return RetentionWorker(ctx.vault)
+    """Retention and quota enforcement (storage warnings go to the activity log)."""
+    return RetentionWorker(ctx.vault, activity=ctx.activity)
 
 
 class HomeAssistantWorker:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
@@ -40,11 +41,13 @@ from agent.audit import (
     verify_file,
 )
 from agent.cli import main
+from agent.daemon import RetentionWorker
 from agent.errors import ConfigError, StateError
 from agent.headcheck import StartupCheck
 from agent.keys import create_device_keys, kid_for, load_device_key, public_jwk
 from agent.mqtt import InboundMessage
 from agent.provision import initialise
+from agent.vault import Vault
 
 T0 = datetime(2026, 1, 31, 12, 0, 0, tzinfo=UTC)
 DEVICE = "dev1"
@@ -398,3 +401,25 @@ def test_show_covers_both_logs(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["--config", str(cfg), "audit", "show", "--json", "--log", "activity",
                  "--since", "5"]) == 0
     assert [e["seq"] for e in json.loads(capsys.readouterr().out)] == [5, 6]
+
+
+# --- routing: storage warnings are camera activity ----------------------------------------------
+
+
+def test_storage_full_and_recovered_go_to_the_activity_log_once_each(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    master = os.urandom(32)
+    activity = AuditLog(tmp_path / ACTIVITY_FILE, key, now=_clock())
+    with (
+        Vault(tmp_path, master, reserve_bytes=2**62) as full,
+        Vault(tmp_path, master, reserve_bytes=0) as roomy,
+    ):
+        worker = RetentionWorker(roomy, activity=activity)
+        assert not worker.check_space()  # fine at start: nothing to say
+        worker.vault = full
+        assert worker.check_space() and worker.check_space()
+        worker.vault = roomy
+        assert not worker.check_space()
+    events = [(e.event, e.fields["reserve_bytes"]) for e in read_entries(activity.path)]
+    assert events == [("storage_full", 2**62), ("storage_ok", 0)]
+    assert not (tmp_path / AUDIT_FILE).exists()

@@ -185,6 +185,7 @@ worker = RequestsWorker(cfg, signing_key=key, store=RequestStore.open(cfg.state_
                         audit=AuditLog(cfg.state_dir / "audit.jsonl", key))
 worker.start()
 worker.client.wait_ready(10)
+worker.checked.wait(30)  # status and head go out once the start-up audit check is done
 print("ready", flush=True)
 time.sleep(600)
 """
