@@ -189,7 +189,10 @@ class StartupCheck:
 
         def on_head(message: InboundMessage) -> None:
             got.append(message.payload)
-            arrived.set()
+            # Only the broker's retained copy ends the wait: a copy left over in our persistent
+            # session from an earlier run (not flagged retained) may be older.
+            if message.retain:
+                arrived.set()
 
         try:
             future = self.client.subscribe(self.topic, on_head)
@@ -213,7 +216,7 @@ class StartupCheck:
             self._unsubscribe()
             return []
         deadline = time.monotonic() + self.wait
-        # One retained message is all the broker sends; stop waiting once it is here.
+        # One retained message is all the broker sends for a subscription; stop once it is here.
         while not arrived.is_set() and not stop.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -592,6 +592,9 @@ class MQTTClient:
                 own(message)
             except Exception:
                 log.exception("message handler failed for a message on %s", msg.topic)
+            # Nobody acknowledges these later: unacknowledged, the broker would offer the
+            # message again on every reconnect of a persistent session.
+            self.ack(message)
             return
         with self._hold_lock:
             if self._held is not None:

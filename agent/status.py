@@ -193,6 +193,11 @@ class Announcer:
             self.topics.device_id, self._key, online=online, since=self._now(), audit=state
         )
 
+    def attach(self, publisher: Publisher) -> None:
+        """Publish through ``publisher`` without starting: only ``close``'s offline status goes
+        out (an agent stopped before its start-up audit check announces nothing else)."""
+        self._publisher = publisher
+
     def start(self, publisher: Publisher) -> None:
         """Start publishing through ``publisher``; announces the current audit head first."""
         self._publisher = publisher

@@ -38,6 +38,7 @@ from agent.audit import (
 )
 from agent.cli import main
 from agent.keys import kid_for, load_device_key
+from agent.mqtt import InboundMessage, MQTTClient
 from agent.provision import initialise
 from agent.requests.service import RequestsWorker
 from agent.requests.store import RequestStore
@@ -216,6 +217,69 @@ def test_an_intact_log_passes_the_check_and_stays_ok(harness: AgentHarness) -> N
     assert not harness.events("audit_discontinuity")
     assert audit_state(harness.state) == "ok"
     eventually(lambda: retained_status(harness.broker).get("audit") == "ok")
+
+
+def test_nothing_is_taken_from_the_broker_before_the_check_is_done(
+    harness: AgentHarness,
+) -> None:
+    alice = harness.enroll("alice")
+    inbox = listen(harness.broker, alice)
+    harness.head_wait = 2.0
+    harness.start()  # no retained head on a fresh broker: the check waits its full head_wait
+    worker = harness.worker
+    assert worker is not None and not worker.checked.is_set()
+    token, jti = request(alice)
+    inbox.publish(TOPIC_REQUESTS, token)
+    # Ordering, not timing: as long as the check is not done, the request is neither logged,
+    # answered nor acknowledged, and no head or status went out.
+    watcher = HeadWatcher(harness.broker, harness.public)
+    try:
+        rounds = 0
+        while not worker.checked.is_set():
+            rounds += 1
+            assert not harness.events("request_received")
+            assert inbox.messages.empty()
+            assert worker.client.stats.published == 0
+            assert not watcher.poll()
+            worker.checked.wait(0.05)
+        assert rounds > 1  # the request did wait at the broker while the check ran
+        claims, _ = next_response(inbox, harness.public)
+        assert claims["req"] == jti and claims["status"] == "pending"
+    finally:
+        watcher.close()
+
+
+def test_the_head_read_at_start_is_acknowledged_so_no_stale_copy_returns(
+    mosquitto: Mosquitto,
+) -> None:
+    """The device's session is persistent and acknowledges requests by hand; a retained head
+    read at start that stayed unacknowledged would be offered again, stale, at the next
+    connection, before the broker's current retained head."""
+    settings = config.parse({
+        "device_id": DEVICE, "mqtt": {"host": mosquitto.host, "port": mosquitto.port},
+    }).mqtt
+    publisher = mosquitto.client()
+    publisher.publish(TOPIC_HEAD, b"old-head", retain=True)
+    got: queue.Queue[InboundMessage] = queue.Queue()
+    first = MQTTClient(settings, client_id="device-session", persistent=True, manual_ack=True,
+                       on_message=got.put)
+    with first:
+        first.wait_ready(10)
+        heads: queue.Queue[InboundMessage] = queue.Queue()
+        assert first.subscribe(TOPIC_HEAD, heads.put).result(10) is True
+        assert heads.get(timeout=10).payload == b"old-head"
+        first.unsubscribe(TOPIC_HEAD)
+    publisher.publish(TOPIC_HEAD, b"new-head", retain=True)
+    barrier = f"{PREFIX}/{DEVICE}/barrier"
+    second = MQTTClient(settings, client_id="device-session", persistent=True, manual_ack=True,
+                        subscriptions=[barrier], on_message=got.put)
+    with second:
+        second.wait_ready(10)
+        publisher.publish(barrier, b"after")
+        # The broker sends a session's left-over messages right after the CONNACK, so anything
+        # stale would come before the barrier message.
+        assert got.get(timeout=10).payload == b"after"
+    publisher.close()
 
 
 # --- the bar: camera activity does not move the public head -----------------------------------

@@ -41,7 +41,7 @@ from agent.audit import (
     verify_file,
 )
 from agent.cli import main
-from agent.daemon import RetentionWorker
+from agent.daemon import CheckpointWorker, RetentionWorker
 from agent.errors import ConfigError, StateError
 from agent.headcheck import StartupCheck
 from agent.keys import create_device_keys, kid_for, load_device_key, public_jwk
@@ -423,3 +423,16 @@ def test_storage_full_and_recovered_go_to_the_activity_log_once_each(tmp_path: P
     events = [(e.event, e.fields["reserve_bytes"]) for e in read_entries(activity.path)]
     assert events == [("storage_full", 2**62), ("storage_ok", 0)]
     assert not (tmp_path / AUDIT_FILE).exists()
+
+
+def test_the_checkpoint_worker_follows_its_injected_clock(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    audit = AuditLog(tmp_path / AUDIT_FILE, key, now=_clock())
+    activity = AuditLog(tmp_path / ACTIVITY_FILE, key, now=_clock())
+    now = [T0 + timedelta(minutes=59)]
+    worker = CheckpointWorker(Checkpointer(audit, activity, 3600), now=lambda: now[0])
+    assert worker.tick() == 60.0  # due on the hour
+    now[0] = T0 + timedelta(hours=1)
+    assert worker.tick() == 3600.0
+    assert worker.stats() == {"written": 1, "last_error": None}
+    assert [e.event for e in read_entries(audit.path)] == ["checkpoint"]

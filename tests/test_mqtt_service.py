@@ -77,6 +77,7 @@ class AgentHarness:
         self.cfg = config.parse(raw)
         self.audit_path = self.state / "audit.jsonl"
         self.worker: RequestsWorker | None = None
+        self.head_wait = 0.5  # seconds the start-up audit check waits for a retained head
         self._store: RequestStore | None = None
         self._audit: AuditLog | None = None
 
@@ -98,7 +99,8 @@ class AgentHarness:
         self._audit = AuditLog(self.audit_path, self.key)
         self.worker = RequestsWorker(
             self.cfg, signing_key=self.key, store=self._store, audit=self._audit,
-            summary_interval=0.2, revocation_poll=0.2, head_interval=0.2, head_wait=0.5,
+            summary_interval=0.2, revocation_poll=0.2, head_interval=0.2,
+            head_wait=self.head_wait,
         )
         self.worker.start()
         self.worker.client.wait_ready(10)

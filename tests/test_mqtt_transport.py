@@ -213,11 +213,14 @@ def test_status_is_retained_and_the_will_reports_an_unclean_death(
         assert doc["device_id"] == DEVICE
         assert doc["public_jwk"] == public_jwk(harness.public)
         assert doc["kid"] == kid_for(harness.public)
-        assert set(doc) == {"device_id", "online", "kid", "public_jwk", "version", "since"}
+        assert set(doc) == {
+            "device_id", "online", "kid", "public_jwk", "version", "since", "audit"
+        }
+        assert doc["audit"] == "ok"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         will = json.loads(watcher.get().payload)
-        assert will["online"] is False and will["kid"] == doc["kid"]
+        assert will["online"] is False and will["kid"] == doc["kid"] and will["audit"] == "ok"
     finally:
         if proc.poll() is None:
             proc.kill()

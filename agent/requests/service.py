@@ -1061,6 +1061,8 @@ class RequestsWorker:
             self.announcer.start(self.client)
             self.service.start()
             self.client.release_inbound()
+            # QoS 0 messages past what the hold keeps were dropped: count them as the lanes do.
+            self.service.stats.dropped += self.client.held_dropped
         except Exception as exc:
             self.check_error = exc
             log.exception("the start-up audit check failed")
@@ -1104,6 +1106,8 @@ class RequestsWorker:
         self._stopping.set()
         if self._gate.is_alive():
             self._gate.join(self._head_wait + 2.0)
+        if not self.checked.is_set():
+            self.announcer.attach(self.client)  # a clean stop still says offline
         self.service.close()
         self.announcer.close()
         self.client.close()
