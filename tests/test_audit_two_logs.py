@@ -18,6 +18,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import config
+from agent.approval.coordinator import ApprovalCoordinator, Deliverer
+from agent.approval.machine import Policy
 from agent.audit import (
     ACTIVITY_FILE,
     AUDIT_FILE,
@@ -47,7 +49,9 @@ from agent.headcheck import StartupCheck
 from agent.keys import create_device_keys, kid_for, load_device_key, public_jwk
 from agent.mqtt import InboundMessage
 from agent.provision import initialise
+from agent.requests.store import RequestStore
 from agent.vault import Vault
+from tests.web.harness import PASSWORD, close_harness, make_harness
 
 T0 = datetime(2026, 1, 31, 12, 0, 0, tzinfo=UTC)
 DEVICE = "dev1"
@@ -436,3 +440,46 @@ def test_the_checkpoint_worker_follows_its_injected_clock(tmp_path: Path) -> Non
     assert worker.tick() == 3600.0
     assert worker.stats() == {"written": 1, "last_error": None}
     assert [e.event for e in read_entries(audit.path)] == ["checkpoint"]
+
+
+def test_a_button_press_with_nothing_pending_is_camera_activity(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    audit = AuditLog(tmp_path / AUDIT_FILE, key, now=_clock())
+    activity = AuditLog(tmp_path / ACTIVITY_FILE, key, now=_clock())
+
+    def no_delivery() -> Deliverer:
+        raise AssertionError("nothing is delivered")
+
+    with RequestStore(tmp_path / "requests.db") as store, Vault(tmp_path, os.urandom(32)) as vault:
+        coordinator = ApprovalCoordinator(
+            store=store, audit=audit, activity=activity,
+            policy=Policy.from_settings(("button",), "any", timedelta(hours=1), timedelta(1)),
+            vault=vault, respond=lambda *_a, **_k: None, deliverer_factory=no_delivery,
+            device_id=DEVICE,
+        )
+        assert coordinator.button_press() is None
+        assert coordinator.button_hold() is None
+    assert [e.event for e in read_entries(activity.path)] == ["button_ignored"] * 2
+    assert not audit.path.exists()
+
+
+def test_owner_logins_and_failures_go_to_the_activity_log_before_the_session(
+    tmp_path: Path,
+) -> None:
+    web = make_harness(tmp_path)
+    try:
+        activity = AuditLog(web.state / ACTIVITY_FILE, web.key, now=web.clock)
+        web.web.services.activity = activity
+        before = web.audit_events()
+        assert web.try_login(web.client, "wrong password").status_code == 401
+        web.login()
+        assert [e.event for e in read_entries(activity.path)] == ["app_login_failed", "app_login"]
+        assert web.audit_events() == before  # the request log never hears of the owner
+        # A login that cannot be recorded does not happen.
+        activity.close()
+        web.client.cookies.clear()
+        refused = web.try_login(web.client, PASSWORD)
+        assert refused.status_code == 503
+        assert web.client.get("/api/session").status_code != 200
+    finally:
+        close_harness(web)

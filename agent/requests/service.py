@@ -1096,6 +1096,9 @@ class RequestsWorker:
             "suppressed": s.suppressed,
             "responses": s.responses,
             "audit_failures": s.audit_failures,
+            # Requests wait at the broker until the start-up audit check is done (§7).
+            "audit_check": "failed" if self.check_error is not None
+            else "done" if self.checked.is_set() else "waiting for the broker",
         }
 
     def close(self) -> None:
