@@ -1,6 +1,9 @@
-"""The tamper-evident audit log (contract §7).
+"""The tamper-evident audit logs (contract §7).
 
-``audit.jsonl`` holds one canonical JSON object per line. Every entry carries ``seq`` (from 1),
+Two logs share this format, each its own chain: ``audit.jsonl``, the request log (the public
+audit head covers it alone), and ``activity.jsonl``, the camera and owner log, for which the
+request log records a ``checkpoint`` every ``audit.head_interval`` (:class:`Checkpointer`). A log
+holds one canonical JSON object per line. Every entry carries ``seq`` (from 1),
 ``ts``, ``event``, its event fields, ``prev`` (hex SHA-256 of the previous line's exact bytes
 without the newline, 64 zeros for the first) and ``sig``: the base64url (unpadded) Ed25519
 signature by the device key over the entry's canonical JSON without ``sig``. Canonical JSON is
