@@ -79,6 +79,7 @@ class Harness:
         require: Literal["any", "all"] = "any",
         channels: tuple[str, ...] = ("button", "app", "cli"),
         indicator: Callable[[bool], None] | None = None,
+        max_bytes: int | None = None,
     ) -> ApprovalCoordinator:
         policy = Policy.from_settings(channels, require, timedelta(hours=24), timedelta(minutes=5))
 
@@ -105,6 +106,7 @@ class Harness:
             now=self.clock,
             tick_interval=3600,
             indicator=indicator or self.led.append,
+            max_bytes=max_bytes,
         )
         self.coordinators.append(c)
         return c
@@ -207,7 +209,7 @@ def test_cli_approval_releases_real_vault_clips_in_order(h: Harness) -> None:
         (JTI, "approved", {"channel": "cli", "clips": 2}),
         (JTI, "delivered", {"clips": 2}),
     ]
-    assert h.events() == ["request_approved", "request_delivered"]
+    assert h.events() == ["request_approved", "release_started", "request_delivered"]
     approved = h.entries("request_approved")[0]
     assert approved["channel"] == "cli" and approved["requester"] == REQUESTER
     assert approved["legal_ref"] == "W-2026-17" and approved["jti"] == JTI
@@ -216,9 +218,11 @@ def test_cli_approval_releases_real_vault_clips_in_order(h: Harness) -> None:
     assert h.led == [True, False]
     # what went out decrypts with the stock age CLI to exactly the recorded clips
     files = age_files(h.publisher.messages, make_job("", jti=JTI))
-    assert list(files) == [clip_a[0], clip_b[0]]
-    for clip_id, data in (clip_a, clip_b):
-        assert age_decrypt_cli(h.tmp, h.identity, files[clip_id]) == data
+    delivered = h.entries("request_delivered")[0]
+    assert [f["clip"] for f in delivered["files"]] == [clip_a[0], clip_b[0]]
+    assert list(files) == [f["id"] for f in delivered["files"]]
+    for (_clip_id, data), blob in zip((clip_a, clip_b), files.values(), strict=True):
+        assert age_decrypt_cli(h.tmp, h.identity, blob) == data
 
 
 def test_deny_sends_nothing_and_releases_the_hold(h: Harness) -> None:
@@ -249,21 +253,29 @@ def test_fail_closed_when_the_approval_cannot_be_audited(h: Harness) -> None:
     assert h.events() == []
 
 
-def test_unauditable_delivery_outcome_leaves_it_approved_for_the_next_start(h: Harness) -> None:
+@pytest.mark.parametrize("event", ["release_started", "request_delivered"])
+def test_unauditable_release_fails_the_delivery_without_manifest(
+    h: Harness, event: str
+) -> None:
+    """§7: release_started is durable before the first chunk, request_delivered before the
+    manifest; either failing ends the delivery failed/delivery_error with no manifest."""
     add_clip(h, 20, 10_000, 1)
     h.add_request(JTI)
-    h.audit.fail.add("request_delivered")
+    h.audit.fail.add(event)
     with h.coordinator() as c:
         c.decide(JTI, "approve", Channel.CLI)
         assert c.wait_idle(30)
-    assert h.status(JTI) == "approved"
-    assert [s for _, s, _ in h.responses] == ["approved"]
-    h.audit.fail.clear()
-    h.publisher.messages.clear()
-    with h.coordinator() as c:
-        assert c.wait_idle(30)
-    assert h.status(JTI) == "delivered"
-    assert any(t.endswith("/manifest") for t, _ in h.publisher.messages)
+    record = h.store.get_request(JTI)
+    assert (record.status, record.error) == ("failed", "delivery_error")
+    assert f"{event} cannot be audited" in (record.detail or "")
+    assert h.responses[-1] == (JTI, "failed", {"error": "delivery_error"})
+    assert not any(t.endswith("/manifest") for t, _ in h.publisher.messages)
+    if event == "release_started":
+        assert h.publisher.messages == []  # not one chunk left
+    else:
+        assert h.publisher.messages  # the chunks went; nothing vouches for them
+    assert h.store.newest_manifest(JTI) is None
+    assert event not in h.events() and "request_failed" in h.events()
 
 
 def test_errors_for_unknown_not_pending_and_disabled_channel(h: Harness) -> None:
@@ -399,7 +411,10 @@ def test_approved_request_found_at_start_is_delivered_again(h: Harness) -> None:
     assert h.status(JTI) == "delivered"
     assert [s for _, s, _ in h.responses] == ["approved", "delivered"]
     files = age_files(h.publisher.messages, make_job("", jti=JTI))
-    assert age_decrypt_cli(h.tmp, h.identity, files[clip[0]]) == clip[1]
+    (released,) = h.entries("request_delivered")[0]["files"]
+    # the new attempt has its own file id: the crashed run's chunk cannot be spliced in
+    assert released["id"] != clip[0] and released["clip"] == clip[0]
+    assert age_decrypt_cli(h.tmp, h.identity, files[released["id"]]) == clip[1]
 
 
 def test_delivery_that_keeps_failing_ends_failed_and_audited(h: Harness) -> None:

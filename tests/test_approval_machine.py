@@ -21,6 +21,7 @@ from agent.approval.machine import (
     Event,
     Factor,
     Policy,
+    Redeliver,
     Refusal,
     ReleaseHold,
     Respond,
@@ -88,8 +89,8 @@ def test_every_event_in_every_state(status: Status, event: Event) -> None:
         if isinstance(event, Approve | Deny):
             assert t.refusal is Refusal.NOT_PENDING and t.effects == ()
     else:
-        # terminal: nothing moves, nothing is emitted
-        assert status in TERMINAL
+        # terminal (acknowledged included): nothing moves, nothing is emitted
+        assert status in TERMINAL | {Status.ACKNOWLEDGED}
         assert t.after == s and t.effects == ()
         if isinstance(event, Approve | Deny):
             assert t.refusal is Refusal.NOT_PENDING
@@ -97,8 +98,11 @@ def test_every_event_in_every_state(status: Status, event: Event) -> None:
             assert t.refusal is None
         else:
             assert t.refusal is Refusal.NOT_APPROVED
-    # a status change always starts with its audit entry, and only then anything else
-    if t.status_changed:
+    # a status change always starts with its audit entry, and only then anything else; a
+    # delivery's request_delivered was written by the delivery itself, before its manifest
+    if t.status_changed and t.after.status is Status.DELIVERED:
+        assert not any(isinstance(e, Audit) for e in t.effects)
+    elif t.status_changed:
         assert isinstance(t.effects[0], Audit)
         assert t.effects[0].event == f"request_{t.after.status.value}"
         assert sum(isinstance(e, Audit) for e in t.effects) == 1
@@ -127,11 +131,8 @@ def test_deny_effects_release_the_hold() -> None:
 
 def test_delivery_outcomes() -> None:
     ok = transition(state(Status.APPROVED), DeliverySucceeded(2), policy(), T0)
-    assert ok.effects == (
-        Audit("request_delivered", {"clips": 2}),
-        Respond(Status.DELIVERED, {"clips": 2}),
-        ReleaseHold(),
-    )
+    # request_delivered is the delivery's own entry (before the manifest, §7): not repeated
+    assert ok.effects == (Respond(Status.DELIVERED, {"clips": 2}), ReleaseHold())
     bad = transition(state(Status.APPROVED), DeliveryFailed("no broker"), policy(), T0)
     assert bad.effects == (
         Audit("request_failed", {"error": "delivery_error", "detail": "no broker"}),
@@ -301,6 +302,7 @@ event_strategy = st.one_of(
     st.just(Tick()),
     st.builds(DeliverySucceeded, st.integers(0, 5)),
     st.builds(DeliveryFailed, st.just("x")),
+    st.builds(Redeliver, st.sampled_from(list(Channel))),
 )
 
 
@@ -314,6 +316,8 @@ def test_any_event_sequence_follows_the_diagram(
     allowed = {
         Status.PENDING: {Status.PENDING, Status.APPROVED, Status.DENIED, Status.EXPIRED},
         Status.APPROVED: {Status.APPROVED, Status.DELIVERED, Status.FAILED},
+        Status.DELIVERED: {Status.DELIVERED, Status.APPROVED},
+        Status.FAILED: {Status.FAILED, Status.APPROVED},
     }
     p = policy(require, timeout=24 * HOUR)
     s = state(exp=20 * HOUR)
@@ -322,11 +326,45 @@ def test_any_event_sequence_follows_the_diagram(
         now = max(now, T0 + timedelta(seconds=seconds))
         t = transition(s, event, p, now)
         assert t.after.status in allowed.get(s.status, {s.status})
-        if t.status_changed:
+        redelivery = isinstance(event, Redeliver)
+        # A delivery and a redelivery write their own entries (release_started,
+        # request_delivered/request_redelivered) before their effects.
+        if t.status_changed and t.after.status is not Status.DELIVERED and not redelivery:
             assert isinstance(t.effects[0], Audit)
-        if t.after.status is Status.APPROVED and t.status_changed:
+        if t.after.status is Status.APPROVED and t.status_changed and not redelivery:
             assert now < s.deadline(p)
             if require == "all":
                 assert [f.channel for f in t.after.decided_by][-1] is Channel.BUTTON
                 assert len(t.after.decided_by) == 2
         s = t.after
+
+
+# -- redelivery (§5.2) -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", list(Status))
+def test_redeliver_only_from_delivered_acknowledged_or_failed(status: Status) -> None:
+    t = transition(state(status), Redeliver(Channel.CLI), policy(), T0 + HOUR)
+    if status in (Status.DELIVERED, Status.ACKNOWLEDGED, Status.FAILED):
+        assert t.refusal is None and t.after.status is Status.APPROVED
+        # no response and no audit entry of its own: release_started and
+        # request_redelivered are written by the delivery
+        assert t.effects == (StartDelivery(),)
+    else:
+        assert t.after.status is status and t.effects == ()
+        assert t.refusal in (Refusal.NOT_DELIVERED, Refusal.EXPIRED, Refusal.NOT_APPROVED)
+
+
+def test_redeliver_needs_the_same_channels_as_a_first_approval() -> None:
+    cli_only = policy(channels=frozenset({Channel.CLI}))
+    refused = transition(state(Status.DELIVERED), Redeliver(Channel.APP), cli_only, T0)
+    assert refused.refusal is Refusal.CHANNEL_DISABLED and refused.effects == ()
+    both = policy(require="all")
+    first = transition(state(Status.DELIVERED), Redeliver(Channel.CLI), both, T0)
+    assert first.after.status is Status.DELIVERED and first.after.first_factor is not None
+    alone = transition(state(Status.DELIVERED), Redeliver(Channel.BUTTON), both, T0)
+    assert alone.refusal is Refusal.NEEDS_FIRST_FACTOR
+    late = transition(first.after, Redeliver(Channel.BUTTON), both, T0 + timedelta(minutes=6))
+    assert late.refusal is Refusal.NEEDS_FIRST_FACTOR
+    done = transition(first.after, Redeliver(Channel.BUTTON), both, T0 + timedelta(minutes=1))
+    assert done.after.status is Status.APPROVED and done.effects == (StartDelivery(),)

@@ -43,6 +43,7 @@ from tests.test_release_deliver import (
     make_clips,
     make_deliverer,
     make_job,
+    sequential_ids,
 )
 
 REQUESTER = "police-7"  # make_job's requester and device
@@ -71,7 +72,7 @@ def make_evidence(
     vault = FakeVault(make_clips())
     pub = LoopbackPublisher()
     job = make_job(keys.recipient)
-    make_deliverer(vault, pub, device_key).deliver(job)
+    make_deliverer(vault, pub, device_key, new_id=sequential_ids()).deliver(job)
     evidence = EvidenceDir.create(out)
     now = utcnow()
     evidence.add_request(build_request(
@@ -342,7 +343,9 @@ def test_offline_requester_receives_a_large_delivery_after_a_broker_restart(
     )
     pub = LoopbackPublisher()
     job = make_job(keys.recipient, jti=jti)
-    make_deliverer(FakeVault([clip]), pub, device_key, chunk_bytes=256).deliver(job)
+    make_deliverer(
+        FakeVault([clip]), pub, device_key, chunk_bytes=256, new_id=sequential_ids()
+    ).deliver(job)
     assert len(pub.messages) > 1000
     responses = f"{PREFIX}/{DEVICE}/responses/{REQUESTER}"
     device = broker.client()
@@ -372,7 +375,7 @@ def test_offline_requester_receives_a_large_delivery_after_a_broker_restart(
     assert codes == [0], capsys.readouterr()
     receipt = bytes(receipts.get(timeout=10).payload)
     receipts.close()
-    assert (out / "clip-big.mkv").read_bytes() == clip.data
+    assert (out / "clip-0.mkv").read_bytes() == clip.data
     assert receipt == (out / "receipt.jws").read_bytes()
     assert [p.name for p in sorted((out / "responses").iterdir())] == [
         "001-pending.jws", "002-approved.jws", "003-delivered.jws"

@@ -44,6 +44,7 @@ from tests.test_release_deliver import (
     make_clips,
     make_deliverer,
     make_job,
+    sequential_ids,
 )
 
 Messages = list[tuple[str, bytes]]
@@ -66,7 +67,7 @@ def delivery(
     vault = FakeVault(make_clips())
     pub = LoopbackPublisher()
     job = make_job(str(identity.to_public()))
-    make_deliverer(vault, pub, device_key).deliver(job)
+    make_deliverer(vault, pub, device_key, new_id=sequential_ids()).deliver(job)
     return job, vault, pub.messages
 
 
@@ -149,6 +150,8 @@ def test_manifest_signed_by_another_key_is_refused(
         device_id=job.device_id,
         requester_id=job.requester_id,
         jti=job.jti,
+        window=job.window,
+        attempt=genuine.attempt,
         clips=genuine.clips,
         now=job.window_end,
     )
@@ -175,6 +178,8 @@ def test_manifest_for_another_request_or_requester_is_refused(
         device_id=job.device_id,
         requester_id=job.requester_id,
         jti=job.jti,
+        window=job.window,
+        attempt=1,
         clips=[],
         now=job.window_end,
     )
@@ -220,6 +225,8 @@ def test_manifest_with_unsafe_clip_id_is_refused(
         device_id=job.device_id,
         requester_id=job.requester_id,
         jti=job.jti,
+        window=job.window,
+        attempt=genuine.attempt,
         clips=genuine.clips,
         now=job.window_end,
     )
@@ -267,6 +274,8 @@ def test_plaintext_hash_mismatch_is_refused_and_temp_file_removed(
         device_id=job.device_id,
         requester_id=job.requester_id,
         jti=job.jti,
+        window=job.window,
+        attempt=genuine.attempt,
         clips=genuine.clips,
         now=job.window_end,
     )
@@ -322,6 +331,8 @@ def test_receive_loop_skips_forged_manifests_and_finishes(
             device_id=job.device_id,
             requester_id=job.requester_id,
             jti=job.jti,
+            window=job.window,
+            attempt=1,
             clips=[],
             now=job.window_end,
         ),
@@ -401,7 +412,7 @@ def test_receive_command_over_a_real_broker(
     vault = FakeVault(make_clips())
     pub = LoopbackPublisher()
     job = make_job(keys.recipient)
-    make_deliverer(vault, pub, device_key).deliver(job)
+    make_deliverer(vault, pub, device_key, new_id=sequential_ids()).deliver(job)
     key_file = tmp_path / "device.jwk"
     key_file.write_text(json.dumps(public_jwk(device_key.public_key())))
     out = tmp_path / "out"
@@ -494,8 +505,10 @@ def test_a_stale_chunk_from_an_earlier_attempt_is_replaced_and_decryption_starts
     vault = FakeVault(make_clips())
     job = make_job(str(identity.to_public()))
     first, second = LoopbackPublisher(), LoopbackPublisher()
-    make_deliverer(vault, first, device_key).deliver(job)
-    make_deliverer(vault, second, device_key).deliver(job)
+    # A device that reused file ids across attempts (this one never does: each attempt has
+    # fresh ones) must still not get a stale chunk spliced in.
+    make_deliverer(vault, first, device_key, new_id=sequential_ids()).deliver(job)
+    make_deliverer(vault, second, device_key, new_id=sequential_ids()).deliver(job)
     old = dict(first.messages)
     new = second.messages
     stale_topic = next(t for t, _ in new if t.endswith("/clip-0/3"))
@@ -531,7 +544,9 @@ def test_plaintext_is_synced_in_the_background_while_chunks_arrive(
     vault = FakeVault([clip])
     pub = LoopbackPublisher()
     job = make_job(str(identity.to_public()))
-    make_deliverer(vault, pub, device_key, chunk_bytes=16 * 1024).deliver(job)
+    make_deliverer(
+        vault, pub, device_key, chunk_bytes=16 * 1024, new_id=sequential_ids()
+    ).deliver(job)
     with make_assembler(tmp_path / "out", device_key, identity, job) as asm:
         for t, p in pub.messages:
             asm.feed(t, p)
@@ -566,11 +581,16 @@ def test_requester_memory_stays_flat_whatever_the_clip_size(
                     result.bytes,
                     result.sha256,
                     result.plaintext_sha256,
+                    frames=1,
+                    clock_synchronized=True,
+                    source="0" * 64,
                 )
                 claims = manifest_claims(
                     device_id=job.device_id,
                     requester_id=job.requester_id,
                     jti=job.jti,
+                    window=job.window,
+                    attempt=1,
                     clips=[entry],
                     now=T0,
                 )

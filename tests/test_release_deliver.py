@@ -7,14 +7,16 @@ the real DeliveryAssembler, and the age files are also decrypted with the stock 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
+import itertools
 import json
 import random
 import shutil
 import subprocess
 import threading
 import tracemalloc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,9 +25,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pyrage import x25519
 
-from agent.errors import DeliveryError, MQTTError, TamperError
+from agent.errors import AuditWriteError, DeliveryError, MQTTError, ReceiveError, TamperError
 from agent.keys import b64url_decode, kid_for
-from agent.release.deliver import Deliverer, DeliveryJob
+from agent.release.deliver import Deliverer, DeliveryJob, MemoryLedger, PlannedFile
 from agent.release.encrypt import encrypt_to_chunks
 from agent.release.manifest import MANIFEST_TYP, verify_manifest
 from agent.requester.receive import DeliveryAssembler
@@ -45,6 +47,11 @@ class FakeClip:
     content_type: str
     data: bytes
     sha256: str | None = None
+    frames: int = 30
+
+    def __post_init__(self) -> None:
+        if self.sha256 is None:
+            self.sha256 = hashlib.sha256(self.data).hexdigest()
 
 
 class TamperingReader(io.BytesIO):
@@ -144,6 +151,12 @@ def make_job(recipient: str, jti: str = "req-0123456789abcdef") -> DeliveryJob:
     )
 
 
+def sequential_ids(prefix: str = "clip-") -> Callable[[], str]:
+    """File ids ``clip-0``, ``clip-1``, ... for tests that name files (the device's are random)."""
+    counter = itertools.count()
+    return lambda: f"{prefix}{next(counter)}"
+
+
 def make_deliverer(
     vault: FakeVault,
     publisher: LoopbackPublisher,
@@ -151,7 +164,9 @@ def make_deliverer(
     *,
     chunk_bytes: int = 4096,
     retries: int = 2,
+    new_id: Callable[[], str] | None = None,
 ) -> Deliverer:
+    extra = {} if new_id is None else {"new_id": new_id}
     return Deliverer(
         vault=vault,
         publisher=publisher,
@@ -161,6 +176,7 @@ def make_deliverer(
         retries=retries,
         reconnect_timeout=1.0,
         now=lambda: T0 + timedelta(hours=1),
+        **extra,
     )
 
 
@@ -213,13 +229,17 @@ def test_delivery_round_trip_through_assembler_and_stock_age(
     job = make_job(str(identity.to_public()))
     entries = make_deliverer(vault, pub, device_key).deliver(job)
 
-    assert [e.id for e in entries] == ["clip-0", "clip-1", "clip-2"]
+    # released files have opaque ids, never the stored clips'
+    ids = [e.id for e in entries]
+    assert len(ids) == 3 and len(set(ids)) == 3
+    assert not {c.id for c in vault.clips} & set(ids)
     # the manifest comes last, after every chunk
     assert pub.messages[-1][0] == f"{PREFIX}/door-1/deliveries/police-7/{job.jti}/manifest"
     assert pub.drains == 1
     files = age_files(pub.messages, job)
+    assert set(files) == set(ids)
     for clip, entry in zip(vault.clips, entries, strict=True):
-        blob = files[clip.id]
+        blob = files[entry.id]
         assert entry.bytes == len(blob)
         assert entry.sha256 == hashlib.sha256(blob).hexdigest()
         assert entry.plaintext_sha256 == hashlib.sha256(clip.data).hexdigest()
@@ -237,11 +257,13 @@ def test_delivery_round_trip_through_assembler_and_stock_age(
             assert asm.feed(topic, payload)
         assert asm.ready()
         received = asm.finish()
-    assert [r.id for r in received] == ["clip-0", "clip-1", "clip-2"]
+    assert [r.id for r in received] == ids
     for clip, rec in zip(vault.clips, received, strict=True):
-        assert rec.path == out / f"{clip.id}.avi"
+        assert rec.path == out / f"{rec.id}.avi"
         assert rec.path.read_bytes() == clip.data
-    assert sorted(p.name for p in out.iterdir()) == ["clip-0.avi", "clip-1.avi", "clip-2.avi"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{i}.avi" for i in ids] + [f"{i}.age" for i in ids]
+    )
 
 
 def test_chunks_are_fixed_size_and_manifest_is_signed_as_contracted(
@@ -266,22 +288,39 @@ def test_chunks_are_fixed_size_and_manifest_is_signed_as_contracted(
     header = json.loads(b64url_decode(token.split(".")[0]))
     assert header == {"alg": "EdDSA", "typ": MANIFEST_TYP, "kid": kid_for(device_key.public_key())}
     claims = json.loads(b64url_decode(token.split(".")[1]))
-    assert set(claims) == {"iss", "aud", "iat", "req", "clips"}
+    assert set(claims) == {"iss", "aud", "iat", "req", "window", "attempt", "clips"}
     assert (claims["iss"], claims["aud"], claims["req"]) == ("door-1", "police-7", job.jti)
+    assert claims["window"] == {"start": "2026-03-01T11:55:00Z", "end": "2026-03-01T12:10:00Z"}
+    assert claims["attempt"] == 1
+    stored_sha = hashlib.sha256(vault.clips[0].data).hexdigest()
+    commitment = hmac.new(
+        job.salt, f"clip-0\n{stored_sha}".encode(), hashlib.sha256
+    ).hexdigest()
     assert claims["clips"][0] == {
-        "id": "clip-0",
+        "id": entries[0].id,
         "start": "2026-03-01T12:00:00Z",
         "end": "2026-03-01T12:00:30Z",
         "content_type": "video/x-msvideo",
         "chunks": entries[0].chunks,
         "bytes": entries[0].bytes,
         "sha256": entries[0].sha256,
-        "plaintext_sha256": hashlib.sha256(vault.clips[0].data).hexdigest(),
+        "plaintext_sha256": stored_sha,
+        "frames": 30,
+        "clock_synchronized": False,
+        "source": {"commitment": commitment},
     }
     manifest = verify_manifest(
-        token, device_key.public_key(), device_id="door-1", requester_id="police-7", jti=job.jti
+        token, device_key.public_key(), device_id="door-1", requester_id="police-7", jti=job.jti,
+        expected_window=(job.window_start, job.window_end),
     )
     assert manifest.clips == entries
+    assert manifest.attempt == 1
+    # a manifest for another window than the one asked for is refused
+    with pytest.raises(ReceiveError, match="not the window of the request"):
+        verify_manifest(
+            token, device_key.public_key(), device_id="door-1", requester_id="police-7",
+            jti=job.jti, expected_window=(job.window_start, T0),
+        )
 
 
 def test_only_clips_overlapping_the_window_are_released(
@@ -293,9 +332,8 @@ def test_only_clips_overlapping_the_window_are_released(
     pub = LoopbackPublisher()
     job = make_job(str(identity.to_public()))
     entries = make_deliverer(vault, pub, device_key).deliver(job)
-    assert "later" not in [e.id for e in entries]
+    assert len(entries) == len(clips)
     assert "later" not in vault.opened
-    assert not any("/later/" in t for t, _ in pub.messages)
 
 
 def test_no_clips_in_the_window_is_a_valid_empty_delivery(
@@ -317,12 +355,20 @@ def test_disconnect_mid_delivery_restarts_it_and_the_requester_gets_the_new_copy
     vault = FakeVault(make_clips())
     pub = LoopbackPublisher(fail_at=[7])
     job = make_job(str(identity.to_public()))
-    entries = make_deliverer(vault, pub, device_key, retries=1).deliver(job)
+    ledger = MemoryLedger()
+    entries = make_deliverer(vault, pub, device_key, retries=1).deliver(job, ledger=ledger)
 
     assert pub.waits == 2  # connected check before each of the two attempts
     assert vault.opened.count("clip-0") == 2
     manifests = [m for m in pub.messages if m[0].endswith("/manifest")]
     assert len(manifests) == 1
+    # the retry is attempt 2, with fresh file ids: no chunk of attempt 1 can be spliced in
+    assert ledger.attempts == 2 and list(ledger.manifests) == [2]
+    first = {f.id for f in ledger.started_files[1]}
+    second = {f.id for f in ledger.started_files[2]}
+    assert first and not first & second and second == {e.id for e in entries}
+    assert json.loads(b64url_decode(manifests[0][1].decode().split(".")[1]))["attempt"] == 2
+    assert ledger.manifests[2] == hashlib.sha256(manifests[0][1]).hexdigest()
     # the receiver saw the partial first attempt's chunks before the complete second one
     with make_assembler(tmp_path / "out", device_key, identity, job) as asm:
         for topic, payload in pub.messages:
@@ -364,7 +410,9 @@ def test_tampered_vault_clip_fails_at_once_naming_the_clip(
     job = make_job(str(identity.to_public()))
     with pytest.raises(DeliveryError, match=r"clip clip-0 cannot be read from the vault: chunk 3"):
         make_deliverer(vault, pub, device_key, retries=3).deliver(job)
-    assert vault.opened == ["clip-0"]  # no retry: the ciphertext will not heal
+    # every file is cut before release_started (it names their spans), once: no retry, the
+    # ciphertext will not heal
+    assert vault.opened == ["clip-0", "clip-1", "clip-2"]
     assert not any(t.endswith("/manifest") for t, _ in pub.messages)
     # what did get out before the failure is ciphertext only
     assert all(clips[0].data[:64] not in payload for _, payload in pub.messages)
@@ -383,9 +431,11 @@ def test_unsafe_topic_levels_are_refused(
     device_key: Ed25519PrivateKey, identity: x25519.Identity
 ) -> None:
     pub = LoopbackPublisher()
+    # A stored clip's id never reaches a topic: the released file gets an opaque one.
     vault = FakeVault([FakeClip("a/#", T0, T0 + timedelta(seconds=5), "video/mp4", b"abc")])
-    with pytest.raises(DeliveryError, match="topic level"):
-        make_deliverer(vault, pub, device_key).deliver(make_job(str(identity.to_public())))
+    make_deliverer(vault, pub, device_key).deliver(make_job(str(identity.to_public())))
+    assert not any("a/#" in t for t, _ in pub.messages)
+    pub = LoopbackPublisher()
     with pytest.raises(DeliveryError, match="topic level"):
         make_deliverer(FakeVault([]), pub, device_key).deliver(
             make_job(str(identity.to_public()), jti="bad/+/jti-000000")
@@ -484,3 +534,64 @@ def test_read_ahead_thread_ends_with_the_encryption_whatever_happens(
             TamperingReader(clip_bytes(50_000, 3)), identity.to_public(), 4096, lambda *_: None
         )
     assert not [t for t in threading.enumerate() if t.name == "age-read-ahead"]
+
+
+class FailingLedger(MemoryLedger):
+    """A ledger whose audit write fails at ``fail`` ("started" or "delivered")."""
+
+    def __init__(self, fail: str) -> None:
+        super().__init__()
+        self.fail = fail
+        self.published_before: int | None = None
+
+    def started(self, attempt: int, files: Sequence[PlannedFile]) -> None:
+        if self.fail == "started":
+            raise AuditWriteError("disk full")
+        super().started(attempt, files)
+
+    def delivered(self, attempt: int, files: Sequence[PlannedFile], entries: Sequence[object],
+                  manifest_sha256: str) -> None:
+        if self.fail == "delivered":
+            raise AuditWriteError("disk full")
+        raise AssertionError("not reached")
+
+
+@pytest.mark.parametrize("fail", ["started", "delivered"])
+def test_an_unrecordable_release_ends_without_manifest_and_is_not_retried(
+    device_key: Ed25519PrivateKey, identity: x25519.Identity, fail: str
+) -> None:
+    """§7: release_started before the first chunk, request_delivered before the manifest;
+    either failing ends the delivery (DeliveryError: failed/delivery_error) with no manifest."""
+    vault = FakeVault(make_clips())
+    pub = LoopbackPublisher()
+    ledger = FailingLedger(fail)
+    event = "release_started" if fail == "started" else "request_delivered"
+    with pytest.raises(DeliveryError, match=f"{event} cannot be audited"):
+        make_deliverer(vault, pub, device_key, retries=3).deliver(
+            make_job(str(identity.to_public())), ledger=ledger
+        )
+    assert ledger.attempts == 1  # an audit failure is not retried
+    assert not any(t.endswith("/manifest") for t, _ in pub.messages)
+    if fail == "started":
+        assert pub.messages == []  # not one chunk before release_started
+    else:
+        assert pub.messages  # the chunks went, the manifest did not
+
+
+def test_redelivery_has_identical_plaintext_and_commitments_but_fresh_ids(
+    device_key: Ed25519PrivateKey, identity: x25519.Identity
+) -> None:
+    vault = FakeVault(make_clips())
+    job = make_job(str(identity.to_public()))
+    ledger = MemoryLedger()
+    first = make_deliverer(vault, LoopbackPublisher(), device_key).deliver(job, ledger=ledger)
+    again = make_deliverer(vault, LoopbackPublisher(), device_key).deliver(job, ledger=ledger)
+    assert [e.plaintext_sha256 for e in first] == [e.plaintext_sha256 for e in again]
+    assert [e.source for e in first] == [e.source for e in again]
+    assert not {e.id for e in first} & {e.id for e in again}
+    assert ledger.manifests.keys() == {1, 2} and ledger.manifests[1] != ledger.manifests[2]
+    # another request (another salt) commits differently to the same clips
+    other = make_deliverer(vault, LoopbackPublisher(), device_key).deliver(
+        make_job(str(identity.to_public()), jti="req-fedcba9876543210")
+    )
+    assert not {e.source for e in first} & {e.source for e in other}

@@ -5,9 +5,10 @@ once. The socket file is created mode 0600 inside the 0700 state directory, and 
 peer credentials (``SO_PEERCRED``) are checked: only the daemon's own user (or root) is served.
 
 Protocol: one JSON object per line each way. Request ``{"op": "decide", "jti": J, "action":
-"approve"|"deny"}``; reply ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": CODE,
-"message": TEXT}`` with CODE one of ``not_found``, ``refused``, ``audit_failed``, ``bad_request``,
-``internal``. Decisions over the socket are always recorded as channel ``cli``.
+"approve"|"deny"}`` or ``{"op": "redeliver", "jti": J}`` (§5.2); reply ``{"ok": true,
+"result": {...}}`` or ``{"ok": false, "error": CODE, "message": TEXT}`` with CODE one of
+``not_found``, ``refused``, ``audit_failed``, ``bad_request``, ``internal``. Decisions over the
+socket are always recorded as channel ``cli``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ MAX_LINE: Final = 4096
 _UCRED = struct.Struct("3i")
 
 DecideHandler = Callable[[str, Action, Channel], dict[str, object]]
+RedeliverHandler = Callable[[str, Channel], dict[str, object]]
 
 
 class DaemonUnavailableError(Exception):
@@ -73,9 +75,17 @@ def _read_line(conn: socket.socket) -> bytes:
 class ControlServer:
     """Serves the control socket on a background thread; a context manager."""
 
-    def __init__(self, path: Path, decide: DecideHandler, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        decide: DecideHandler,
+        *,
+        redeliver: RedeliverHandler | None = None,
+        timeout: float = 30.0,
+    ) -> None:
         self.path = Path(path)
         self._decide = decide
+        self._redeliver = redeliver
         self._timeout = timeout
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -152,13 +162,21 @@ class ControlServer:
 
     def dispatch(self, request: Any) -> dict[str, object]:
         """Answer one decoded request (the protocol's pure core)."""
-        if not isinstance(request, dict) or request.get("op") != "decide":
-            return _error("bad_request", 'the only operation is "decide"')
+        op = request.get("op") if isinstance(request, dict) else None
+        if op not in ("decide", "redeliver") or (op == "redeliver" and self._redeliver is None):
+            return _error("bad_request", 'the operations are "decide" and "redeliver"')
+        assert isinstance(request, dict)
         jti, action = request.get("jti"), request.get("action")
-        if not isinstance(jti, str) or action not in ACTIONS:
+        if not isinstance(jti, str) or (op == "decide" and action not in ACTIONS):
             return _error("bad_request", "decide needs a jti and an action (approve or deny)")
         try:
-            result = self._decide(jti, "approve" if action == "approve" else "deny", Channel.CLI)
+            if op == "redeliver":
+                assert self._redeliver is not None
+                result = self._redeliver(jti, Channel.CLI)
+            else:
+                result = self._decide(
+                    jti, "approve" if action == "approve" else "deny", Channel.CLI
+                )
         except RequestNotFoundError as exc:
             return _error("not_found", exc.message)
         except ApprovalError as exc:
@@ -211,6 +229,16 @@ def send_decision(path: Path, jti: str, action: Action, *, timeout: float = 30.0
     Raises DaemonUnavailableError when no daemon serves ``path``, RequestNotFoundError or
     ApprovalError as the daemon reports them, and AuditWriteError/AgentError otherwise.
     """
+    return _call(path, {"op": "decide", "jti": jti, "action": action}, timeout)
+
+
+def send_redeliver(path: Path, jti: str, *, timeout: float = 30.0) -> dict[str, Any]:
+    """Ask the running daemon to send request ``jti``'s footage again (§5.2); errors as
+    :func:`send_decision`."""
+    return _call(path, {"op": "redeliver", "jti": jti}, timeout)
+
+
+def _call(path: Path, payload: dict[str, object], timeout: float) -> dict[str, Any]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -218,7 +246,7 @@ def send_decision(path: Path, jti: str, action: Action, *, timeout: float = 30.0
             sock.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise DaemonUnavailableError(str(exc)) from None
-        sock.sendall(_encode({"op": "decide", "jti": jti, "action": action}))
+        sock.sendall(_encode(payload))
         line = _read_line(sock)
     finally:
         sock.close()

@@ -46,6 +46,7 @@ from typing import Any, Protocol
 
 from agent.approval.decisions import Action, DecisionLog
 from agent.approval.machine import (
+    REDELIVERABLE,
     TERMINAL,
     ApprovalState,
     Approve,
@@ -55,7 +56,9 @@ from agent.approval.machine import (
     DeliverySucceeded,
     Deny,
     Event,
+    Factor,
     Policy,
+    Redeliver,
     Refusal,
     ReleaseHold,
     Respond,
@@ -74,7 +77,7 @@ from agent.errors import (
     HoldRefusedError,
     RequestNotFoundError,
 )
-from agent.release.deliver import DeliveryJob, Gate
+from agent.release.deliver import DeliveryJob, DeliveryLedger, Gate, PlannedFile, new_salt
 from agent.release.manifest import ManifestClip
 from agent.requests.store import RequestRecord, RequestStore
 from agent.timeutil import rfc3339, utcnow
@@ -118,7 +121,73 @@ class HoldView(Protocol):
 class Deliverer(Protocol):
     """Releases one approved request (:class:`agent.release.deliver.Deliverer`)."""
 
-    def deliver(self, job: DeliveryJob, gate: Gate | None = None) -> tuple[ManifestClip, ...]: ...
+    def deliver(
+        self, job: DeliveryJob, gate: Gate | None = None, *, ledger: DeliveryLedger | None = None
+    ) -> tuple[ManifestClip, ...]: ...
+
+
+class AuditedLedger:
+    """The daemon's :class:`~agent.release.deliver.DeliveryLedger`: attempts numbered in the
+    request store, ``release_started`` and ``request_delivered`` (``request_redelivered`` for an
+    owner's re-delivery) appended durably to the audit log before their effects (§7)."""
+
+    def __init__(self, store: RequestStore, audit: AuditSink, record: RequestRecord, salt: bytes):
+        self._store = store
+        self._audit = audit
+        self._record = record
+        self._salt = salt
+        self._redelivery = False
+
+    def begin_attempt(self) -> int:
+        """A new attempt, numbered after every earlier one of this request."""
+        attempt = self._store.begin_attempt(self._record.jti)
+        self._redelivery = self._store.attempts(self._record.jti)[-1].redelivery
+        return attempt
+
+    def started(self, attempt: int, files: Sequence[PlannedFile]) -> None:
+        """``release_started`` (file ids and spans), then the attempt's files in the store."""
+        self._audit.append(
+            "release_started",
+            **request_fields(self._record),
+            attempt=attempt,
+            files=[f.span() for f in files],
+        )
+        self._store.record_attempt_files(
+            self._record.jti, attempt, [{**f.span(), "clip": f.clip_id} for f in files]
+        )
+
+    def delivered(
+        self,
+        attempt: int,
+        files: Sequence[PlannedFile],
+        entries: Sequence[ManifestClip],
+        manifest_sha256: str,
+    ) -> None:
+        """``request_delivered`` with what left and how to open its commitments; then the
+        manifest's hash in the store (the receipt for this attempt must name it)."""
+        released = [
+            {
+                **plan.span(),
+                "frames": entry.frames,
+                "sha256": entry.sha256,
+                "plaintext_sha256": entry.plaintext_sha256,
+                "source": {"commitment": entry.source},
+                "clip": plan.clip_id,
+                "clip_sha256": plan.source_sha256,
+            }
+            for plan, entry in zip(files, entries, strict=True)
+        ]
+        self._audit.append(
+            "request_redelivered" if self._redelivery else "request_delivered",
+            **request_fields(self._record),
+            attempt=attempt,
+            clips=len(entries),
+            files=released,
+            manifest_sha256=manifest_sha256,
+            salt=self._salt.hex(),
+        )
+        self._store.record_attempt_files(self._record.jti, attempt, released)
+        self._store.record_manifest(self._record.jti, attempt, manifest_sha256)
 
 
 @dataclass(frozen=True)
@@ -172,6 +241,7 @@ class ApprovalCoordinator:
         tick_interval: float = 1.0,
         indicator: Callable[[bool], None] | None = None,
         activity: AuditSink | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         self._store = store
         self.decisions = DecisionLog(store)
@@ -183,6 +253,7 @@ class ApprovalCoordinator:
         self._respond = respond
         self._deliverer_factory = deliverer_factory
         self._device_id = device_id
+        self._max_bytes = max_bytes
         self._now = now
         self._tick_interval = tick_interval
         self._indicator = indicator
@@ -263,12 +334,85 @@ class ApprovalCoordinator:
                 )
             now = at or self._now()
             t = transition(self._state_of(record), event, self.policy, now)
+            if action == "approve" and t.refusal is None:
+                self._check_size(record)
             extra = {"made_at": rfc3339(at)} if at is not None else {}
             self._execute(record, t, now, extra)
             self._refresh_indicator()
         if t.refusal is not None:
             raise ApprovalError(self._refusal_message(record, t, channel))
         return DecisionResult(jti, t.after.status, t.after.awaiting_confirmation(self.policy, now))
+
+    def redeliver(
+        self, jti: str, channel: Channel, *, at: datetime | None = None
+    ) -> DecisionResult:
+        """Send a delivered, acknowledged or failed (``delivery_error``) request's window again
+        (§5.2), with the same channels as a first approval (``require: all``: a button press
+        within ``confirm_window`` completes it).
+
+        Raises RequestNotFoundError, ApprovalError saying why when it cannot be redelivered (not
+        in one of those states, requester revoked, footage of the window shredded since, over
+        ``delivery.max_bytes``, channel disabled).
+        """
+        with self._lock:
+            record = self._store.get_request(jti)
+            now = at or self._now()
+            self._check_redeliverable(record)
+            t = transition(self._state_of(record), Redeliver(channel), self.policy, now)
+            if t.refusal is not None:
+                raise ApprovalError(self._refusal_message(record, t, channel))
+            if not t.status_changed:
+                self.decisions.record_factor(jti, Factor(channel, now))
+                return DecisionResult(jti, t.after.status, True)
+            updated = self._store.redeliver(jti, t.after.decided_by[-1].channel.value, now)
+            if updated is None:
+                raise ApprovalError(f"request {jti} changed meanwhile; nothing was done")
+            log.info("request %s: the owner sends its footage again", jti)
+            self._schedule(jti)
+            return DecisionResult(jti, Status.APPROVED)
+
+    def _check_redeliverable(self, record: RequestRecord) -> None:
+        jti = record.jti
+        status = Status(record.status)
+        if status not in REDELIVERABLE or (status is Status.FAILED and record.error == "revoked"):
+            why = f"it is {record.status}" + (f" ({record.error})" if record.error else "")
+            raise ApprovalError(
+                f"request {jti} cannot be redelivered: {why}; only a delivered, acknowledged "
+                "or failed (delivery_error) request can be"
+            )
+        if self._store.requester_revoked(jti):
+            raise ApprovalError(
+                f"request {jti} cannot be redelivered: its requester {record.requester_id} "
+                "was revoked"
+            )
+        assert record.window_start is not None and record.window_end is not None
+        stored = {
+            getattr(c, "id", None)
+            for c in self._vault.clips_overlapping(record.window_start, record.window_end)
+        }
+        released = {
+            f.get("clip") for a in self._store.attempts(jti) for f in a.files
+        } - {None}
+        gone = sorted(str(c) for c in released - stored)
+        if gone:
+            raise ApprovalError(
+                f"request {jti} cannot be redelivered: footage of its window was shredded "
+                f"since it was released (clip {', '.join(gone)})"
+            )
+        self._check_size(record)
+
+    def _check_size(self, record: RequestRecord) -> None:
+        """Refuse an approval whose window's stored bytes exceed ``delivery.max_bytes``."""
+        if self._max_bytes is None or record.window_start is None or record.window_end is None:
+            return
+        clips = self._vault.clips_overlapping(record.window_start, record.window_end)
+        stored = sum(int(getattr(c, "stored_bytes", 0) or getattr(c, "size", 0)) for c in clips)
+        if stored > self._max_bytes:
+            raise ApprovalError(
+                f"request {record.jti} cannot be approved: its window covers {stored} bytes of "
+                f"stored footage, more than delivery.max_bytes ({self._max_bytes} bytes); "
+                "raise delivery.max_bytes (and the broker's max_queued_bytes) to release it"
+            )
 
     def button_press(self) -> DecisionResult | None:
         """A short press: approve (or, with ``require: all``, confirm) the oldest pending request.
@@ -284,6 +428,13 @@ class ApprovalCoordinator:
                     r for r in pending if self._state_of(r).awaiting_confirmation(self.policy, now)
                 ]
                 if not waiting:
+                    again = self._awaiting_redelivery(now)
+                    if again:
+                        try:
+                            return self.redeliver(again[0].jti, Channel.BUTTON)
+                        except AgentError as exc:
+                            log.error("button redelivery of %s not applied: %s", again[0].jti, exc)
+                            return None
                     why = (
                         "nothing pending"
                         if not pending
@@ -453,6 +604,7 @@ class ApprovalCoordinator:
         if record.status != "approved":
             return
         assert record.window_start and record.window_end and record.recipient
+        salt = self._store.release_salt(jti, new_salt)
         job = DeliveryJob(
             device_id=self._device_id,
             requester_id=record.requester_id,
@@ -461,7 +613,9 @@ class ApprovalCoordinator:
             window_end=record.window_end,
             recipient=record.recipient,
             exp=record.exp,
+            salt=salt,
         )
+        ledger = AuditedLedger(self._store, self._audit, record, salt)
 
         def gate() -> AbstractContextManager[None]:
             return self._store.release_gate(jti)
@@ -470,7 +624,7 @@ class ApprovalCoordinator:
         try:
             if self._store.requester_revoked(jti):
                 raise DeliveryRevokedError(f"the requester of request {jti} was revoked")
-            entries = self._deliverer_factory().deliver(job, gate)
+            entries = self._deliverer_factory().deliver(job, gate, ledger=ledger)
             event = DeliverySucceeded(len(entries))
         except DeliveryRevokedError as exc:
             log.warning("delivery of %s stopped: %s", jti, exc)
@@ -499,12 +653,24 @@ class ApprovalCoordinator:
 
     def _state_of(self, record: RequestRecord) -> ApprovalState:
         status = Status(record.status)
-        first = (
-            self.decisions.first_factor(record.jti)
-            if status is Status.PENDING and self.policy.require == "all"
-            else None
-        )
+        first = None
+        if self.policy.require == "all" and (status is Status.PENDING or status in REDELIVERABLE):
+            first = self.decisions.first_factor(record.jti)
+            if status is not Status.PENDING and first is not None and (
+                record.finished_at is None or first.at <= record.finished_at
+            ):
+                # The factor of an earlier decision: a redelivery needs a fresh one.
+                first = None
         return ApprovalState(record.jti, status, record.received_at, record.exp, first)
+
+    def _awaiting_redelivery(self, now: datetime) -> list[RequestRecord]:
+        """Redeliverable requests whose app or CLI ``redeliver`` waits for the button."""
+        waiting = []
+        for record in self._store.list_requests([s.value for s in REDELIVERABLE]):
+            first = self._state_of(record).first_factor
+            if first is not None and first.at <= now <= first.at + self.policy.confirm_window:
+                waiting.append(record)
+        return waiting
 
     def _execute(
         self,
@@ -556,9 +722,10 @@ class ApprovalCoordinator:
             return {"channel": t.after.decided_by[-1].channel.value, "decided_at": now}
         if after is Status.EXPIRED:
             return {"decided_at": now, "detail": "not approved before its deadline"}
-        audit = next(e for e in t.effects if isinstance(e, Audit))
         if after is Status.DELIVERED:
-            return {"finished_at": now, "clips": audit.fields["clips"]}
+            respond = next(e for e in t.effects if isinstance(e, Respond))
+            return {"finished_at": now, "clips": respond.fields["clips"]}
+        audit = next(e for e in t.effects if isinstance(e, Audit))
         return {
             "finished_at": now,
             "error": audit.fields["error"],
@@ -629,6 +796,13 @@ class ApprovalCoordinator:
 
     def _refusal_message(self, record: RequestRecord, t: Transition, channel: Channel) -> str:
         jti = record.jti
+        if t.refusal is Refusal.NOT_DELIVERED:
+            return f"request {jti} cannot be redelivered (it is {t.before.status.value})"
+        if t.refusal is Refusal.NEEDS_FIRST_FACTOR and t.before.status is not Status.PENDING:
+            return (
+                f"approval.require is all: run `doorbell-agent redeliver {jti}` (or Send again "
+                "in the app) first, then press the button within approval.confirm_window"
+            )
         if t.refusal is Refusal.NOT_PENDING:
             return f"request {jti} is not pending (it is {t.after.status.value})"
         if t.refusal is Refusal.EXPIRED:

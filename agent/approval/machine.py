@@ -7,10 +7,16 @@ response, the delivery and the release of the retention hold.
 
 ::
 
-    pending ──Approve──> approved ──DeliverySucceeded──> delivered
+    pending ──Approve──> approved ──DeliverySucceeded──> delivered ──(receipt)──> acknowledged
        │                    └──────DeliveryFailed─────> failed
        ├──Deny───────────> denied
        └──(timeout/exp)──> expired
+
+    delivered | acknowledged | failed ──Redeliver──> approved (the next attempt)
+
+``request_delivered`` is written by the delivery itself (before its manifest is published, §7),
+so DeliverySucceeded audits nothing more; receipts move ``delivered`` to ``acknowledged`` in the
+store (:meth:`agent.requests.store.RequestStore.acknowledge`), outside this machine.
 
 With ``require: all`` an approval needs two factors: an app or CLI approval (the *first factor*,
 which leaves the request pending) and then a button press within ``confirm_window`` of it. A
@@ -41,7 +47,11 @@ class Status(StrEnum):
     EXPIRED = "expired"
     DELIVERED = "delivered"
     FAILED = "failed"
+    ACKNOWLEDGED = "acknowledged"
 
+
+REDELIVERABLE: frozenset[Status] = frozenset({Status.DELIVERED, Status.ACKNOWLEDGED, Status.FAILED})
+"""Where the owner's ``redeliver`` may start (``failed`` only after a ``delivery_error``)."""
 
 TERMINAL: frozenset[Status] = frozenset(
     {Status.DENIED, Status.EXPIRED, Status.DELIVERED, Status.FAILED}
@@ -64,6 +74,7 @@ class Refusal(StrEnum):
     EXPIRED = "expired"
     NEEDS_FIRST_FACTOR = "needs_first_factor"
     NOT_APPROVED = "not_approved"
+    NOT_DELIVERED = "not_delivered"
 
 
 @dataclass(frozen=True)
@@ -149,6 +160,13 @@ class Deny:
 
 
 @dataclass(frozen=True)
+class Redeliver:
+    """The owner sends a delivered (or acknowledged, or failed) request's footage again."""
+
+    channel: Channel
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passed: expire a pending request whose deadline has come."""
 
@@ -169,7 +187,7 @@ class DeliveryFailed:
     error: Literal["delivery_error", "revoked"] = "delivery_error"
 
 
-Event = Approve | Deny | Tick | DeliverySucceeded | DeliveryFailed
+Event = Approve | Deny | Redeliver | Tick | DeliverySucceeded | DeliveryFailed
 
 
 # -- effects -----------------------------------------------------------------------------------
@@ -246,6 +264,8 @@ def transition(state: ApprovalState, event: Event, policy: Policy, now: datetime
         return _pending(state, event, policy, now)
     if isinstance(event, Tick):
         return Transition(state, state)
+    if isinstance(event, Redeliver):
+        return _redeliver(state, event, policy, now)
     if isinstance(event, Approve | Deny):
         return _refuse(state, Refusal.NOT_PENDING)
     if state.status is not Status.APPROVED:
@@ -253,11 +273,7 @@ def transition(state: ApprovalState, event: Event, policy: Policy, now: datetime
     if isinstance(event, DeliverySucceeded):
         after = replace(state, status=Status.DELIVERED)
         clips = {"clips": event.clips}
-        return Transition(
-            state,
-            after,
-            (Audit("request_delivered", clips), Respond(Status.DELIVERED, clips), ReleaseHold()),
-        )
+        return Transition(state, after, (Respond(Status.DELIVERED, clips), ReleaseHold()))
     after = replace(state, status=Status.FAILED)
     return Transition(
         state,
@@ -270,11 +286,34 @@ def transition(state: ApprovalState, event: Event, policy: Policy, now: datetime
     )
 
 
+def _redeliver(state: ApprovalState, event: Redeliver, policy: Policy, now: datetime) -> Transition:
+    """Redelivery needs the same channels as a first approval (§5.2). The caller gives only a
+    first factor made after the request's last delivery ended."""
+    if state.status not in REDELIVERABLE:
+        return _refuse(state, Refusal.NOT_DELIVERED)
+    if event.channel not in policy.channels:
+        return _refuse(state, Refusal.CHANNEL_DISABLED)
+    factor = Factor(event.channel, now)
+    if policy.require == "all":
+        if event.channel is not Channel.BUTTON:
+            return Transition(state, replace(state, first_factor=factor))
+        first = state.first_factor
+        if first is None or not first.at <= now <= first.at + policy.confirm_window:
+            return _refuse(state, Refusal.NEEDS_FIRST_FACTOR)
+        factors: tuple[Factor, ...] = (first, factor)
+    else:
+        factors = (factor,)
+    after = replace(state, status=Status.APPROVED, decided_by=factors)
+    return Transition(state, after, (StartDelivery(),))
+
+
 def _pending(state: ApprovalState, event: Event, policy: Policy, now: datetime) -> Transition:
     if isinstance(event, Tick):
         return Transition(state, state)
     if isinstance(event, DeliverySucceeded | DeliveryFailed):
         return _refuse(state, Refusal.NOT_APPROVED)
+    if isinstance(event, Redeliver):
+        return _refuse(state, Refusal.NOT_DELIVERED)
     if event.channel not in policy.channels:
         return _refuse(state, Refusal.CHANNEL_DISABLED)
     factor = Factor(event.channel, now)

@@ -128,6 +128,7 @@ def approval_worker(ctx: DaemonContext) -> ApprovalWorker:
         deliverer_factory=deliverer,
         device_id=cfg.device_id,
         indicator=indicate,
+        max_bytes=cfg.delivery.max_bytes,
     )
     button_error: str | None = None
     if Channel.BUTTON in policy.channels and cfg.approval.button.enabled:
@@ -151,10 +152,13 @@ def approval_worker(ctx: DaemonContext) -> ApprovalWorker:
         result: DecisionResult = coordinator.decide(jti, action, channel)
         return result.to_json()
 
+    def redeliver(jti: str, channel: Channel) -> dict[str, object]:
+        return coordinator.redeliver(jti, channel).to_json()
+
     ctx.services["approval"] = coordinator
     return ApprovalWorker(
         coordinator,
-        ControlServer(socket_path(cfg.state_dir), decide),
+        ControlServer(socket_path(cfg.state_dir), decide, redeliver=redeliver),
         panels[0] if panels else None,
         button_error,
         ready=getattr(requests, "wait_checked", None),

@@ -1,4 +1,9 @@
-"""``doorbell-agent approve J`` and ``deny J``: the owner's decision from the device's shell.
+"""``doorbell-agent approve J``, ``deny J`` and ``redeliver J``: the owner's decisions from the
+device's shell.
+
+``redeliver J`` (§5.2) sends a delivered, acknowledged or failed (``delivery_error``) request's
+window again; it needs the running daemon (which holds the broker connection) and is refused,
+exit status 1 saying why, otherwise.
 
 With the daemon running the decision goes over the control socket (``agent.sock``) and takes
 effect at once, recorded as channel ``cli``. With the daemon stopped it is stored in
@@ -11,7 +16,12 @@ from __future__ import annotations
 
 import argparse
 
-from agent.approval.control import DaemonUnavailableError, send_decision, socket_path
+from agent.approval.control import (
+    DaemonUnavailableError,
+    send_decision,
+    send_redeliver,
+    socket_path,
+)
 from agent.approval.decisions import Action, DecisionLog
 from agent.approval.machine import ApprovalState, Channel, Policy, Status
 from agent.cli.common import load_config, print_json, require_initialised
@@ -40,6 +50,45 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.add_argument("jti", metavar="J", help="the request id (jti)")
         p.add_argument("--json", action="store_true", help="print the outcome as JSON")
         p.set_defaults(func=handler, decide_action=action)
+    p = sub.add_parser(
+        "redeliver",
+        help="send a delivered request's footage again (fresh file ids, attempt + 1)",
+        description="Send the footage of request J again, to the same requester and recipient: "
+        "for a request that is delivered, acknowledged, or failed with delivery_error. Needs the "
+        "same approval channels as a first approval (with approval.require: all, press the "
+        "button within approval.confirm_window to confirm). Refused for a revoked requester or "
+        "when footage of the window has been deleted since.",
+    )
+    p.add_argument("jti", metavar="J", help="the request id (jti)")
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    p.set_defaults(func=redeliver_handler)
+
+
+def redeliver_handler(args: argparse.Namespace) -> int:
+    """Ask the running daemon to redeliver request J."""
+    cfg = load_config(args)
+    require_initialised(cfg)
+    try:
+        result = send_redeliver(socket_path(cfg.state_dir), args.jti)
+    except DaemonUnavailableError:
+        raise ApprovalError(
+            f"request {args.jti} cannot be redelivered: the agent is not running",
+            hint="start the agent (systemctl start doorbell-agent) and run redeliver again",
+        ) from None
+    if args.json:
+        print_json(result)
+    elif result.get("awaiting_confirmation"):
+        window = format_duration(cfg.approval.confirm_window)
+        print(
+            f"Request {args.jti}: redelivery recorded. Press the button within {window} to "
+            "confirm (approval.require is all)."
+        )
+    else:
+        print(
+            f"Request {args.jti}: its footage is being cut, encrypted and sent again "
+            "(fresh file ids, a new attempt)."
+        )
+    return 0
 
 
 def handler(args: argparse.Namespace) -> int:

@@ -34,7 +34,11 @@ _CONTENT_TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^
 
 @dataclass(frozen=True)
 class ManifestClip:
-    """One released clip: ``bytes``/``chunks``/``sha256`` describe its age file."""
+    """One released file: ``bytes``/``chunks``/``sha256`` describe its age file.
+
+    ``id`` is opaque and fresh for each delivery attempt; ``source`` is the salted commitment to
+    the stored clip it was cut from (§5.1), a hex HMAC-SHA-256 only the owner's log can open.
+    """
 
     id: str
     start: datetime
@@ -44,6 +48,9 @@ class ManifestClip:
     bytes: int
     sha256: str
     plaintext_sha256: str
+    frames: int
+    clock_synchronized: bool
+    source: str
 
     def to_claim(self) -> dict[str, Any]:
         """The clip as it appears in the manifest's ``clips`` claim."""
@@ -56,6 +63,9 @@ class ManifestClip:
             "bytes": self.bytes,
             "sha256": self.sha256,
             "plaintext_sha256": self.plaintext_sha256,
+            "frames": self.frames,
+            "clock_synchronized": self.clock_synchronized,
+            "source": {"commitment": self.source},
         }
 
     @classmethod
@@ -76,7 +86,7 @@ class ManifestClip:
         if not isinstance(content_type, str) or not _CONTENT_TYPE_RE.match(content_type):
             raise ReceiveError(f"{where}: content_type {content_type!r} is not a media type")
         counts: dict[str, int] = {}
-        for name in ("chunks", "bytes"):
+        for name in ("chunks", "bytes", "frames"):
             n = value.get(name)
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                 raise ReceiveError(f"{where}: {name} must be a non-negative integer")
@@ -87,6 +97,18 @@ class ManifestClip:
             if not isinstance(h, str) or not _HEX64_RE.match(h):
                 raise ReceiveError(f"{where}: {name} must be 64 lowercase hex digits")
             hashes[name] = h
+        synchronized = value.get("clock_synchronized")
+        if not isinstance(synchronized, bool):
+            raise ReceiveError(f"{where}: clock_synchronized must be true or false")
+        source = value.get("source")
+        commitment = source.get("commitment") if isinstance(source, dict) else None
+        if (
+            not isinstance(source, dict)
+            or set(source) != {"commitment"}
+            or not isinstance(commitment, str)
+            or not _HEX64_RE.match(commitment)
+        ):
+            raise ReceiveError(f"{where}: source must be {{\"commitment\": 64 lowercase hex}}")
         return cls(
             id=clip_id,
             start=start,
@@ -96,17 +118,23 @@ class ManifestClip:
             bytes=counts["bytes"],
             sha256=hashes["sha256"],
             plaintext_sha256=hashes["plaintext_sha256"],
+            frames=counts["frames"],
+            clock_synchronized=synchronized,
+            source=commitment,
         )
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """A verified manifest."""
+    """A verified manifest: the files of delivery attempt ``attempt`` of the window asked for."""
 
     iss: str
     aud: str
     iat: int
     req: str
+    window_start: datetime
+    window_end: datetime
+    attempt: int
     clips: tuple[ManifestClip, ...]
 
 
@@ -115,15 +143,20 @@ def manifest_claims(
     device_id: str,
     requester_id: str,
     jti: str,
+    window: Mapping[str, str],
+    attempt: int,
     clips: Sequence[ManifestClip],
     now: datetime,
 ) -> dict[str, Any]:
-    """The manifest's claims for a delivery of ``clips`` answering request ``jti``."""
+    """The manifest's claims for attempt ``attempt`` of a delivery of ``clips`` answering
+    request ``jti``; ``window`` is the request's window exactly as the request carried it."""
     return {
         "iss": device_id,
         "aud": requester_id,
         "iat": to_epoch(now),
         "req": jti,
+        "window": dict(window),
+        "attempt": attempt,
         "clips": [clip.to_claim() for clip in clips],
     }
 
@@ -177,8 +210,10 @@ def verify_manifest(
     device_id: str,
     requester_id: str,
     jti: str,
+    expected_window: tuple[datetime, datetime] | None = None,
 ) -> Manifest:
-    """Verify a manifest for request ``jti`` from ``device_id`` to ``requester_id``."""
+    """Verify a manifest for request ``jti`` from ``device_id`` to ``requester_id`` (and, when
+    the caller knows it, the window it asked for)."""
     claims = verify_device_jws(token, public_key, MANIFEST_TYP)
     expected = {"iss": device_id, "aud": requester_id, "req": jti}
     for name, want in expected.items():
@@ -187,6 +222,19 @@ def verify_manifest(
     iat = claims.get("iat")
     if not isinstance(iat, int) or isinstance(iat, bool):
         raise ReceiveError("manifest iat is not an integer")
+    attempt = claims.get("attempt")
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
+        raise ReceiveError("manifest attempt is not a positive integer")
+    window = claims.get("window")
+    if not isinstance(window, dict) or set(window) != {"start", "end"}:
+        raise ReceiveError("manifest window is not {start, end}")
+    try:
+        window_start = parse_rfc3339(window["start"])
+        window_end = parse_rfc3339(window["end"])
+    except (ValueError, TypeError) as exc:
+        raise ReceiveError(f"manifest window: {exc}") from None
+    if expected_window is not None and (window_start, window_end) != expected_window:
+        raise ReceiveError("manifest window is not the window of the request")
     raw_clips = claims.get("clips")
     if not isinstance(raw_clips, list):
         raise ReceiveError("manifest clips is not a list")
@@ -194,4 +242,7 @@ def verify_manifest(
     ids = [c.id for c in clips]
     if len(set(ids)) != len(ids):
         raise ReceiveError("manifest lists a clip more than once")
-    return Manifest(iss=device_id, aud=requester_id, iat=iat, req=jti, clips=clips)
+    return Manifest(
+        iss=device_id, aud=requester_id, iat=iat, req=jti, window_start=window_start,
+        window_end=window_end, attempt=attempt, clips=clips,
+    )

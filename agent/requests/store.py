@@ -15,9 +15,17 @@ Tables:
 
 Status transitions (``set_status`` enforces them as a compare-and-set)::
 
-    pending  -> approved | denied | expired | rejected (requester revoked)
-    approved -> delivered | failed
-    rejected, denied, expired, delivered, failed: terminal
+    pending      -> approved | denied | expired | rejected (requester revoked)
+    approved     -> delivered | failed
+    delivered    -> acknowledged (a receipt, §5.2) | approved (the owner's redeliver)
+    acknowledged -> approved (redeliver)
+    failed       -> approved (redeliver, only after a delivery_error)
+    rejected, denied, expired: terminal
+
+Deliveries (§5, §5.2): ``release_salts`` keeps each request's random commitment salt;
+``deliveries`` one row per delivery attempt (numbered from 1 across retries and re-deliveries)
+with its files and, once recorded, its manifest's SHA-256 (a receipt must name the newest);
+``redeliveries`` the owner's redeliver decisions.
 
 A ``rejected`` row is also written directly for a signed request that broke a claim rule, while
 the requester is under its rate limit (so a misbehaving requester cannot fill the disk).
@@ -26,6 +34,8 @@ the requester is under its rate limit (so a misbehaving requester cannot fill th
 from __future__ import annotations
 
 import fcntl
+import hmac
+import json
 import os
 import sqlite3
 import threading
@@ -60,16 +70,21 @@ from agent.requests.verify import (
 from agent.timeutil import TIME_MIN, clamp_epoch, parse_rfc3339, rfc3339, utcnow
 
 DB_NAME: Final = "requests.db"
-STATUSES: Final = ("pending", "rejected", "approved", "denied", "expired", "delivered", "failed")
+STATUSES: Final = (
+    "pending", "rejected", "approved", "denied", "expired", "delivered", "failed", "acknowledged"
+)
 TRANSITIONS: Final[Mapping[str, frozenset[str]]] = {
     "pending": frozenset({"approved", "denied", "expired", "rejected"}),
     "approved": frozenset({"delivered", "failed"}),
     "rejected": frozenset(),
     "denied": frozenset(),
     "expired": frozenset(),
-    "delivered": frozenset(),
-    "failed": frozenset(),
+    "delivered": frozenset({"acknowledged", "approved"}),
+    "failed": frozenset({"approved"}),
+    "acknowledged": frozenset({"approved"}),
 }
+REDELIVERABLE: Final = ("delivered", "acknowledged", "failed")
+"""Statuses ``redeliver`` starts from (``failed`` only with ``delivery_error``)."""
 # Columns set_status may change besides status itself (the rest describe the signed request).
 MUTABLE_FIELDS: Final = frozenset(
     {"error", "detail", "channel", "decided_at", "clips", "finished_at", "responded"}
@@ -120,6 +135,24 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 CREATE INDEX IF NOT EXISTS requests_by_requester ON requests (requester, received_at);
 CREATE INDEX IF NOT EXISTS requests_by_status ON requests (status);
+CREATE TABLE IF NOT EXISTS release_salts (
+    jti TEXT PRIMARY KEY REFERENCES requests (jti),
+    salt BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    jti TEXT NOT NULL REFERENCES requests (jti),
+    attempt INTEGER NOT NULL,
+    redelivery INTEGER NOT NULL,
+    files TEXT NOT NULL,
+    manifest_sha256 TEXT,
+    started_at TEXT NOT NULL,
+    PRIMARY KEY (jti, attempt)
+);
+CREATE TABLE IF NOT EXISTS redeliveries (
+    jti TEXT NOT NULL REFERENCES requests (jti),
+    channel TEXT NOT NULL,
+    decided_at TEXT NOT NULL
+);
 """
 
 _SELECT_REQUESTS: Final = (
@@ -245,6 +278,18 @@ class RequestRecord:
             "expires_at": rfc3339(self.exp),
             "decided_at": rfc3339(self.decided_at) if self.decided_at else None,
         }
+
+
+@dataclass(frozen=True)
+class DeliveryAttempt:
+    """One recorded delivery attempt of a request."""
+
+    attempt: int
+    redelivery: bool
+    files: tuple[dict[str, Any], ...]
+    """Each released file: ``id``, ``start``, ``end``, ``clip`` (the stored clip's id)..."""
+    manifest_sha256: str | None
+    started_at: datetime
 
 
 @dataclass(frozen=True)
@@ -714,6 +759,128 @@ class RequestStore:
                 "SELECT EXISTS (SELECT 1 FROM requests WHERE jti = ?)", (jti,)
             ).fetchone()[0]:
                 raise RequestNotFoundError(f"no request {jti!r} is known")
+
+
+    # --- deliveries ---------------------------------------------------------------------------
+
+    def release_salt(self, jti: str, make: Callable[[], bytes]) -> bytes:
+        """The request's commitment salt, made with ``make`` (and kept) the first time."""
+        with self.transaction() as conn:
+            row = conn.execute("SELECT salt FROM release_salts WHERE jti = ?", (jti,)).fetchone()
+            if row is not None:
+                return bytes(row[0])
+            salt = make()
+            conn.execute("INSERT INTO release_salts (jti, salt) VALUES (?, ?)", (jti, salt))
+            return salt
+
+    def begin_attempt(self, jti: str) -> int:
+        """Number and record a new delivery attempt of ``jti`` (1 for the first)."""
+        with self.transaction() as conn:
+            row = conn.execute(
+                "SELECT COALESCE(MAX(attempt), 0) FROM deliveries WHERE jti = ?", (jti,)
+            ).fetchone()
+            attempt = int(row[0]) + 1
+            redelivery = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM redeliveries WHERE jti = ?)", (jti,)
+            ).fetchone()[0]
+            conn.execute(
+                "INSERT INTO deliveries (jti, attempt, redelivery, files, started_at) "
+                "VALUES (?, ?, ?, '[]', ?)",
+                (jti, attempt, int(bool(redelivery)), db_time(self._now())),
+            )
+        return attempt
+
+    def record_attempt_files(self, jti: str, attempt: int, files: list[dict[str, Any]]) -> None:
+        """Keep what attempt ``attempt`` releases (JSON-able dicts)."""
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE deliveries SET files = ? WHERE jti = ? AND attempt = ?",
+                (json.dumps(files, sort_keys=True), jti, attempt),
+            )
+
+    def record_manifest(self, jti: str, attempt: int, manifest_sha256: str) -> None:
+        """Keep the SHA-256 of attempt ``attempt``'s manifest (a receipt must name it)."""
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE deliveries SET manifest_sha256 = ? WHERE jti = ? AND attempt = ?",
+                (manifest_sha256, jti, attempt),
+            )
+
+    def attempts(self, jti: str) -> list[DeliveryAttempt]:
+        """Every delivery attempt of ``jti``, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT attempt, redelivery, files, manifest_sha256, started_at FROM deliveries "
+                "WHERE jti = ? ORDER BY attempt",
+                (jti,),
+            ).fetchall()
+        return [
+            DeliveryAttempt(
+                attempt=int(r[0]),
+                redelivery=bool(r[1]),
+                files=tuple(json.loads(r[2])),
+                manifest_sha256=r[3],
+                started_at=_stored_time(r[4]) or TIME_MIN,
+            )
+            for r in rows
+        ]
+
+    def newest_manifest(self, jti: str) -> DeliveryAttempt | None:
+        """The newest attempt of ``jti`` that recorded a manifest, if any."""
+        done = [a for a in self.attempts(jti) if a.manifest_sha256 is not None]
+        return done[-1] if done else None
+
+    def redeliver(self, jti: str, channel: str, now: datetime) -> RequestRecord | None:
+        """Move a ``delivered``, ``acknowledged`` or ``failed``/``delivery_error`` request back to
+        ``approved`` for another delivery, recording the owner's decision; None (nothing changed)
+        when it is in none of those states or its requester is revoked."""
+        with self.transaction() as conn:
+            changed = conn.execute(
+                "UPDATE requests SET status = 'approved', responded = 'approved', "
+                "error = NULL, detail = NULL, updated_at = ? WHERE jti = ? AND "
+                "(status IN ('delivered', 'acknowledged') OR "
+                "(status = 'failed' AND error = 'delivery_error')) AND requester IN "
+                "(SELECT id FROM requesters WHERE revoked_at IS NULL)",
+                (db_time(now), jti),
+            ).rowcount
+            if changed:
+                conn.execute(
+                    "INSERT INTO redeliveries (jti, channel, decided_at) VALUES (?, ?, ?)",
+                    (jti, channel, db_time(now)),
+                )
+        return self.get_request(jti) if changed else None
+
+    def acknowledge(
+        self, jti: str, requester_id: str, manifest_sha256: str, record: Callable[[int], None]
+    ) -> bool:
+        """Move ``jti`` to ``acknowledged`` if it is ``delivered`` to ``requester_id`` (not
+        revoked) and ``manifest_sha256`` names its newest attempt's manifest.
+
+        ``record`` (the audit entry, given the attempt acknowledged) runs inside the transaction,
+        before the change commits; it raising leaves everything as it was. Returns whether the
+        request moved.
+        """
+        with self.transaction() as conn:
+            row = conn.execute(
+                "SELECT r.status, r.requester, q.revoked_at FROM requests r "
+                "JOIN requesters q ON q.id = r.requester WHERE r.jti = ?",
+                (jti,),
+            ).fetchone()
+            if row is None or row[0] != "delivered" or row[1] != requester_id or row[2]:
+                return False
+            newest = conn.execute(
+                "SELECT manifest_sha256, attempt FROM deliveries WHERE jti = ? AND "
+                "manifest_sha256 IS NOT NULL ORDER BY attempt DESC LIMIT 1",
+                (jti,),
+            ).fetchone()
+            if newest is None or not hmac.compare_digest(str(newest[0]), manifest_sha256):
+                return False
+            record(int(newest[1]))
+            conn.execute(
+                "UPDATE requests SET status = 'acknowledged', updated_at = ? WHERE jti = ?",
+                (db_time(self._now()), jti),
+            )
+        return True
 
 
 # --- row helpers ------------------------------------------------------------------------------
