@@ -120,8 +120,13 @@ class Topics:
 
     @property
     def requests(self) -> str:
-        """``P/D/requests``: the only topic the device subscribes to."""
+        """``P/D/requests``: requests (the device subscribes to it and ``receipts``)."""
         return f"{self.base}/requests"
+
+    @property
+    def receipts(self) -> str:
+        """``P/D/receipts``: requesters' receipts for deliveries (§5.2)."""
+        return f"{self.base}/receipts"
 
     @property
     def status(self) -> str:

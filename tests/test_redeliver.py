@@ -111,12 +111,11 @@ def test_redeliver_sends_the_same_window_again_with_fresh_ids(h: Harness) -> Non
     files = age_files(h.publisher.messages, make_job("", jti=JTI))
     assert age_decrypt_cli(h.tmp, h.identity, files[again["files"][0]["id"]]) == data
     # only a receipt for attempt 2's manifest acknowledges it
-    audit = h.audit
-    assert not h.store.acknowledge(JTI, REQUESTER, first["manifest_sha256"], lambda _a: None)
-    assert h.store.acknowledge(
-        JTI, REQUESTER, again["manifest_sha256"],
-        lambda a: audit.append("delivery_acknowledged", jti=JTI, attempt=a),
-    )
+    def record(attempt: int) -> None:
+        h.audit.append("delivery_acknowledged", jti=JTI, attempt=attempt)
+
+    assert not h.store.acknowledge(JTI, REQUESTER, first["manifest_sha256"], record)
+    assert h.store.acknowledge(JTI, REQUESTER, again["manifest_sha256"], record)
     assert h.status(JTI) == "acknowledged"
     assert h.entries("delivery_acknowledged")[0]["attempt"] == 2
     # an acknowledged request can be sent again too: attempt 3

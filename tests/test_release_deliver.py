@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import random
+import secrets
 import shutil
 import subprocess
 import threading
@@ -166,7 +167,6 @@ def make_deliverer(
     retries: int = 2,
     new_id: Callable[[], str] | None = None,
 ) -> Deliverer:
-    extra = {} if new_id is None else {"new_id": new_id}
     return Deliverer(
         vault=vault,
         publisher=publisher,
@@ -176,7 +176,7 @@ def make_deliverer(
         retries=retries,
         reconnect_timeout=1.0,
         now=lambda: T0 + timedelta(hours=1),
-        **extra,
+        new_id=new_id or (lambda: secrets.token_urlsafe(16)),
     )
 
 

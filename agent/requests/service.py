@@ -118,6 +118,7 @@ from agent.logtext import one_line
 from agent.mqtt import BoundedPublisher, InboundMessage, MQTTClient, Topics, message_expiry
 from agent.provision import device_client_id
 from agent.release.manifest import RESPONSE_TYP
+from agent.requests.receipts import ReceiptDesk
 from agent.requests.store import RequestRecord, RequestStore
 from agent.requests.verify import (
     ERROR_CODES,
@@ -570,10 +571,12 @@ class RequestService:
         suspect_rate: int = 500,
         admission_audited: Callable[[str, str], bool] | None = None,
         audit_head: Callable[[], str] | None = None,
+        receipts: ReceiptDesk | None = None,
         now: Callable[[], datetime] = utcnow,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.topics = topics
+        self.receipts = receipts
         self._audit_head = audit_head
         self.policy = policy
         self.stats = ServiceStats()
@@ -629,6 +632,8 @@ class RequestService:
         self._started = True
         self._resend_unanswered()
         self._thread.start()
+        if self.receipts is not None:
+            self.receipts.start()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the worker (messages still queued stay unacknowledged: the broker redelivers
@@ -646,6 +651,8 @@ class RequestService:
                     break
             self._queue.wake()
             self._thread.join(timeout)
+        if self.receipts is not None:
+            self.receipts.close(timeout)
         self._write_summaries(force=True)
         self._mark_sent(wait=timeout)
 
@@ -672,6 +679,14 @@ class RequestService:
         """MQTT message handler (paho's network thread): cheap checks, a non-blocking put."""
         self.stats.received += 1
         client = self._client
+        if message.topic == self.topics.receipts and self.receipts is not None:
+            # Their own lane (agent.requests.receipts): acknowledged at once, never queued
+            # with requests.
+            if not self._closed:
+                self.receipts.offer(message.payload)
+                if client is not None:
+                    client.ack(message)
+            return
         if message.topic != self.topics.requests or self._closed:
             if client is not None and not self._closed:
                 client.ack(message)
@@ -1146,12 +1161,20 @@ class RequestsWorker:
             revocation_poll=revocation_poll,
             admission_audited=lambda event, jti: admission_audited(audit.path, event, jti),
             audit_head=self.current_head,
+            receipts=ReceiptDesk(
+                store=store,
+                audit=audit,
+                policy=RequestPolicy.from_config(cfg),
+                device_key=signing_key.public_key(),
+                state_dir=cfg.state_dir,
+                now=now,
+            ),
             now=now,
         )
         self.client = MQTTClient(
             cfg.mqtt,
             client_id=cfg.mqtt.client_id or device_client_id(cfg.state_dir, cfg.device_id),
-            subscriptions=[self.topics.requests],
+            subscriptions=[self.topics.requests, self.topics.receipts],
             on_message=self.service.on_message,
             on_connect=self.announcer.connected,
             will_factory=self.announcer.will,
@@ -1258,6 +1281,7 @@ class RequestsWorker:
             "responses": s.responses,
             "audit_failures": s.audit_failures,
             "failures": s.failures,
+            "receipts": dict(self.service.receipts.stats) if self.service.receipts else {},
             "client_id": self.client.client_id,
             "client_id_conflict": self.client.client_id_conflict(),
             # Requests wait at the broker until the start-up audit check is done (§7).

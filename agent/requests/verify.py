@@ -50,6 +50,12 @@ library's object model. The alg allow-list above is what makes that safe: only E
 runs, with the enrolled key, whatever the message says.
 
 The order of steps 8-13 is CONTRACT §3's; the rate limit comes last.
+
+Receipts (§5.2, :func:`verify_receipt`) share steps 1-6 with ``typ`` ``doorbell-receipt+jwt``,
+then: requester not revoked, ``iss`` the id enrolled for ``kid``, ``aud`` the device, ``iat``
+not beyond ``clock_skew`` in the future nor older than ``max_lifetime``, and ``req``,
+``manifest`` and ``audit_head`` of the right shape. Whether ``req`` names a delivery to ``iss``
+with that manifest is the store's to say.
 ``exp`` gets no leeway (the contract says "in the future"); ``iat`` gets ``clock_skew``.
 """
 
@@ -79,6 +85,9 @@ if TYPE_CHECKING:
     from agent.config import Config
 
 REQUEST_TYP: Final = "doorbell-request+jwt"
+RECEIPT_TYP: Final = "doorbell-receipt+jwt"
+MAX_AUDIT_HEAD: Final = 2048
+"""Longest ``audit_head`` a receipt may carry (a device audit-head JWS is about 400 bytes)."""
 ALLOWED_ALGS: Final = frozenset({"EdDSA", "Ed25519"})
 LEGAL_BASES: Final = ("consent", "warrant", "subpoena", "emergency")
 REQUESTER_KINDS: Final = ("law-enforcement", "neighbor", "insurer", "other")
@@ -431,8 +440,8 @@ class _Token:
     signature: bytes
 
 
-def _split(raw: bytes, policy: RequestPolicy) -> _Token:
-    """Size, ASCII, shape, header and payload checks (steps 1-4)."""
+def _split(raw: bytes, policy: RequestPolicy, typ: str = REQUEST_TYP) -> _Token:
+    """Size, ASCII, shape, header and payload checks (steps 1-4) of a JWS of type ``typ``."""
     if len(raw) > policy.max_bytes:
         raise _Fail("oversize", f"{len(raw)} bytes, limit {policy.max_bytes}")
     if not raw.isascii():
@@ -453,7 +462,7 @@ def _split(raw: bytes, policy: RequestPolicy) -> _Token:
         raise _Fail("bad_shape", "the signature segment is not canonical base64url")
     if len(header_seg) > MAX_HEADER_SEGMENT:
         raise _Fail("bad_header", f"the header segment is longer than {MAX_HEADER_SEGMENT}")
-    header = _header(header_seg)
+    header = _header(header_seg, typ)
     claims = _parse_object(_b64decode(payload_seg), "the payload", "bad_shape")
     # The signing input is the received bytes, not a re-serialisation: what was signed.
     signing_input = token[: len(header_seg) + 1 + len(payload_seg)]
@@ -461,14 +470,14 @@ def _split(raw: bytes, policy: RequestPolicy) -> _Token:
 
 
 @lru_cache(maxsize=256)
-def _header(segment: bytes) -> Mapping[str, Any]:
+def _header(segment: bytes, typ: str = REQUEST_TYP) -> Mapping[str, Any]:
     """The checked header of a header segment (step 3), read-only.
 
     Cached by the segment's bytes: a requester's tokens, and a flood of forgeries under an
     enrolled kid, repeat one header segment. Failures raise and are not cached.
     """
     header = _parse_object(_b64decode(segment), "the header", "bad_header")
-    _check_header(header)
+    _check_header(header, typ)
     try:
         JWS_REGISTRY.check_header(header)
     except JoseError as exc:
@@ -476,7 +485,7 @@ def _header(segment: bytes) -> Mapping[str, Any]:
     return MappingProxyType(header)
 
 
-def _check_header(header: dict[str, Any]) -> None:
+def _check_header(header: dict[str, Any], typ: str = REQUEST_TYP) -> None:
     alg = header.get("alg")
     if not isinstance(alg, str):
         raise _Fail("bad_header", "alg is missing or not a string")
@@ -484,10 +493,10 @@ def _check_header(header: dict[str, Any]) -> None:
         raise _Fail("alg_not_allowed", f"alg {alg[:32]!r} is not EdDSA or Ed25519")
     if "crit" in header or "b64" in header:
         raise _Fail("bad_header", "crit/b64 header extensions are not supported")
-    if header.get("typ") != REQUEST_TYP:
-        typ = header.get("typ")
-        shown = typ[:64] if isinstance(typ, str) else typ
-        raise _Fail("typ", f"typ {shown!r} is not {REQUEST_TYP}")
+    if header.get("typ") != typ:
+        found = header.get("typ")
+        shown = found[:64] if isinstance(found, str) else found
+        raise _Fail("typ", f"typ {shown!r} is not {typ}")
     kid = header.get("kid")
     if not isinstance(kid, str) or not 1 <= len(kid) <= MAX_KID:
         raise _Fail("bad_header", "kid is missing, not a string or too long")
@@ -543,6 +552,86 @@ def verify_request(
             claims=claims,
         )
     return result
+
+
+@dataclass(frozen=True)
+class VerifiedReceipt:
+    """A receipt signed by an enrolled, unrevoked requester whose claims hold (§5.2)."""
+
+    requester_id: str
+    kid: str
+    req: str
+    manifest: str
+    audit_head: str | None
+    """Absent when the requester had seen no head (it then witnessed nothing)."""
+    iat: datetime
+    token: str
+    """The receipt JWS as received (it goes into ``delivery_acknowledged``)."""
+
+
+@dataclass(frozen=True)
+class RefusedReceipt:
+    """A receipt signed by an enrolled key that breaks a rule: ignored, counted, never answered."""
+
+    reason: str
+    detail: str
+    requester_id: str
+    kid: str
+
+
+ReceiptResult = VerifiedReceipt | RefusedReceipt | Unverifiable
+
+
+def verify_receipt(
+    raw: bytes, trust: TrustView, policy: RequestPolicy, now: datetime
+) -> ReceiptResult:
+    """Check one receipt payload (§5.2); never raises for any input bytes.
+
+    The cheap checks and the signature are the request's (steps 1-6 of the module docstring)
+    with ``typ`` ``doorbell-receipt+jwt``; ``trust`` is read only.
+    """
+    try:
+        tok = _split(raw, policy, RECEIPT_TYP)
+    except _Fail as fail:
+        return Unverifiable(fail.reason, fail.detail, len(raw))
+    kid: str = tok.header["kid"]
+    key = trust.key_for_kid(kid)
+    if key is None:
+        return Unverifiable("unknown_kid", "no requester is enrolled with this kid", len(raw), kid)
+    try:
+        key.public_key.verify(tok.signature, tok.signing_input)
+    except InvalidSignature:
+        return Unverifiable("bad_signature", "the signature does not verify", len(raw), kid)
+    claims = tok.claims
+
+    def refused(reason: str, detail: str) -> RefusedReceipt:
+        return RefusedReceipt(reason, detail, key.requester_id, kid)
+
+    if key.revoked:
+        return refused("revoked", f"requester {key.requester_id} is revoked")
+    if claims.get("iss") != key.requester_id:
+        return refused("bad_claims", "iss is not the requester enrolled for kid")
+    if claims.get("aud") != policy.device_id:
+        return refused("wrong_audience", "aud is not this device")
+    iat = claims.get("iat")
+    if not epoch_in_range(iat):
+        return refused("bad_claims", "iat is not an integer within 2000-01-01..9999-12-31")
+    issued = from_epoch(iat)
+    if issued > now + policy.clock_skew:
+        return refused("not_yet_valid", "iat is in the future")
+    if issued < now - policy.max_lifetime:
+        return refused("expired", "iat is older than requests.max_lifetime")
+    req, manifest, head = claims.get("req"), claims.get("manifest"), claims.get("audit_head")
+    if not isinstance(req, str) or not JTI_RE.fullmatch(req):
+        return refused("bad_claims", "req is not a request id")
+    if not isinstance(manifest, str) or not re.fullmatch(r"[0-9a-f]{64}", manifest):
+        return refused("bad_claims", "manifest is not 64 lowercase hex digits")
+    if head is not None and (
+        not isinstance(head, str) or not 1 <= len(head) <= MAX_AUDIT_HEAD or not head.isascii()
+    ):
+        return refused("bad_claims", "audit_head is not a compact JWS")
+    token = raw.strip(b" \t\r\n").decode("ascii")
+    return VerifiedReceipt(key.requester_id, kid, req, manifest, head, issued, token)
 
 
 def _str_claim(
