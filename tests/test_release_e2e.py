@@ -163,7 +163,10 @@ def test_send_approve_kill9_recover_receive(tmp_path: Path, mosquitto: Mosquitto
         sender.join(180)
         assert not sender.is_alive()
         with RequestStore.open(state) as store:
-            wait_for(lambda: store.get_request(jti).status == "delivered", "delivered", daemon)
+            # the requester's receipt moves it on to acknowledged (§5.2)
+            wait_for(
+                lambda: store.get_request(jti).status == "acknowledged", "acknowledged", daemon
+            )
         daemon.send_signal(signal.SIGTERM)
         _, err = daemon.communicate(timeout=60)
         assert daemon.returncode == 0, err
@@ -175,10 +178,16 @@ def test_send_approve_kill9_recover_receive(tmp_path: Path, mosquitto: Mosquitto
             daemon.kill()
             daemon.communicate()
     assert codes == [0]
-    assert (out / f"{clip.id}.mkv").read_bytes() == data
+    # the released file has an opaque id, fresh for the attempt after the crash (so no chunk
+    # of the interrupted attempt was spliced in): the manifest names it
+    manifest = json.loads(b64url_decode((out / "manifest.jws").read_text().split(".")[1]))
+    assert manifest["attempt"] == 2
+    (file_id,) = [c["id"] for c in manifest["clips"]]
+    assert file_id != clip.id
+    assert (out / f"{file_id}.mkv").read_bytes() == data
     # the evidence set, and no spool or temporary file left
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"{clip.id}.mkv", f"{clip.id}.age", "device.jwk", "manifest.jws", "receipt.jws",
+        [f"{file_id}.mkv", f"{file_id}.age", "device.jwk", "manifest.jws", "receipt.jws",
          "request.jws", "responses"]
     )
     assert out.stat().st_mode & 0o777 == 0o700
@@ -197,7 +206,9 @@ def test_send_approve_kill9_recover_receive(tmp_path: Path, mosquitto: Mosquitto
     entries = [json.loads(line) for line in (state / "audit.jsonl").read_text().splitlines()]
     events = [e["event"] for e in entries]
     assert events.count("request_approved") == 1 and events.count("request_delivered") == 1
+    assert events.count("release_started") == 2  # the interrupted attempt and the one after
     assert events.index("request_approved") < events.index("request_delivered")
+    assert events.index("request_delivered") < events.index("delivery_acknowledged")
     assert verify_file(state / "audit.jsonl", load_device_key(state).public_key()).ok
     with Vault(state, load_storage_key(state)) as vault:
         assert vault.holds() == []
