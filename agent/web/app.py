@@ -236,6 +236,9 @@ class WebApp:
             Route("/logout", self._page(self.logout), methods=["POST"]),
             Route("/requests", self._page(self.requests_page)),
             Route("/requests/fragment", self._page(self.requests_fragment)),
+            Route(
+                "/requests/{jti}/redeliver", self._page(self.redeliver_form), methods=["POST"]
+            ),
             Route("/requests/{jti}/{action:str}", self._page(self.decide_form), methods=["POST"]),
             Route("/clips", self._page(self.clips_page)),
             Route("/clips/{clip}", self._page(self.clip_page)),
@@ -254,6 +257,9 @@ class WebApp:
             Route("/api/session", self._api(self.api_session)),
             Route("/api/requests", self._api(self.api_requests)),
             Route("/api/requests/{jti}", self._api(self.api_request)),
+            Route(
+                "/api/requests/{jti}/redeliver", self._api(self.api_redeliver), methods=["POST"]
+            ),
             Route(
                 "/api/requests/{jti}/{action:str}", self._api(self.api_decide), methods=["POST"]
             ),
@@ -529,6 +535,25 @@ class WebApp:
         else:
             self._set_flash(session, "ok", decision.message)
         return RedirectResponse("/requests", status_code=303)
+
+    async def redeliver_form(self, request: Request, session: Session) -> Response:
+        """"Send again" (§5.2, channel ``app``), then back to the list."""
+        jti = _valid_id(request.path_params["jti"])
+        try:
+            decision = await run_in_threadpool(self.services.decider.redeliver, jti)
+        except ApprovalError as exc:
+            self._set_flash(session, "error", exc.message)
+        else:
+            self._set_flash(session, "ok", decision.message)
+        return RedirectResponse("/requests", status_code=303)
+
+    async def api_redeliver(self, request: Request, session: Session) -> Response:
+        """``POST /api/requests/{jti}/redeliver``."""
+        jti = _valid_id(request.path_params["jti"])
+        decision = await run_in_threadpool(self.services.decider.redeliver, jti)
+        return JSONResponse(
+            {"request": self._request_json(decision.record), "message": decision.message}
+        )
 
     async def api_requests(self, request: Request, session: Session) -> Response:
         """``GET /api/requests[?status=S]``."""

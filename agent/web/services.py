@@ -142,6 +142,11 @@ class Decider(Protocol):
         """
         ...
 
+    def redeliver(self, jti: str) -> Decision:
+        """Send a delivered (acknowledged, or failed) request's footage again ("Send again",
+        §5.2) on the app channel; raises ApprovalError saying why when it cannot be."""
+        ...
+
 
 class DecidingEngine(Protocol):
     """The approval coordinator (:class:`agent.approval.coordinator.ApprovalCoordinator`)."""
@@ -150,6 +155,12 @@ class DecidingEngine(Protocol):
         self, jti: str, action: Action, channel: Channel, *, at: datetime | None = None
     ) -> DecisionResult:
         """Apply a decision; raises ApprovalError when refused."""
+        ...
+
+    def redeliver(
+        self, jti: str, channel: Channel, *, at: datetime | None = None
+    ) -> DecisionResult:
+        """Send a request's footage again; raises ApprovalError when refused."""
         ...
 
 
@@ -178,6 +189,20 @@ class EngineDecider:
             message = f"Denied the request of {name}: nothing is sent."
         else:
             message = f"The request from {name} is now {result.status.value}."
+        return Decision(record, message)
+
+    def redeliver(self, jti: str) -> Decision:
+        """Send ``jti``'s footage again as the app; the message says what to expect."""
+        result = self._engine.redeliver(jti, Channel.APP)
+        record = self._requests.get_request(jti)
+        name = record.requester_name
+        if result.awaiting_confirmation:
+            message = (
+                f"Sending {name}'s footage again is recorded. Press the doorbell's button now "
+                "to confirm it; nothing is sent until you do."
+            )
+        else:
+            message = f"Sending the footage to {name} again (a new delivery, fresh file ids)."
         return Decision(record, message)
 
 

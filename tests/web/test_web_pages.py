@@ -71,7 +71,9 @@ def test_approve_through_the_api_delivers_through_the_engine(web: WebHarness) ->
     record = web.request(jti)
     assert record.status == "delivered" and record.clips == 1 and record.channel == "app"
     # The release really happened: age-encrypted chunks of the clip, then the manifest.
-    chunks = [p for t, p in web.publisher.messages if f"/{clip.id}/" in t]
+    # (the released file has an opaque id, never the stored clip's)
+    assert not any(f"/{clip.id}/" in t for t, _ in web.publisher.messages)
+    chunks = [p for t, p in web.publisher.messages if not t.endswith("/manifest")]
     assert chunks and any(t.endswith("/manifest") for t, _ in web.publisher.messages)
     plain = decrypt(b"".join(chunks), [web.identity])
     assert hashlib.sha256(plain).hexdigest() == clip.sha256
@@ -80,6 +82,37 @@ def test_approve_through_the_api_delivers_through_the_engine(web: WebHarness) ->
     assert approved[-1].fields["channel"] == "app" and approved[-1].fields["jti"] == jti
     history = web.client.get("/requests").text.split('id="history-title"')[1]
     assert "Sent 1 clip" in history and "approved in the app" in history
+
+
+def test_send_again_from_the_history(web: WebHarness) -> None:
+    """§5.2: "Send again" redelivers a delivered request as a new attempt; refused (and said
+    why) for a request that was never delivered."""
+    token = web.login()
+    web.record_clip(web.clock() - timedelta(minutes=10))
+    jti = web.submit_request()
+    other = web.submit_request("denied one")
+    web.client.post(f"/api/requests/{jti}/approve", headers={"x-csrf-token": token})
+    web.client.post(f"/api/requests/{other}/deny", headers={"x-csrf-token": token})
+    assert web.coordinator.wait_idle(30)
+    history = web.client.get("/requests").text.split('id="history-title"')[1]
+    assert f'action="/requests/{jti}/redeliver"' in history
+    assert f'action="/requests/{other}/redeliver"' not in history
+    r = web.client.post(f"/requests/{jti}/redeliver", data={"csrf_token": token})
+    assert r.status_code == 200
+    assert "Sending the footage to City Police Dept. again" in r.text
+    assert web.coordinator.wait_idle(30)
+    assert web.request(jti).status == "delivered"
+    manifests = [t for t, _ in web.publisher.messages if t.endswith("/manifest")]
+    assert len(manifests) == 2
+    events = [e.event for e in read_entries(web.audit.path) if e.fields.get("jti") == jti]
+    assert events.count("release_started") == 2 and "request_redelivered" in events
+    r = web.client.post(f"/api/requests/{other}/redeliver", headers={"x-csrf-token": token})
+    assert r.status_code == 409 and "cannot be redelivered: it is denied" in r.json()["error"]
+    # without the CSRF token nothing happens
+    r = web.client.post(f"/requests/{jti}/redeliver", data={})
+    assert r.status_code == 403
+    assert web.coordinator.wait_idle(30)
+    assert len([t for t, _ in web.publisher.messages if t.endswith("/manifest")]) == 2
 
 
 def test_deny_through_the_page_form(web: WebHarness) -> None:
