@@ -13,8 +13,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from agent.approval.machine import Channel
-from agent.cli import main
 from agent.audit import read_entries
+from agent.cli import main
 from agent.timeutil import format_size, parse_rfc3339
 from agent.web import views
 from agent.web.server import AppServer
