@@ -160,3 +160,43 @@ def test_cli_offline_approval_under_require_all_is_refused(
     assert main(["--config", str(config), "approve", JTI]) == 1
     assert "must be confirmed on the button" in capsys.readouterr().err
     assert main(["--config", str(config), "deny", JTI]) == 0
+
+
+def test_cli_redeliver_through_the_socket_and_its_refusals(
+    h: Harness, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """§5.2, §8: ``redeliver J`` works while ``run`` runs; refused (exit 1, saying why) for a
+    request that was never delivered, for a revoked requester, and when the agent is down."""
+    add_request(h, JTI)
+    add_request(h, JTI2)
+
+    def redeliver(jti: str, channel: Channel) -> dict[str, object]:
+        return c.redeliver(jti, channel).to_json()
+
+    with h.coordinator() as c:
+        server = ControlServer(
+            socket_path(h.tmp),
+            lambda jti, action, channel: c.decide(jti, action, channel).to_json(),
+            redeliver=redeliver,
+        )
+        with server:
+            assert main(["--config", str(config), "approve", JTI]) == 0
+            assert main(["--config", str(config), "deny", JTI2]) == 0
+            assert c.wait_idle(30)
+            capsys.readouterr()
+            assert main(["--config", str(config), "redeliver", JTI]) == 0
+            assert c.wait_idle(30)
+            assert "its footage is being cut, encrypted and sent again" in capsys.readouterr().out
+            assert h.entries("request_redelivered")[0]["attempt"] == 2
+            assert main(["--config", str(config), "redeliver", JTI2]) == 1
+            assert (
+                f"doorbell-agent: error: request {JTI2} cannot be redelivered: it is denied"
+                in capsys.readouterr().err
+            )
+            h.store.revoke_requester("police-7")
+            assert main(["--config", str(config), "redeliver", JTI]) == 1
+            assert "its requester police-7 was revoked" in capsys.readouterr().err
+    assert main(["--config", str(config), "redeliver", JTI]) == 1
+    assert "the agent is not running" in capsys.readouterr().err
+    assert h.status(JTI) == "delivered" and h.status(JTI2) == "denied"
+    assert len(h.entries("request_redelivered")) == 1
