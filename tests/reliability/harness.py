@@ -836,7 +836,9 @@ class Requester:
 
     def check_delivery(self, jti: str) -> dict[str, bytes]:
         """Check the last complete delivery of ``jti`` the way a requester would, and return the
-        decrypted clips by id.
+        decrypted files by the id of the stored clip each came from (released files have
+        opaque ids; the owner's ``request_delivered``/``request_redelivered`` entry for the
+        manifest names their clips).
 
         For every clip of the last manifest: its chunks of the latest attempt (an attempt
         starts again at chunk 0) are all there, their concatenation has the manifest's
@@ -874,7 +876,15 @@ class Requester:
             plain = pyrage.decrypt(data, [identity])
             assert hashlib.sha256(plain).hexdigest() == clip.plaintext_sha256
             out[clip.id] = plain
-        return out
+        digest = hashlib.sha256(messages[last].payload).hexdigest()
+        entries = [
+            e for e in self.agent.audit_entries()
+            if e["event"] in ("request_delivered", "request_redelivered")
+            and e.get("jti") == jti and e.get("manifest_sha256") == digest
+        ]
+        assert entries, f"no release entry in the audit log names the manifest of {jti}"
+        sources = {f["id"]: f["clip"] for f in entries[-1]["files"]}
+        return {sources[file_id]: plain for file_id, plain in out.items()}
 
 
 def _b64(segment: str) -> bytes:

@@ -173,14 +173,17 @@ def test_owner_flow_against_the_running_agent(
     assert first.result() == 0, first.stdout + first.stderr
     assert f"{first_jti} approved clips=1 channel=app" in first.stdout
     assert f"{first_jti} delivered clips=1" in first.stdout
-    # ... and the page shows the request delivered.
-    page.locator(f'#req-{first_jti}[data-status="delivered"]').wait_for(timeout=WAIT_MS)
+    # ... and its receipt makes the page show the request sent and received (§5.2).
+    page.locator(f'#req-{first_jti}[data-status="acknowledged"]').wait_for(timeout=WAIT_MS)
     assert "Sent 1 clip" in page.inner_text(f"#req-{first_jti}")
+    assert "sent and received" in page.inner_text(f"#req-{first_jti}")
 
     # What the requester decrypted is the recorded video, byte for byte, and it plays.
-    assert sorted(p.name for p in received.glob("*.mkv")) == [f"{clip.id}.mkv"]
+    # (the released file has an opaque id, not the stored clip's)
+    (footage,) = received.glob("*.mkv")
+    file_id = footage.stem
+    assert file_id != clip.id
     assert (received / "manifest.jws").is_file() and (received / "receipt.jws").is_file()
-    footage = received / f"{clip.id}.mkv"
     exported = tmp_path / "owner-copy.mkv"
     assert agent.agent("clips", "export", clip.id, "-o", str(exported)) == 0
     assert footage.read_bytes() == exported.read_bytes()
@@ -190,7 +193,7 @@ def test_owner_flow_against_the_running_agent(
     topics = topics_until(deliveries, prefix + "manifest")
     assert all(t.startswith(prefix) for t in topics)
     assert topics.count(prefix + "manifest") == 1
-    assert sum(t.startswith(f"{prefix}{clip.id}/") for t in topics) > 1  # several chunks
+    assert sum(t.startswith(f"{prefix}{file_id}/") for t in topics) > 1  # several chunks
 
     # A second request arrives; the owner denies it.
     refused = tmp_path / "refused"
@@ -266,6 +269,7 @@ def test_owner_flow_against_the_running_agent(
     by_request = {(e["event"], e.get("jti")): e for e in entries}
     assert by_request[("request_approved", first_jti)]["channel"] == "app"
     assert ("request_delivered", first_jti) in by_request
+    assert ("delivery_acknowledged", first_jti) in by_request
     assert by_request[("request_denied", second_jti)]["channel"] == "app"
     assert ("request_pending", third_jti) in by_request
     assert verify_file(agent.state / "audit.jsonl", load_device_key(agent.state).public_key()).ok
