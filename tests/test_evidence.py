@@ -5,6 +5,7 @@ offline and the broker restarting."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import re
@@ -236,6 +237,20 @@ def test_verify_with_a_swapped_device_key_and_re_signed_manifest_is_refused(
         check(out, device_key, keys)
 
 
+def test_verify_catches_a_manifest_for_another_window_than_requested(
+    tmp_path: Path, device_key: Ed25519PrivateKey, keys: RequesterKeys
+) -> None:
+    """§5.1: the manifest's window is the request's; a device-signed manifest for a wider
+    window (what a device releasing more than asked would sign) fails verify."""
+    out = tmp_path / "ev"
+    make_evidence(out, device_key, keys)
+    assert check(out, device_key, keys) == []
+    claims = json.loads(b64url_decode((out / "manifest.jws").read_text().split(".")[1]))
+    claims["window"]["start"] = "2026-03-01T11:00:00Z"
+    (out / "manifest.jws").write_text(sign_jws(device_key, "doorbell-manifest+jwt", claims))
+    assert "request.jws: window does not match the manifest" in check(out, device_key, keys)
+
+
 def test_verify_command_uses_the_pinned_key_never_only_the_one_in_dir(
     tmp_path: Path, device_key: Ed25519PrivateKey, keys: RequesterKeys,
     capsys: pytest.CaptureFixture[str],
@@ -338,11 +353,14 @@ def test_offline_requester_receives_a_large_delivery_after_a_broker_restart(
 
     # The device answers and delivers while the requester is offline.
     clip = FakeClip(
-        id="clip-big", start=T0, end=T0 + timedelta(minutes=1),
+        id="clip-big", start=now - timedelta(minutes=15), end=now - timedelta(minutes=14),
         content_type="video/x-matroska", data=bytes(range(256)) * 1200,
     )
     pub = LoopbackPublisher()
-    job = make_job(keys.recipient, jti=jti)
+    job = dataclasses.replace(
+        make_job(keys.recipient, jti=jti),
+        window_start=now - timedelta(minutes=20), window_end=now - timedelta(minutes=5),
+    )
     make_deliverer(
         FakeVault([clip]), pub, device_key, chunk_bytes=256, new_id=sequential_ids()
     ).deliver(job)

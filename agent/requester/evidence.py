@@ -35,6 +35,7 @@ from agent.release.manifest import RESPONSE_TYP, Manifest, verify_device_jws, ve
 from agent.requester.build import verify_receipt
 from agent.requester.receive import AgeDecryptor, extension_for, identity_key
 from agent.requests.verify import REQUEST_TYP
+from agent.timeutil import parse_rfc3339
 
 REQUEST_FILE: Final = "request.jws"
 DEVICE_KEY_FILE: Final = "device.jwk"
@@ -352,6 +353,18 @@ def _check_request(
     for key, want in (("jti", manifest.req), ("iss", manifest.aud), ("aud", manifest.iss)):
         if claims.get(key) != want:
             report.problems.append(f"{REQUEST_FILE}: {key} does not match the manifest")
+    # §5.1: the manifest carries the window as requested; a release of another window is not
+    # what was asked for.
+    window = claims.get("window")
+    try:
+        asked = (
+            (parse_rfc3339(window["start"]), parse_rfc3339(window["end"]))
+            if isinstance(window, dict) else None
+        )
+    except (TypeError, KeyError, ValueError):
+        asked = None
+    if asked != (manifest.window_start, manifest.window_end):
+        report.problems.append(f"{REQUEST_FILE}: window does not match the manifest")
 
 
 def _unexpected(directory: Path, expected: Iterable[str]) -> list[str]:
