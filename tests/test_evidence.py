@@ -36,7 +36,6 @@ from agent.timeutil import rfc3339, utcnow
 from tests.mosquitto import Mosquitto
 from tests.test_release_deliver import (
     PREFIX,
-    T0,
     FakeClip,
     FakeVault,
     LoopbackPublisher,
