@@ -459,3 +459,25 @@ def test_suspects_past_their_rate_wait_and_are_all_handled(tmp_path: Path) -> No
     finally:
         svc.close()
         store.close()
+
+
+def test_the_service_counts_as_alive_while_it_is_starting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start-up audit check starts the service from its own thread while the daemon polls
+    ``alive``: answering unconfirmed responses first must not read as a dead service."""
+    key = Ed25519PrivateKey.generate()
+    with RequestStore(tmp_path / "requests.db") as store:
+        svc = RequestService(
+            topics=Topics("doorbell", "front-door"),
+            policy=RequestPolicy(device_id="front-door"),
+            store=store,
+            audit=AuditLog(tmp_path / "audit.jsonl", key),
+            signing_key=key,
+        )
+        svc.attach(FakeClient())
+        seen: list[bool] = []
+        monkeypatch.setattr(svc, "_resend_unanswered", lambda: seen.append(svc.alive))
+        svc.start()
+        assert seen == [True] and svc.alive
+        svc.close()

@@ -658,8 +658,14 @@ class RequestService:
 
     @property
     def alive(self) -> bool:
-        """Whether the worker thread runs (or was never started / was stopped on purpose)."""
-        return not self._started or self._stopping.is_set() or self._thread.is_alive()
+        """Whether the worker thread runs (or was never started / was stopped on purpose).
+
+        Between ``start`` setting out (the start-up audit check calls it from its own thread,
+        while the daemon already polls this) and the thread's start, it counts as alive.
+        """
+        return (
+            self._thread.ident is None or self._stopping.is_set() or self._thread.is_alive()
+        )
 
     def __enter__(self) -> RequestService:
         self.start()
