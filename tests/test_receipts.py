@@ -19,20 +19,24 @@ from typing import Any
 import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pyrage import x25519
 
-from agent.audit import WITNESSED_FILE, build_head_jws, verify_file
+from agent.audit import WITNESSED_FILE, AuditLog, build_head_jws, read_entries, verify_file
 from agent.cli import main as agent_main
 from agent.keys import (
     b64url,
     b64url_decode,
+    kid_for,
     load_device_key,
     load_storage_key,
     sign_jws,
 )
+from agent.mqtt import InboundMessage, Topics
 from agent.provision import initialise
 from agent.requester.cli import main as requester_main
 from agent.requester.keyfiles import PUBLIC_JWK, generate_keys, load_keys
 from agent.requests.receipts import ReceiptDesk
+from agent.requests.service import RequestService
 from agent.requests.store import RequestStore
 from agent.requests.verify import RECEIPT_TYP, RequestPolicy
 from agent.timeutil import rfc3339, to_epoch, utcnow
@@ -46,6 +50,8 @@ from tests.test_approval_coordinator import (
     close_harness,
     open_harness,
 )
+from tests.test_mqtt_service import TOPIC_REQUESTS, Requester, eventually, request
+from tests.test_mqtt_units import FakeClient
 from tests.test_release_e2e import start_daemon, wait_for
 
 DEVICE = "front-door"
@@ -252,3 +258,46 @@ def test_a_head_the_log_does_not_hold_is_not_kept(tmp_path: Path) -> None:
         assert desk.stats["witnessed"] == 1 and desk.stats["acknowledged"] == 2
     finally:
         close_harness(h)
+
+
+def test_a_flood_of_receipts_never_crowds_out_a_request(tmp_path: Path) -> None:
+    """Receipts have their own bounded lane: acknowledged at once (never holding one of the
+    broker's in-flight slots), the overflow dropped and counted, and a request sent in the
+    middle of the flood is answered."""
+    key = Ed25519PrivateKey.generate()
+    alice_key = Ed25519PrivateKey.generate()
+    with RequestStore(tmp_path / "requests.db") as store:
+        audit = AuditLog(tmp_path / "audit.jsonl", key)
+        store.add_requester("alice", "Alice", "neighbor", alice_key.public_key())
+        policy = RequestPolicy(device_id="front-door")
+        desk = ReceiptDesk(store=store, audit=audit, policy=policy,
+                           device_key=key.public_key(), state_dir=tmp_path, queue_size=8, rate=5)
+        svc = RequestService(topics=Topics("doorbell", "front-door"), policy=policy, store=store,
+                             audit=audit, signing_key=key, receipts=desk)
+        client = FakeClient()
+        svc.attach(client)
+        svc.start()
+        try:
+            forged = receipt(Ed25519PrivateKey.generate(), "alice", "req-0123456789abcdef",
+                             "ab" * 32, None, kid=kid_for(alice_key.public_key()))
+            receipts_topic = "doorbell/front-door/receipts"
+            for mid in range(1, 501):
+                svc.on_message(InboundMessage(receipts_topic, forged, 1, False, False, None,
+                                              mid, 0))
+                if mid == 250:
+                    alice = Requester("alice", alice_key, kid_for(alice_key.public_key()),
+                                      str(x25519.Identity.generate().to_public()))
+                    token, jti = request(alice)
+                    svc.on_message(InboundMessage(TOPIC_REQUESTS, token.encode(), 1, False,
+                                                  False, b"cd", 10_000, 0))
+            # every receipt was acknowledged at once, on the network thread
+            assert set(range(1, 501)) <= set(client.acked)
+            eventually(lambda: 10_000 in client.acked)
+            eventually(lambda: store.get_request(jti).status == "pending")
+            assert desk.stats["received"] == 500
+            # the lane holds 8; what was neither queued nor handled was dropped
+            handled = desk.stats["unverifiable_bad_signature"]
+            assert desk.stats["dropped"] >= 500 - 8 - handled > 0
+            assert not any(e.event == "delivery_acknowledged" for e in read_entries(audit.path))
+        finally:
+            svc.close()
