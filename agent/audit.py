@@ -1,6 +1,9 @@
-"""The tamper-evident audit log (contract §7).
+"""The tamper-evident audit logs (contract §7).
 
-``audit.jsonl`` holds one canonical JSON object per line. Every entry carries ``seq`` (from 1),
+Two logs share this format, each its own chain: ``audit.jsonl``, the request log (the public
+audit head covers it alone), and ``activity.jsonl``, the camera and owner log, for which the
+request log records a ``checkpoint`` every ``audit.head_interval`` (:class:`Checkpointer`). A log
+holds one canonical JSON object per line. Every entry carries ``seq`` (from 1),
 ``ts``, ``event``, its event fields, ``prev`` (hex SHA-256 of the previous line's exact bytes
 without the newline, 64 zeros for the first) and ``sig``: the base64url (unpadded) Ed25519
 signature by the device key over the entry's canonical JSON without ``sig``. Canonical JSON is
@@ -41,6 +44,7 @@ which an independent verifier in another language must reproduce to recompute th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -61,7 +65,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from agent.errors import AuditError, AuditWriteError
 from agent.keys import b64url, b64url_decode, kid_for, sign_jws
-from agent.timeutil import parse_rfc3339, rfc3339, to_epoch, utcnow
+from agent.timeutil import from_epoch, parse_rfc3339, rfc3339, to_epoch, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,24 @@ RESERVED_KEYS = frozenset({"seq", "ts", "event", "prev", "sig"})
 
 REPAIRED_EVENT = "audit_repaired"
 """Event recorded when a torn (incomplete) last line from a crash was moved aside."""
+
+AUDIT_FILE = "audit.jsonl"
+"""The request log (contract §7): requests, requesters, agent runs, checkpoints, gaps."""
+ACTIVITY_FILE = "activity.jsonl"
+"""The camera and owner log (contract §7): clips, owner logins, button presses, storage notes."""
+WITNESSED_FILE = "audit-witnessed.jws"
+"""Audit heads witnessed by requesters (from receipts), one JWS a line, kept outside the logs."""
+BROKEN_FILE = "audit-broken.json"
+"""Present once a start-up check found the request log cut short or replaced: status says
+``audit: broken`` from then on."""
+
+INITIALIZED_EVENT = "device_initialized"
+"""Entry 1 of a revision-2 request log: the device ``kid`` and ``public_jwk``."""
+CHECKPOINT_EVENT = "checkpoint"
+"""A request-log entry vouching for the activity log's newest ``activity_seq`` and
+``activity_hash``."""
+DISCONTINUITY_EVENT = "audit_discontinuity"
+"""A request-log entry recording that the log no longer held the head it had published."""
 
 _EVENT_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -163,16 +185,21 @@ def make_entry(  # noqa: PLR0917 - positional signature shared with the other he
     fields: Mapping[str, object],
     key: Ed25519PrivateKey,
     now: datetime,
+    *,
+    allow_gap: bool = False,
 ) -> bytes:
     """Build and sign the canonical line (without newline) of entry ``seq``.
 
     ``prev_line`` is the previous entry's exact line, or None for the first entry (``seq`` 1).
+    ``allow_gap`` (an ``audit_discontinuity`` only) lets ``seq`` skip past the previous entry's.
     Raises ValueError for a bad seq/event/reserved field name or a naive ``now``, and TypeError
     for field values that are not JSON-able.
     """
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
         raise ValueError(f"audit seq must be an integer >= 1, not {seq!r}")
-    if (seq == 1) != (prev_line is None):
+    if allow_gap and event != DISCONTINUITY_EVENT:
+        raise ValueError(f"only {DISCONTINUITY_EVENT} entries may skip seq numbers")
+    if not allow_gap and (seq == 1) != (prev_line is None):
         raise ValueError("entry 1 has no previous line and every later entry needs one")
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("audit timestamps need an aware datetime")
@@ -304,12 +331,43 @@ class AuditHead:
 
 
 @dataclass(frozen=True)
+class Gap:
+    """An ``audit_discontinuity`` entry: the log was found cut short or replaced at start.
+
+    ``first_missing`` is the first seq the log can no longer vouch for; ``seq`` is the
+    discontinuity entry's own seq.
+    """
+
+    seq: int
+    first_missing: int
+    expected_seq: int | None
+    expected_hash: str | None
+    found_seq: int | None
+    found_hash: str | None
+
+    def describe(self) -> str:
+        """One human sentence naming the gap."""
+        found = (
+            "no entry"
+            if self.found_seq is None
+            else f"seq {self.found_seq} hash {self.found_hash or '(none)'}"
+        )
+        return (
+            f"gap before seq {self.seq}: the log was cut short or replaced from seq "
+            f"{self.first_missing} on (expected the head at seq {self.expected_seq} hash "
+            f"{self.expected_hash}, found {found}; audit_discontinuity at seq {self.seq})"
+        )
+
+
+@dataclass(frozen=True)
 class VerifyResult:
     """Outcome of checking a log.
 
     ``count`` entries verified from the start; when ``ok`` is false ``first_bad_seq`` is the seq
     that should have come next and ``reason`` says why it did not. ``head_hash`` is the hash of
-    the last verified line (None when none verified).
+    the last verified line (None when none verified), ``last_seq`` its seq (0 when none).
+    ``gaps`` lists the ``audit_discontinuity`` entries met: every entry is signed and chained,
+    yet entries before each gap are missing or were replaced, so the log is not ``ok``.
     """
 
     ok: bool
@@ -317,14 +375,16 @@ class VerifyResult:
     first_bad_seq: int | None
     reason: str | None
     head_hash: str | None
+    last_seq: int = 0
+    gaps: tuple[Gap, ...] = ()
 
-    def summary(self) -> str:
+    def summary(self, name: str = "audit log") -> str:
         """The one-line summary ``audit verify`` prints."""
         if not self.ok:
-            return f"audit log broken at seq {self.first_bad_seq}: {self.reason}"
+            return f"{name} broken at seq {self.first_bad_seq}: {self.reason}"
         if self.count == 0:
-            return "audit log OK: 0 entries (the log is empty)"
-        return f"audit log OK: {self.count} entries, head seq {self.count} hash {self.head_hash}"
+            return f"{name} OK: 0 entries (the log is empty)"
+        return f"{name} OK: {self.count} entries, head seq {self.last_seq} hash {self.head_hash}"
 
 
 def verify_lines(
@@ -339,30 +399,84 @@ def verify_lines(
     :func:`parse_head_jws`) it also checks that the entry at ``head.seq`` exists and hashes to
     ``head.hash``, which detects entries cut from the end of the log.
     """
-    count = 0
+    count = last_seq = 0
     prev = GENESIS_PREV
     head_hash: str | None = None
+    gaps: list[Gap] = []
+
+    def broken(first_bad: int, reason: str | None) -> VerifyResult:
+        if gaps:
+            reason = f"{gaps[0].describe()}; and at seq {first_bad}: {reason}"
+            first_bad = gaps[0].first_missing
+        return VerifyResult(False, count, first_bad, reason, head_hash, last_seq, tuple(gaps))
+
     for raw in lines:
         line = raw.encode("utf-8") if isinstance(raw, str) else raw
-        entry, reason = check_line(line, count + 1, prev, public_key)
+        entry, reason = check_line(line, last_seq + 1, prev, public_key)
         if entry is None:
-            return VerifyResult(False, count, count + 1, reason, head_hash)
+            gap = _as_gap(line, last_seq, prev, public_key)
+            if gap is None:
+                return broken(last_seq + 1, reason)
+            entry = parse_entry(line)
+            gaps.append(gap)
         count += 1
+        last_seq = entry.seq
         prev = head_hash = entry.hash
-        if head is not None and head.seq == count and head.hash != head_hash:
-            return VerifyResult(
-                False, count - 1, count, "entry does not match the signed audit head", head_hash
-            )
-    if head is not None and head.seq > count:
-        return VerifyResult(
-            False,
-            count,
-            count + 1,
-            f"the log ends at seq {count} but the signed audit head is at seq {head.seq}: "
+        if head is not None and head.seq == last_seq and head.hash != head_hash:
+            count -= 1
+            return broken(last_seq, "entry does not match the signed audit head")
+    if head is not None and head.seq > last_seq:
+        return broken(
+            last_seq + 1,
+            f"the log ends at seq {last_seq} but the signed audit head is at seq {head.seq}: "
             "entries were removed from the end",
-            head_hash,
         )
-    return VerifyResult(True, count, None, None, head_hash)
+    if gaps:
+        first = gaps[0]
+        return VerifyResult(
+            False, count, first.first_missing, first.describe(), head_hash, last_seq, tuple(gaps)
+        )
+    return VerifyResult(True, count, None, None, head_hash, last_seq)
+
+
+def _as_gap(
+    line: bytes, last_seq: int, prev: str, public_key: Ed25519PublicKey
+) -> Gap | None:
+    """The gap an ``audit_discontinuity`` line records, if ``line`` is one that follows the
+    chain (``prev``) with a seq past ``last_seq`` and a valid signature; else None."""
+    try:
+        entry = parse_entry(line)
+    except ValueError:
+        return None
+    if entry.event != DISCONTINUITY_EVENT or entry.seq <= last_seq:
+        return None
+    # Checked as if its seq were the expected one: chain, canonical form and signature.
+    checked, _ = check_line(line, entry.seq, prev, public_key)
+    if checked is None:
+        return None
+    fields = entry.fields
+
+    def num(key: str) -> int | None:
+        value = fields.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    def text(key: str) -> str | None:
+        value = fields.get(key)
+        return value if isinstance(value, str) else None
+
+    expected_seq = num("expected_seq")
+    first_missing = last_seq + 1
+    if expected_seq is not None and 0 < expected_seq <= last_seq:
+        # Same length or longer, but the entry at the head's seq differs: replaced from there.
+        first_missing = expected_seq
+    return Gap(
+        seq=entry.seq,
+        first_missing=first_missing,
+        expected_seq=expected_seq,
+        expected_hash=text("expected_hash"),
+        found_seq=num("found_seq"),
+        found_hash=text("found_hash"),
+    )
 
 
 def build_head_jws(
@@ -594,7 +708,23 @@ class AuditLog:
             raise AuditWriteError("the audit log is closed; nothing can be recorded")
         _check_event(event)
         prepared = _prepare_fields(fields)
-        committed = self._append_locked(event, prepared)
+        return self._commit(self._append_locked(event, prepared))
+
+    def append_discontinuity(self, gap: HeadGap) -> AuditEntry:
+        """Append the ``audit_discontinuity`` entry for ``gap`` (contract §7).
+
+        Its ``seq`` is max(this log's last seq, the expected head's seq) + 1 and its ``prev`` the
+        hash of this log's last line (64 zeros when there is none), so the public head moves on
+        past the one the log lost instead of going backwards.
+        """
+        if self._closed:
+            raise AuditWriteError("the audit log is closed; nothing can be recorded")
+        fields = _prepare_fields(gap.fields())
+        return self._commit(
+            self._append_locked(DISCONTINUITY_EVENT, fields, min_seq=gap.expected.seq + 1)
+        )
+
+    def _commit(self, committed: list[AuditEntry]) -> AuditEntry:
         if self.on_append is not None:
             for entry in committed:
                 try:
@@ -636,7 +766,9 @@ class AuditLog:
             hint=_write_hint(exc),
         )
 
-    def _append_locked(self, event: str, fields: dict[str, Any]) -> list[AuditEntry]:
+    def _append_locked(
+        self, event: str, fields: dict[str, Any], *, min_seq: int = 1
+    ) -> list[AuditEntry]:
         try:
             lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
@@ -647,7 +779,7 @@ class AuditLog:
             try:
                 committed: list[AuditEntry] = []
                 last = self._settle_tail(fd, committed)
-                committed.append(self._write_entry(fd, last, event, fields))
+                committed.append(self._write_entry(fd, last, event, fields, min_seq=min_seq))
                 return committed
             finally:
                 os.close(fd)
@@ -749,9 +881,10 @@ class AuditLog:
         return target.name
 
     def _write_entry(
-        self, fd: int, last: bytes | None, event: str, fields: dict[str, Any]
+        self, fd: int, last: bytes | None, event: str, fields: dict[str, Any], *, min_seq: int = 1
     ) -> AuditEntry:
-        line = make_entry(last, self._last_seq(last) + 1, event, fields, self._key, self._now())
+        seq = max(self._last_seq(last) + 1, min_seq)
+        line = make_entry(last, seq, event, fields, self._key, self._now(), allow_gap=min_seq > 1)
         self._write_bytes(fd, line + b"\n", f"cannot append the {event} entry")
         return parse_entry(line)
 
@@ -784,3 +917,247 @@ class AuditLog:
                     self.path,
                 )
             raise self._fail(what, exc) from exc
+
+
+# --------------------------------------------------------------------------- start-up check
+
+
+@dataclass(frozen=True)
+class HeadGap:
+    """What the start-up check found: the log does not hold the newest head the device knows.
+
+    ``found_seq``/``found_hash`` name the entry at the head's seq when the log has one (with
+    another hash), else the log's last entry (``found_seq`` None: the log is empty or absent).
+    """
+
+    expected: AuditHead
+    source: str
+    found_seq: int | None
+    found_hash: str | None
+
+    def fields(self) -> dict[str, object]:
+        """The ``audit_discontinuity`` entry's fields."""
+        return {
+            "expected_seq": self.expected.seq,
+            "expected_hash": self.expected.hash,
+            "expected_iat": self.expected.iat,
+            "expected_from": self.source,
+            "found_seq": self.found_seq,
+            "found_hash": self.found_hash,
+        }
+
+
+def compare_with_head(
+    lines: Iterable[bytes], head: AuditHead, source: str
+) -> HeadGap | None:
+    """None when the log (its ``lines``) holds the entry ``head`` names, else the gap.
+
+    Lines are parsed, not verified (``audit verify`` does that); a line that does not parse is
+    skipped, so a damaged log is judged by the entries it still has. A gap the log has already
+    recorded is not found again: a head named by an ``audit_discontinuity`` entry, or whose seq
+    lies in the seqs such an entry skipped (a broker or requester may still show the old head).
+    """
+    last: AuditEntry | None = None
+    mismatch: AuditEntry | None = None
+    for line in lines:
+        try:
+            entry = parse_entry(line)
+        except ValueError:
+            continue
+        if entry.event == DISCONTINUITY_EVENT:
+            named = (entry.fields.get("expected_seq"), entry.fields.get("expected_hash"))
+            skipped = (last.seq if last is not None else 0) < head.seq < entry.seq
+            if named == (head.seq, head.hash) or skipped:
+                return None
+        if entry.seq == head.seq:
+            if entry.hash == head.hash:
+                return None
+            mismatch = entry
+        last = entry
+    if mismatch is not None:
+        return HeadGap(head, source, mismatch.seq, mismatch.hash)
+    if last is None:
+        return HeadGap(head, source, None, None)
+    return HeadGap(head, source, last.seq, last.hash)
+
+
+def read_witnessed_heads(
+    path: Path, public_key: Ed25519PublicKey, device_id: str
+) -> list[AuditHead]:
+    """The witnessed heads kept in ``path`` (one JWS a line) that verify with the device key and
+    name this device; others are logged and skipped. An absent file holds none."""
+    try:
+        text = path.read_text(encoding="ascii", errors="replace")
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        log.warning("cannot read the witnessed audit heads in %s: %s", path, exc)
+        return []
+    heads = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            head = parse_head_jws(line, public_key)
+        except AuditError as exc:
+            log.warning("witnessed audit head on line %d of %s ignored: %s", number, path, exc)
+            continue
+        if head.iss != device_id:
+            log.warning("witnessed audit head on line %d of %s names another device", number, path)
+            continue
+        heads.append(head)
+    return heads
+
+
+def newest_head(candidates: Iterable[tuple[AuditHead, str]]) -> tuple[AuditHead, str] | None:
+    """The candidate with the highest ``seq`` (then ``iat``); the first wins a tie."""
+    best: tuple[AuditHead, str] | None = None
+    for head, source in candidates:
+        if best is None or (head.seq, head.iat) > (best[0].seq, best[0].iat):
+            best = (head, source)
+    return best
+
+
+def mark_broken(state_dir: Path, gap: HeadGap, now: datetime) -> None:
+    """Record, durably, that the request log was found broken (status says so from then on)."""
+    path = state_dir / BROKEN_FILE
+    record = {"since": rfc3339(now), **gap.fields()}
+    if path.exists():
+        return  # the first gap found stays the one named; every gap is in the log itself
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        AuditLog._write_all(fd, canonical_json(record) + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(state_dir)
+
+
+def audit_state(state_dir: Path) -> str:
+    """``"broken"`` once a start-up check found a gap in the request log, else ``"ok"``."""
+    return "broken" if (state_dir / BROKEN_FILE).exists() else "ok"
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def next_checkpoint(now: datetime, interval_seconds: int) -> datetime:
+    """The first checkpoint time after ``now``: checkpoints fall on multiples of the interval
+    since the epoch, so their times say nothing about what the device did."""
+    epoch = to_epoch(now)
+    return from_epoch((epoch // interval_seconds + 1) * interval_seconds)
+
+
+def checkpoint_fields(activity: AuditLog) -> dict[str, object]:
+    """The ``checkpoint`` entry's fields: the activity log's newest seq and line hash (0 and 64
+    zeros for an empty or absent activity log)."""
+    last = activity.last_entry()
+    if last is None:
+        return {"activity_seq": 0, "activity_hash": GENESIS_PREV}
+    return {"activity_seq": last.seq, "activity_hash": last.hash}
+
+
+class Checkpointer:
+    """Writes one ``checkpoint`` to the request log every ``interval``, whatever happened.
+
+    Pure apart from the two logs: the caller passes the time (``tick(now)``), so tests drive it
+    with an injected clock and the daemon's worker with the wall clock.
+    """
+
+    def __init__(self, audit: AuditLog, activity: AuditLog, interval_seconds: int) -> None:
+        if interval_seconds < 1:
+            raise ValueError("the checkpoint interval must be at least one second")
+        self.audit = audit
+        self.activity = activity
+        self.interval = interval_seconds
+        self.written = 0
+        self._due: datetime | None = None
+
+    def due(self, now: datetime) -> datetime:
+        """When the next checkpoint is due (the first boundary after the first look)."""
+        if self._due is None:
+            self._due = next_checkpoint(now, self.interval)
+        return self._due
+
+    def tick(self, now: datetime) -> AuditEntry | None:
+        """Write the checkpoint if one is due at ``now`` (one, however many were missed)."""
+        if now < self.due(now):
+            return None
+        entry = self.audit.append(CHECKPOINT_EVENT, **checkpoint_fields(self.activity))
+        self.written += 1
+        self._due = next_checkpoint(now, self.interval)
+        return entry
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    """Outcome of checking the request log's checkpoints against the activity log."""
+
+    ok: bool
+    checked: int
+    reason: str | None
+    audit_seq: int | None
+
+
+def verify_checkpoints(
+    audit_path: Path, activity_path: Path, public_key: Ed25519PublicKey
+) -> tuple[VerifyResult | None, CheckpointResult]:
+    """Verify the activity log and every ``checkpoint`` of the request log against it.
+
+    Returns the activity log's own result (None when it does not exist) and the checkpoints'.
+    A checkpoint must name an activity entry that exists and hashes as it says; an activity log
+    that does not exist can only stand behind checkpoints of ``activity_seq`` 0.
+    """
+    wanted: dict[int, list[tuple[int, str]]] = {}
+    for entry in read_entries(audit_path):
+        if entry.event != CHECKPOINT_EVENT:
+            continue
+        seq, hsh = entry.fields.get("activity_seq"), entry.fields.get("activity_hash")
+        if isinstance(seq, bool) or not isinstance(seq, int) or not isinstance(hsh, str):
+            return None, CheckpointResult(
+                False, 0, f"checkpoint at seq {entry.seq} is malformed", entry.seq
+            )
+        if seq > 0:
+            wanted.setdefault(seq, []).append((entry.seq, hsh))
+    checked = sum(len(v) for v in wanted.values())
+    if not activity_path.exists():
+        if wanted:
+            audit_seq = min(s for v in wanted.values() for s, _ in v)
+            return None, CheckpointResult(
+                False, 0, f"{activity_path.name} is missing but the checkpoint at seq "
+                f"{audit_seq} vouches for its entries", audit_seq,
+            )
+        return None, CheckpointResult(True, 0, None, None)
+    found: dict[int, str] = {}
+    activity_result = verify_lines(
+        _recording(iter_log_lines(activity_path), wanted, found), public_key
+    )
+    for seq, vouchers in sorted(wanted.items()):
+        for audit_seq, hsh in vouchers:
+            actual = found.get(seq)
+            if actual is None:
+                return activity_result, CheckpointResult(
+                    False, checked, f"the checkpoint at seq {audit_seq} vouches for "
+                    f"{activity_path.name} seq {seq}, which it does not have", audit_seq,
+                )
+            if actual != hsh:
+                return activity_result, CheckpointResult(
+                    False, checked, f"the checkpoint at seq {audit_seq} does not match "
+                    f"{activity_path.name} seq {seq} (entries edited or replaced)", audit_seq,
+                )
+    return activity_result, CheckpointResult(True, checked, None, None)
+
+
+def _recording(
+    lines: Iterable[bytes], wanted: Mapping[int, object], found: dict[int, str]
+) -> Iterator[bytes]:
+    """Pass ``lines`` through, noting the hash of each line whose seq is ``wanted``."""
+    for line in lines:
+        if wanted:
+            with contextlib.suppress(ValueError):
+                entry = parse_entry(line)
+                if entry.seq in wanted:
+                    found[entry.seq] = entry.hash
+        yield line

@@ -346,6 +346,26 @@ class HomeAssistantConfig(_Strict):
         return check_discovery_prefix(value)
 
 
+class AuditConfig(_Strict):
+    """The two audit logs (§7): checkpoints and the start-up head check."""
+
+    head_interval: Duration = Field(
+        timedelta(hours=1),
+        ge=timedelta(minutes=1),
+        le=timedelta(days=1),
+        description="how often the request log records a checkpoint of the activity log, "
+        "whatever happened (a fixed cadence, so the public audit head says nothing about "
+        "camera activity)",
+    )
+    head_wait: Duration = Field(
+        timedelta(seconds=5),
+        ge=timedelta(seconds=1),
+        le=timedelta(minutes=1),
+        description="how long, after subscribing, the start-up check waits for the retained "
+        "audit head before concluding there is none",
+    )
+
+
 class Config(_Strict):
     """The whole agent configuration."""
 
@@ -361,6 +381,7 @@ class Config(_Strict):
     app: AppConfig = Field(default_factory=AppConfig)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @field_validator("device_id")
     @classmethod

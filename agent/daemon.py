@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import __version__
 from agent.approval.worker import approval_worker
-from agent.audit import AuditLog
+from agent.audit import ACTIVITY_FILE, AuditLog, Checkpointer
 from agent.camera.frame import SystemClock
 from agent.camera.pipeline import CameraWorker
 from agent.config import Config
@@ -101,6 +101,7 @@ class DaemonContext:
     clock: SystemClock
     device_key: Ed25519PrivateKey
     audit: AuditLog
+    """The request log (``audit.jsonl``): requests, requesters, agent runs, checkpoints."""
     vault: Vault
     resources: contextlib.ExitStack
     """Factories register cleanups for objects they create (closed after every worker)."""
@@ -108,6 +109,8 @@ class DaemonContext:
     """Objects one factory shares with the factories after it."""
     snapshot: Callable[[], dict[str, Any]] = field(default=dict)
     """The daemon's latest status document (``status.json``), for the app and MQTT."""
+    activity: AuditLog | None = None
+    """The camera and owner log (``activity.jsonl``): clips, logins, button presses, storage."""
 
 
 WorkerFactory = Callable[[DaemonContext], Worker | None]
@@ -134,8 +137,11 @@ class RetentionWorker:
         interval: timedelta = RETENTION_INTERVAL,
         space_interval: float = SPACE_CHECK_INTERVAL,
         now: Callable[[], datetime] = utcnow,
+        activity: AuditLog | None = None,
     ) -> None:
         self.vault = vault
+        self.activity = activity
+        self._storage_state: str | None = None
         self.interval = interval
         self.space_interval = space_interval
         self.now = now
@@ -163,7 +169,24 @@ class RetentionWorker:
         except OSError as exc:
             self.last_error = f"cannot measure free space: {exc}"
             return False
+        self._note_storage(self.space)
         return self.space.low
+
+    def _note_storage(self, space: Space) -> None:
+        """Record in the activity log when storage becomes full and when it recovers (camera
+        activity: it never reaches the public request log)."""
+        if space.state == self._storage_state or self.activity is None:
+            return
+        if self._storage_state is None and space.state == "ok":
+            self._storage_state = "ok"
+            return
+        event = "storage_full" if space.low else "storage_ok"
+        try:
+            self.activity.append(event, free_bytes=space.free, reserve_bytes=space.reserve)
+        except (AgentError, OSError) as exc:
+            log.warning("could not record %s in the activity log: %s", event, exc)
+            return
+        self._storage_state = space.state
 
     def enforce(self) -> None:
         """One pass; failures are logged and retried next time (recording goes on)."""
@@ -201,9 +224,80 @@ class RetentionWorker:
         """Nothing to release (the vault belongs to the daemon)."""
 
 
+class CheckpointWorker:
+    """Writes a ``checkpoint`` of the activity log to the request log every
+    ``audit.head_interval``, whatever happened (§7; see :class:`agent.audit.Checkpointer`)."""
+
+    name = "checkpoints"
+
+    def __init__(
+        self, checkpointer: Checkpointer, *, now: Callable[[], datetime] = utcnow
+    ) -> None:
+        self.checkpointer = checkpointer
+        self.now = now
+        self.last_error: str | None = None
+
+    def tick(self) -> float:
+        """Write a due checkpoint; the seconds until the next one is due."""
+        now = self.now()
+        try:
+            self.checkpointer.tick(now)
+            self.last_error = None
+        except (AgentError, OSError) as exc:
+            self.last_error = str(exc)
+            log.error("could not write an audit checkpoint: %s", exc)
+            return 5.0
+        return max((self.checkpointer.due(now) - now).total_seconds(), 0.0)
+
+    def run(self, stop: threading.Event) -> None:
+        """Checkpoint on schedule until ``stop`` (looking at least once a minute, so a clock
+        step is noticed)."""
+        while not stop.wait(min(self.tick(), 60.0)):
+            pass
+
+    def stats(self) -> dict[str, Any]:
+        """Checkpoints written and the last failure."""
+        return {"written": self.checkpointer.written, "last_error": self.last_error}
+
+    def close(self) -> None:
+        """Nothing to release (both logs belong to the daemon)."""
+
+
+def checkpoint_worker(ctx: DaemonContext) -> Worker | None:
+    """Checkpoints of ``activity.jsonl`` in ``audit.jsonl``, once the start-up check is done."""
+    if ctx.activity is None:
+        return None
+    interval = int(ctx.config.audit.head_interval.total_seconds())
+    worker = CheckpointWorker(Checkpointer(ctx.audit, ctx.activity, interval))
+    requests = ctx.services.get("requests")
+    if isinstance(requests, RequestsWorker):
+        return _AfterCheck(worker, requests)
+    return worker
+
+
+class _AfterCheck:
+    """Runs ``worker`` only once the requests worker's start-up audit check is done: nothing
+    is added to the request log before a gap in it has been recorded."""
+
+    def __init__(self, worker: CheckpointWorker, requests: RequestsWorker) -> None:
+        self.worker = worker
+        self.requests = requests
+        self.name = worker.name
+
+    def run(self, stop: threading.Event) -> None:
+        if self.requests.wait_checked(stop):
+            self.worker.run(stop)
+
+    def stats(self) -> dict[str, Any]:
+        return self.worker.stats()
+
+    def close(self) -> None:
+        self.worker.close()
+
+
 def retention_worker(ctx: DaemonContext) -> Worker | None:
-    """Retention and quota enforcement."""
-    return RetentionWorker(ctx.vault)
+    """Retention and quota enforcement (storage warnings go to the activity log)."""
+    return RetentionWorker(ctx.vault, activity=ctx.activity)
 
 
 class HomeAssistantWorker:
@@ -328,6 +422,7 @@ WORKER_FACTORIES: tuple[WorkerFactory, ...] = (
     approval_worker,
     app_worker,
     homeassistant_worker,
+    checkpoint_worker,
 )
 """Every part of the running agent, in start order (closed in reverse)."""
 
@@ -544,7 +639,9 @@ def run_daemon(
         notifier = resources.enter_context(Notifier.from_env())
         key = load_device_key(state_dir)
         audit = resources.enter_context(AuditLog(state_dir / AUDIT_FILE, key))
-        vault = resources.enter_context(Vault.from_config(cfg, audit=audit))
+        # Clips and owner activity go to their own log: the public head covers requests only.
+        activity = resources.enter_context(AuditLog(state_dir / ACTIVITY_FILE, key))
+        vault = resources.enter_context(Vault.from_config(cfg, audit=activity))
         report = vault.recover()
         if report.recovered or report.discarded or report.unrecoverable:
             log.warning(
@@ -559,6 +656,7 @@ def run_daemon(
             audit=audit,
             vault=vault,
             resources=resources.enter_context(contextlib.ExitStack()),
+            activity=activity,
         )
         workers: list[Worker] = []
         try:

@@ -14,6 +14,13 @@ Threads and why:
 
 With ``persistent=True`` the client connects with ``clean_start=False`` and a session expiry so
 the broker keeps our subscription and queues QoS 1 messages while we are offline.
+
+With ``hold_inbound=True`` messages on the subscriptions are held, unacknowledged and unseen by
+the handler, until ``release_inbound()``: the broker's session may hand us queued requests the
+moment we connect, before the agent has checked its audit log against its retained head (§7).
+QoS 1 messages held are bounded by our Receive Maximum; QoS 0 ones beyond ``HOLD_QOS0_MAX`` are
+dropped (at most once is their contract). ``subscribe(topic, handler)`` adds a subscription of
+its own, answered by a future on its SUBACK, whose messages go to ``handler`` at once.
 """
 
 from __future__ import annotations
@@ -90,6 +97,9 @@ def message_expiry(exp: datetime, now: datetime, cap: timedelta | None = None) -
     if cap is not None:
         remaining = min(remaining, math.ceil(cap.total_seconds()))
     return max(1, min(remaining, MAX_EXPIRY))
+
+HOLD_QOS0_MAX = 64
+"""QoS 0 messages kept while inbound messages are held; more are dropped."""
 
 
 @dataclass(frozen=True)
@@ -285,6 +295,7 @@ class MQTTClient:
         fail_fast: bool = False,
         monotonic: Callable[[], float] = time.monotonic,
         now: Callable[[], datetime] = utcnow,
+        hold_inbound: bool = False,
     ) -> None:
         self.settings = settings
         self.client_id = client_id
@@ -313,6 +324,12 @@ class MQTTClient:
         self._pending: dict[int, _Outgoing] = {}
         self._early: dict[int, ReasonCode] = {}
         self._sub_mids: dict[int, str] = {}
+        self._extra_subs: dict[int, Future[bool]] = {}
+        self._topic_handlers: dict[str, Callable[[InboundMessage], None]] = {}
+        self._held: deque[InboundMessage] | None = deque() if hold_inbound else None
+        self._hold_lock = threading.Lock()
+        self._sub_lock = threading.Lock()
+        self.held_dropped = 0
         self._generation = 0
         self._connected = threading.Event()
         self._ready = threading.Event()
@@ -488,6 +505,38 @@ class MQTTClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    # -- extra subscriptions and held messages ----------------------------------------------
+
+    def subscribe(
+        self, topic: str, handler: Callable[[InboundMessage], None]
+    ) -> Future[bool]:
+        """Subscribe (QoS 1) to ``topic`` now, its messages going to ``handler`` (on paho's
+        network thread: it must not block). The future completes on the SUBACK with whether
+        the broker granted it, or fails with MQTTError when the request could not be sent."""
+        future: Future[bool] = Future()
+        with self._sub_lock:
+            self._topic_handlers[topic] = handler
+            # Under this lock, so the SUBACK (handled under it too) cannot beat the bookkeeping.
+            result, mid = self._client.subscribe(topic, qos=1)
+            if result == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                self._extra_subs[mid] = future
+                return future
+        future.set_exception(MQTTError(f"could not subscribe to {topic}: {result}"))
+        return future
+
+    def unsubscribe(self, topic: str) -> None:
+        """Drop a subscription made with :meth:`subscribe` (best effort)."""
+        with self._sub_lock:
+            self._topic_handlers.pop(topic, None)
+        self._client.unsubscribe(topic)
+
+    def release_inbound(self) -> None:
+        """Hand the held messages, in arrival order, to the handler and stop holding."""
+        with self._hold_lock:
+            held, self._held = self._held, None
+            for message in held or ():
+                self._dispatch(message)
 
     # -- publishing ------------------------------------------------------------------------
 
@@ -669,8 +718,13 @@ class MQTTClient:
         codes: list[ReasonCode],
         _props: Properties | None,
     ) -> None:
+        with self._sub_lock:
+            extra = self._extra_subs.pop(mid, None)
         with self._lock:
             topics = self._sub_mids.pop(mid, None)
+        if extra is not None:
+            extra.set_result(not any(c.is_failure for c in codes))
+            return
         if topics is None:
             return
         refused = [c for c in codes if c.is_failure]
@@ -728,8 +782,6 @@ class MQTTClient:
 
     def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
         self.stats.received += 1
-        if self._handler is None:
-            return
         props = getattr(msg, "properties", None)
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
         message = InboundMessage(
@@ -742,10 +794,33 @@ class MQTTClient:
             mid=msg.mid,
             generation=self._generation,
         )
+        with self._sub_lock:
+            own = self._topic_handlers.get(message.topic)
+        if own is not None:
+            try:
+                own(message)
+            except Exception:
+                log.exception("message handler failed for a message on %s", msg.topic)
+            # Nobody acknowledges these later: unacknowledged, the broker would offer the
+            # message again on every reconnect of a persistent session.
+            self.ack(message)
+            return
+        with self._hold_lock:
+            if self._held is not None:
+                if message.qos == 0 and len(self._held) >= HOLD_QOS0_MAX:
+                    self.held_dropped += 1
+                else:
+                    self._held.append(message)
+                return
+        self._dispatch(message)
+
+    def _dispatch(self, message: InboundMessage) -> None:
+        if self._handler is None:
+            return
         try:
             self._handler(message)
         except Exception:
-            log.exception("message handler failed for a message on %s", msg.topic)
+            log.exception("message handler failed for a message on %s", message.topic)
 
     def _on_publish(
         self,

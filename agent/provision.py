@@ -17,8 +17,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from agent.audit import AUDIT_FILE, INITIALIZED_EVENT, AuditLog
 from agent.errors import StateError
-from agent.keys import create_device_keys, kid_for, write_secret
+from agent.keys import create_device_keys, kid_for, public_jwk, write_secret
 
 APP_PASSWORD = "app-password"  # noqa: S105 (a file name, not a password)
 TLS_DIR = "tls"
@@ -47,7 +48,8 @@ def make_state_dir(state_dir: Path) -> None:
 def initialise(state_dir: Path, device_id: str, *, now: datetime) -> InitResult:
     """Create keys, app password and certificate in ``state_dir``; refuse to overwrite keys."""
     make_state_dir(state_dir)
-    for name in (APP_PASSWORD, f"{TLS_DIR}/{TLS_KEY}"):
+    # An existing log belongs to another key: a second chain in one file would never verify.
+    for name in (APP_PASSWORD, f"{TLS_DIR}/{TLS_KEY}", AUDIT_FILE):
         if (state_dir / name).exists():
             raise StateError(
                 f"{state_dir / name} already exists; refusing to overwrite",
@@ -59,7 +61,12 @@ def initialise(state_dir: Path, device_id: str, *, now: datetime) -> InitResult:
     password = new_app_password()
     write_secret(state_dir / APP_PASSWORD, hash_password(password).encode("ascii"))
     fingerprint = make_tls_certificate(state_dir / TLS_DIR, device_id, now=now)
-    return InitResult(state_dir, kid_for(key.public_key()), password, fingerprint)
+    kid = kid_for(key.public_key())
+    # Entry 1 ties the log to its key, so a new device's log verifies and every later one can
+    # be traced to the key that signed it (contract §7).
+    with AuditLog(state_dir / AUDIT_FILE, key, now=lambda: now) as audit:
+        audit.append(INITIALIZED_EVENT, kid=kid, public_jwk=public_jwk(key.public_key()))
+    return InitResult(state_dir, kid, password, fingerprint)
 
 
 def client_id_suffix(state_dir: Path, *, create: bool = True) -> str | None:

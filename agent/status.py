@@ -38,9 +38,17 @@ T = TypeVar("T")
 
 
 def status_document(
-    device_id: str, signing_key: Ed25519PrivateKey, *, online: bool, since: datetime
+    device_id: str,
+    signing_key: Ed25519PrivateKey,
+    *,
+    online: bool,
+    since: datetime,
+    audit: str = "ok",
 ) -> dict[str, Any]:
-    """The §6 status object: device id, online flag, kid, public JWK, version, since."""
+    """The §6 status object: device id, online flag, kid, public JWK, version, since, audit
+    (``ok``, or ``broken`` once a start-up check found the request log cut short)."""
+    if audit not in ("ok", "broken"):
+        raise ValueError(f"audit state must be ok or broken, not {audit!r}")
     public = signing_key.public_key()
     return {
         "device_id": device_id,
@@ -49,14 +57,20 @@ def status_document(
         "public_jwk": public_jwk(public),
         "version": __version__,
         "since": rfc3339(since),
+        "audit": audit,
     }
 
 
 def status_payload(
-    device_id: str, signing_key: Ed25519PrivateKey, *, online: bool, since: datetime
+    device_id: str,
+    signing_key: Ed25519PrivateKey,
+    *,
+    online: bool,
+    since: datetime,
+    audit: str = "ok",
 ) -> bytes:
     """The §6 status as the UTF-8 JSON bytes published (retained) on ``P/D/status``."""
-    doc = status_document(device_id, signing_key, online=online, since=since)
+    doc = status_document(device_id, signing_key, online=online, since=since, audit=audit)
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
@@ -120,7 +134,9 @@ class Announcer:
     Wire it up: pass ``will`` as the MQTT client's ``will_factory`` and ``connected`` as its
     ``on_connect``; set ``audit.on_append = announcer.audit_appended``. ``last_entry`` (the audit
     log's ``last_entry``) is polled every ``poll_interval`` seconds so appends made by other
-    processes (``doorbell-agent approve`` and friends) also refresh the head.
+    processes (``doorbell-agent approve`` and friends) also refresh the head. ``audit_state``
+    gives the status's ``audit`` field. A head below ``floor`` (see :meth:`set_floor`: the
+    newest head known at start) is never published: the public head never goes backwards.
     """
 
     def __init__(
@@ -132,10 +148,13 @@ class Announcer:
         head_interval: float = 1.0,
         poll_interval: float = 5.0,
         now: Callable[[], datetime] = utcnow,
+        audit_state: Callable[[], str] = lambda: "ok",
     ) -> None:
         self.topics = topics
         self._key = signing_key
         self._last_entry = last_entry
+        self._audit_state = audit_state
+        self._floor = 0
         self._now = now
         self._poll_interval = poll_interval
         self._heads: Coalescer[_Head] = Coalescer(head_interval)
@@ -150,10 +169,34 @@ class Announcer:
 
     def will(self) -> Will:
         """The MQTT will: ``online: false``, retained, QoS 1 (for ``will_factory``)."""
-        payload = status_payload(
-            self.topics.device_id, self._key, online=False, since=self._now()
-        )
+        payload = self._status(online=False)
         return Will(self.topics.status, payload, qos=1, retain=True)
+
+    def set_floor(self, seq: int) -> None:
+        """Never publish a head with a lower ``seq`` than ``seq`` (the newest head known)."""
+        with self._lock:
+            self._floor = max(self._floor, seq)
+
+    def refresh_status(self) -> None:
+        """Publish the status again soon (its ``audit`` state changed)."""
+        with self._lock:
+            self._announce_online = True
+        self._wake.set()
+
+    def _status(self, *, online: bool) -> bytes:
+        try:
+            state = self._audit_state()
+        except OSError as exc:
+            log.warning("cannot read the audit state: %s", exc)
+            state = "broken"
+        return status_payload(
+            self.topics.device_id, self._key, online=online, since=self._now(), audit=state
+        )
+
+    def attach(self, publisher: Publisher) -> None:
+        """Publish through ``publisher`` without starting: only ``close``'s offline status goes
+        out (an agent stopped before its start-up audit check announces nothing else)."""
+        self._publisher = publisher
 
     def start(self, publisher: Publisher) -> None:
         """Start publishing through ``publisher``; announces the current audit head first."""
@@ -186,7 +229,7 @@ class Announcer:
             self._thread.join(timeout)
         if self._publisher is None or not self._publisher.connected:
             return  # the broker publishes our will when it notices we are gone
-        payload = status_payload(self.topics.device_id, self._key, online=False, since=self._now())
+        payload = self._status(online=False)
         try:
             topic = self.topics.status
             done = self._publisher.publish(topic, payload, retain=True, timeout=timeout)
@@ -240,7 +283,7 @@ class Announcer:
 
     def _publish_status(self) -> None:
         assert self._publisher is not None
-        payload = status_payload(self.topics.device_id, self._key, online=True, since=self._now())
+        payload = self._status(online=True)
         try:
             self._publisher.publish(self.topics.status, payload, retain=True)
         except AgentError as exc:
@@ -248,6 +291,14 @@ class Announcer:
 
     def _publish_head(self, head: _Head) -> None:
         assert self._publisher is not None
+        with self._lock:
+            floor = self._floor
+        if head.seq < floor:
+            log.error(
+                "not publishing audit head seq %d: the public head is already at seq %d",
+                head.seq, floor,
+            )
+            return
         token = build_head_jws(self._key, self.topics.device_id, head.seq, head.hash, self._now())
         try:
             self._publisher.publish(self.topics.audit_head, token, retain=True)

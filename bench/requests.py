@@ -164,7 +164,7 @@ class Agent:
         raise RuntimeError("the agent wrote no readable status.json")
 
     def wait_running(self, timeout: float = 60.0) -> None:
-        """Until the requests worker is connected and the camera streams."""
+        """Until the requests worker is connected and checked and the camera streams."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -173,7 +173,9 @@ class Agent:
                 workers = self.status()["workers"]
                 req = (workers.get("requests") or {}).get("stats") or {}
                 cam = (workers.get("camera") or {}).get("stats") or {}
-                if req.get("connected") and cam.get("capture", {}).get("frames", 0) > 10:
+                # Requests wait at the broker until the start-up audit check is done (§7).
+                ready = req.get("connected") and req.get("audit_check", "done") == "done"
+                if ready and cam.get("capture", {}).get("frames", 0) > 10:
                     return
             time.sleep(0.2)
         raise RuntimeError("the agent did not come up")

@@ -43,7 +43,8 @@ class Device:
         return main(["--config", str(self.config), *args])
 
     def events(self) -> list[tuple[str, dict[str, object]]]:
-        path = self.state / "audit.jsonl"
+        # Clip events go to the camera and owner log (contract §7 revision 2).
+        path = self.state / "activity.jsonl"
         if not path.exists():
             return []
         return [(e.event, e.fields) for e in read_entries(path)]
@@ -202,7 +203,10 @@ def test_delete_is_audited_and_shreds(device: Device, capsys: pytest.CaptureFixt
     assert device.run("clips", "delete", info.id) == 0
     assert f"deleted clip {info.id}" in capsys.readouterr().out
     assert device.events() == [("clip_deleted", {"clip": info.id, "reason": "owner"})]
-    verify_file(device.state / "audit.jsonl", keys.load_device_key(device.state).public_key())
+    assert not (device.state / "audit.jsonl").exists()  # nothing about clips in the request log
+    assert verify_file(
+        device.state / "activity.jsonl", keys.load_device_key(device.state).public_key()
+    ).ok
     assert not (device.state / "vault" / f"{info.id}.clip").exists()
     wal = device.state / "vault.db-wal"
     raw = (device.state / "vault.db").read_bytes() + (wal.read_bytes() if wal.exists() else b"")

@@ -51,7 +51,9 @@ def test_status_json_identity_and_empty_state(
         "held_bytes": 0, "max_held_bytes": 2 * 1024**3,
     }
     assert doc["requests"] == {"pending": 0, "unheld": []}
-    assert doc["audit"] == {"seq": 0, "hash": None}
+    # init wrote entry 1 (device_initialized); no start-up check has found a gap.
+    assert doc["audit"]["seq"] == 1 and doc["audit"]["state"] == "ok"
+    assert isinstance(doc["audit"]["hash"], str) and len(doc["audit"]["hash"]) == 64
     assert set(doc["clock"]) >= {"synchronised", "source", "detail", "note"}
 
 

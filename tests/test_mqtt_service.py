@@ -22,7 +22,7 @@ from joserfc import jws
 from pyrage import x25519
 
 from agent import config
-from agent.audit import AuditLog, read_entries
+from agent.audit import AuditLog, parse_head_jws, read_entries
 from agent.keys import create_device_keys, kid_for, okp_private
 from agent.release.manifest import RESPONSE_TYP, verify_device_jws
 from agent.requests.service import REJECTION_DETAIL, RequestsWorker
@@ -77,6 +77,7 @@ class AgentHarness:
         self.cfg = config.parse(raw)
         self.audit_path = self.state / "audit.jsonl"
         self.worker: RequestsWorker | None = None
+        self.head_wait = 0.5  # seconds the start-up audit check waits for a retained head
         self._store: RequestStore | None = None
         self._audit: AuditLog | None = None
 
@@ -99,6 +100,7 @@ class AgentHarness:
         self.worker = RequestsWorker(
             self.cfg, signing_key=self.key, store=self._store, audit=self._audit,
             summary_interval=0.2, revocation_poll=0.2, head_interval=0.2,
+            head_wait=self.head_wait,
         )
         self.worker.start()
         self.worker.client.wait_ready(10)
@@ -205,9 +207,14 @@ def test_valid_request_gets_pending_with_nothing_about_footage(harness: AgentHar
     inbox.publish(TOPIC_REQUESTS, token, correlation_data=b"corr-1")
 
     claims, msg = next_response(inbox, harness.public)
-    assert set(claims) == {"iss", "aud", "iat", "req", "status"}
+    assert set(claims) == {"iss", "aud", "iat", "req", "status", "audit"}
     assert claims["iss"] == DEVICE and claims["aud"] == "alice" and claims["req"] == jti
     assert claims["status"] == "pending"
+    # §4: a head freshly signed over the newest request-log entry (here request_pending).
+    head = parse_head_jws(claims["audit"], harness.public)
+    last = list(read_entries(harness.audit_path))[-1]
+    assert (head.iss, head.seq, head.hash) == (DEVICE, last.seq, last.hash)
+    assert last.event == "request_pending"
     assert correlation_of(msg) == b"corr-1"
     assert not msg.retain
     with harness.store() as store:
@@ -294,7 +301,9 @@ def test_every_rejection_code_end_to_end(tmp_path: Path, mosquitto: Mosquitto, c
         assert claims == {
             "iss": DEVICE, "aud": "alice", "iat": claims["iat"], "req": jti,
             "status": "rejected", "error": code, "detail": REJECTION_DETAIL[code],
+            "audit": claims["audit"],
         }
+        assert parse_head_jws(claims["audit"], h.public).seq >= 1
         assert correlation_of(msg) == b"c-" + code.encode()
         h.stop()
         # Nothing else was published: only the request(s), the answers to alice, the status

@@ -185,6 +185,7 @@ worker = RequestsWorker(cfg, signing_key=key, store=RequestStore.open(cfg.state_
                         audit=AuditLog(cfg.state_dir / "audit.jsonl", key))
 worker.start()
 worker.client.wait_ready(10)
+worker.checked.wait(30)  # status and head go out once the start-up audit check is done
 print("ready", flush=True)
 time.sleep(600)
 """
@@ -212,11 +213,14 @@ def test_status_is_retained_and_the_will_reports_an_unclean_death(
         assert doc["device_id"] == DEVICE
         assert doc["public_jwk"] == public_jwk(harness.public)
         assert doc["kid"] == kid_for(harness.public)
-        assert set(doc) == {"device_id", "online", "kid", "public_jwk", "version", "since"}
+        assert set(doc) == {
+            "device_id", "online", "kid", "public_jwk", "version", "since", "audit"
+        }
+        assert doc["audit"] == "ok"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         will = json.loads(watcher.get().payload)
-        assert will["online"] is False and will["kid"] == doc["kid"]
+        assert will["online"] is False and will["kid"] == doc["kid"] and will["audit"] == "ok"
     finally:
         if proc.poll() is None:
             proc.kill()

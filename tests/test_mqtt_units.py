@@ -145,7 +145,12 @@ def test_status_payload_is_the_contract_document() -> None:
         "public_jwk": public_jwk(key.public_key()),
         "version": doc["version"],
         "since": "2026-01-31T12:00:00Z",
+        "audit": "ok",
     }
+    broken = json.loads(status_payload("D", key, online=False, since=NOW, audit="broken"))
+    assert broken["audit"] == "broken" and broken["online"] is False
+    with pytest.raises(ValueError, match="ok or broken"):
+        status_payload("D", key, online=True, since=NOW, audit="fine")
 
 
 def test_topics_follow_the_contract() -> None:

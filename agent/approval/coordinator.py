@@ -171,10 +171,13 @@ class ApprovalCoordinator:
         now: Callable[[], datetime] = utcnow,
         tick_interval: float = 1.0,
         indicator: Callable[[bool], None] | None = None,
+        activity: AuditSink | None = None,
     ) -> None:
         self._store = store
         self.decisions = DecisionLog(store)
         self._audit = audit
+        # Camera and owner events (§7 activity.jsonl); a caller with one log passes none.
+        self._activity = activity if activity is not None else audit
         self.policy = policy
         self._vault = vault
         self._respond = respond
@@ -317,7 +320,7 @@ class ApprovalCoordinator:
 
     def _ignored(self, action: str, reason: str) -> None:
         try:
-            self._audit.append("button_ignored", action=action, reason=reason)
+            self._activity.append("button_ignored", action=action, reason=reason)
         except AuditWriteError as exc:
             log.error("cannot audit an ignored button press: %s", exc)
         log.info("button %s ignored: %s", action, reason)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from agent.approval.button import ButtonPanel
@@ -42,15 +43,23 @@ class ApprovalWorker:
         control: ControlServer,
         panel: ButtonPanel | None,
         button_error: str | None = None,
+        ready: Callable[[threading.Event], bool] | None = None,
     ) -> None:
         self.coordinator = coordinator
+        self._ready = ready
         self.control = control
         self.panel = panel
         self.button_error = button_error
         self._closed = False
 
     def run(self, stop: threading.Event) -> None:
-        """Recover, serve decisions until ``stop``, then stop taking them."""
+        """Recover, serve decisions until ``stop``, then stop taking them.
+
+        With ``ready``, waits first until the requests worker has checked the audit log (§7):
+        responses carry an audit head, and none may go out before that check.
+        """
+        if self._ready is not None and not self._ready(stop):
+            return
         self.coordinator.start()
         self.control.start()
         stop.wait()
@@ -112,6 +121,7 @@ def approval_worker(ctx: DaemonContext) -> ApprovalWorker:
     coordinator = ApprovalCoordinator(
         store=store,
         audit=ctx.audit,
+        activity=ctx.activity,
         policy=policy,
         vault=ctx.vault,
         respond=requests.service.respond,
@@ -147,4 +157,5 @@ def approval_worker(ctx: DaemonContext) -> ApprovalWorker:
         ControlServer(socket_path(cfg.state_dir), decide),
         panels[0] if panels else None,
         button_error,
+        ready=getattr(requests, "wait_checked", None),
     )

@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from agent.audit import AuditLog
+from agent.audit import ACTIVITY_FILE, AuditLog
 from agent.cli.common import add_json_flag, load_config, print_json, require_initialised
 from agent.config import Config
 from agent.errors import AgentError, UsageError
@@ -21,7 +21,8 @@ from agent.keys import load_device_key
 from agent.timeutil import format_size, rfc3339
 from agent.vault import ClipInfo, Vault
 
-AUDIT_LOG = "audit.jsonl"
+AUDIT_LOG = ACTIVITY_FILE
+"""Clip events go to the camera and owner log (§7), never to the public request log."""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -56,7 +57,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     delete = csub.add_parser(
         "delete",
         help="delete a clip now (audited; its key is destroyed first)",
-        description="Delete a clip: the deletion is written to the audit log, then the clip's "
+        description="Delete a clip: the deletion is written to the activity log, then the clip's "
         "key is destroyed (crypto-shredding) and its file removed.",
     )
     delete.add_argument("clip", metavar="ID", help="the clip id (see `clips list`)")

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from agent import __version__, clock
-from agent.audit import AuditLog
+from agent.audit import AuditLog, audit_state
 from agent.cli.common import add_json_flag, load_config, print_json, require_initialised
 from agent.config import Config
 from agent.daemon import AUDIT_FILE, STATUS_FILE, STATUS_INTERVAL
@@ -103,7 +103,10 @@ def collect(cfg: Config, *, now: datetime) -> dict[str, Any]:
             "detail": space.describe(),
         },
         "requests": {"pending": pending, "unheld": unheld},
-        "audit": {"seq": last.seq, "hash": last.hash} if last else {"seq": 0, "hash": None},
+        "audit": {
+            "state": audit_state(state_dir),
+            **({"seq": last.seq, "hash": last.hash} if last else {"seq": 0, "hash": None}),
+        },
         "clock": clock.status_json(clock.clock_state()),
         "mqtt": {
             "broker": f"{cfg.mqtt.host}:{cfg.mqtt.port}",
@@ -206,7 +209,15 @@ def handler(args: argparse.Namespace) -> int:
             f"{format_size(doc['storage']['max_held_bytes'])} allowed by "
             "storage.max_held_share): decide soon, see `doorbell-agent pending`"
         )
-    print(f"audit head: seq {audit['seq']}" + (f" hash {audit['hash']}" if audit["hash"] else ""))
+    print(
+        f"audit head: seq {audit['seq']}"
+        + (f" hash {audit['hash']}" if audit["hash"] else "")
+        + (
+            "; BROKEN: the log was found cut short at start (see `doorbell-agent audit verify`)"
+            if audit["state"] == "broken"
+            else ""
+        )
+    )
     mqtt = doc["mqtt"]
     print(
         f"mqtt: {mqtt['broker']}" + (" (TLS)" if mqtt["tls"] else "")

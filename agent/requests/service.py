@@ -101,9 +101,18 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.audit import AuditEntry, AuditLog, iter_log_lines, parse_entry
+from agent.audit import (
+    GENESIS_PREV,
+    AuditEntry,
+    AuditLog,
+    audit_state,
+    build_head_jws,
+    iter_log_lines,
+    parse_entry,
+)
 from agent.config import Config
 from agent.errors import AgentError, AuditWriteError, MQTTError, RequestNotFoundError
+from agent.headcheck import CheckOutcome, StartupCheck
 from agent.keys import sign_jws
 from agent.logtext import one_line
 from agent.mqtt import BoundedPublisher, InboundMessage, MQTTClient, Topics, message_expiry
@@ -560,10 +569,12 @@ class RequestService:
         log_burst: int = 20,
         suspect_rate: int = 500,
         admission_audited: Callable[[str, str], bool] | None = None,
+        audit_head: Callable[[], str] | None = None,
         now: Callable[[], datetime] = utcnow,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.topics = topics
+        self._audit_head = audit_head
         self.policy = policy
         self.stats = ServiceStats()
         self._store = store
@@ -723,6 +734,9 @@ class RequestService:
             now=self._now(),
             **claims,
         )
+        if self._audit_head is not None:
+            # §4: a head freshly signed over the newest request-log entry, to be witnessed.
+            body["audit"] = self._audit_head()
         token = sign_jws(self._key, RESPONSE_TYP, body)
         future = self._client.publish(
             self.topics.responses(request.requester_id),
@@ -1097,17 +1111,30 @@ class RequestsWorker:
         summary_interval: float = SUMMARY_INTERVAL,
         revocation_poll: float = 2.0,
         head_interval: float = 1.0,
+        head_wait: float | None = None,
     ) -> None:
         self.cfg = cfg
         self.topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id)
         self._audit = audit
+        self._key = signing_key
+        self._now = now
         self.announcer = Announcer(
             topics=self.topics,
             signing_key=signing_key,
             last_entry=audit.last_entry,
             head_interval=head_interval,
             now=now,
+            audit_state=lambda: audit_state(cfg.state_dir),
         )
+        self.checked = threading.Event()
+        """Set once the start-up audit check is done and requests are being taken."""
+        self.check_error: BaseException | None = None
+        self.check_outcome: CheckOutcome | None = None
+        self._head_wait = (
+            cfg.audit.head_wait.total_seconds() if head_wait is None else head_wait
+        )
+        self._stopping = threading.Event()
+        self._gate = threading.Thread(target=self._check_then_open, name="audit-check", daemon=True)
         self.service = RequestService(
             topics=self.topics,
             policy=RequestPolicy.from_config(cfg),
@@ -1118,6 +1145,7 @@ class RequestsWorker:
             summary_interval=summary_interval,
             revocation_poll=revocation_poll,
             admission_audited=lambda event, jti: admission_audited(audit.path, event, jti),
+            audit_head=self.current_head,
             now=now,
         )
         self.client = MQTTClient(
@@ -1133,6 +1161,8 @@ class RequestsWorker:
             maximum_packet_size=cfg.requests.max_bytes + 1024,
             # Room for a full delivery window plus responses and announcements.
             max_inflight=cfg.delivery.max_inflight + 8,
+            # Nothing is taken from the broker before the start-up audit check (§7).
+            hold_inbound=True,
         )
         self.service.attach(self.client)
         self.supervise_interval = 1.0
@@ -1148,22 +1178,66 @@ class RequestsWorker:
             self._previous_hook(entry)
         self.announcer.audit_appended(entry)
 
+    def current_head(self) -> str:
+        """An audit-head JWS freshly signed over the newest request-log entry (§4, §7)."""
+        last = self._audit.last_entry()
+        seq, hsh = (0, GENESIS_PREV) if last is None else (last.seq, last.hash)
+        return build_head_jws(self._key, self.topics.device_id, seq, hsh, self._now())
+
     def start(self) -> None:
-        """Connect (in the background) and start the service and the announcer."""
+        """Connect (in the background); once the start-up audit check is done (§7), start the
+        announcer and the service and take the messages held meanwhile."""
         self._audit.on_append = self._on_append
         self.client.start()
-        self.announcer.start(self.client)
-        self.service.start()
+        self._gate.start()
+
+    def wait_checked(self, stop: threading.Event) -> bool:
+        """Wait until the start-up audit check is done (True) or ``stop`` is set (False)."""
+        while not self.checked.wait(0.2):
+            if stop.is_set() or self.check_error is not None:
+                return False
+        return True
+
+    def _check_then_open(self) -> None:
+        check = StartupCheck(
+            client=self.client,
+            topic=self.topics.audit_head,
+            device_id=self.topics.device_id,
+            public_key=self._key.public_key(),
+            audit=self._audit,
+            state_dir=self.cfg.state_dir,
+            wait=self._head_wait,
+        )
+        try:
+            outcome = check.run(self._stopping)
+            if outcome is None:
+                return
+            self.check_outcome = outcome
+            self.announcer.set_floor(outcome.floor)
+            self.announcer.start(self.client)
+            self.service.start()
+            self.client.release_inbound()
+            # QoS 0 messages past what the hold keeps were dropped: count them as the lanes do.
+            self.service.stats.dropped += self.client.held_dropped
+        except Exception as exc:
+            self.check_error = exc
+            log.exception("the start-up audit check failed")
+            return
+        self.checked.set()
 
     def run(self, stop: threading.Event) -> None:
         """Daemon worker entry (``agent.daemon``): start, then wait for ``stop``.
 
-        Raises AgentError if the service thread has died meanwhile (it catches every failure of
-        a message or of housekeeping, so that means a bug): the daemon then stops with exit
-        status 1 and systemd starts it again, rather than running on without answering.
+        Raises what the start-up audit check raised (the agent must not run on a log whose gap
+        it could not record), and AgentError if the service thread has died meanwhile (it
+        catches every failure of a message or of housekeeping, so that means a bug): the daemon
+        then stops with exit status 1 and systemd starts it again, rather than running on
+        without answering.
         """
         self.start()
         while not stop.wait(self.supervise_interval):
+            if self.check_error is not None:
+                raise self.check_error
             if not self.service.alive:
                 raise AgentError("the request service thread died; no request would be answered")
 
@@ -1186,6 +1260,9 @@ class RequestsWorker:
             "failures": s.failures,
             "client_id": self.client.client_id,
             "client_id_conflict": self.client.client_id_conflict(),
+            # Requests wait at the broker until the start-up audit check is done (§7).
+            "audit_check": "failed" if self.check_error is not None
+            else "done" if self.checked.is_set() else "waiting for the broker",
         }
 
     def close(self) -> None:
@@ -1193,6 +1270,11 @@ class RequestsWorker:
         if self._closed:
             return
         self._closed = True
+        self._stopping.set()
+        if self._gate.is_alive():
+            self._gate.join(self._head_wait + 2.0)
+        if not self.checked.is_set():
+            self.announcer.attach(self.client)  # a clean stop still says offline
         self.service.close()
         self.announcer.close()
         self.client.close()

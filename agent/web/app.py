@@ -78,7 +78,7 @@ from agent.web.auth import (
     tokens_equal,
 )
 from agent.web.mkvframes import Frame, iter_frames
-from agent.web.services import AppServices, StatusItem
+from agent.web.services import AppServices, AuditPort, StatusItem
 
 log = logging.getLogger(__name__)
 
@@ -443,6 +443,10 @@ class WebApp:
                 message += " Logins are now locked for a few minutes."
             return self._login_page(request, message, 401)
         self.limiter.success(client, verdict)
+        if not await run_in_threadpool(self._audit_login, client):
+            return self._login_page(
+                request, "The login cannot be recorded (see the agent's log).", 503
+            )
         session = self.sessions.create(version)
         response = RedirectResponse("/requests", status_code=303)
         response.set_cookie(
@@ -457,9 +461,21 @@ class WebApp:
         response.delete_cookie(LOGIN_COOKIE, path="/", secure=True, httponly=True)
         return response
 
+    def _activity(self) -> AuditPort:
+        return self.services.activity or self.services.audit
+
+    def _audit_login(self, client: str) -> bool:
+        """Record an owner login (durable before the session exists); False if it cannot be."""
+        try:
+            self._activity().append("app_login", client=client)
+        except (AuditError, OSError) as exc:
+            log.error("could not record an app login from %s; login refused: %s", client, exc)
+            return False
+        return True
+
     def _audit_login_failure(self, client: str, outcome: FailureOutcome) -> None:
         try:
-            self.services.audit.append(
+            self._activity().append(
                 "app_login_failed",
                 client=client,
                 failures=outcome.failures,

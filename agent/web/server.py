@@ -259,6 +259,7 @@ def build_services(
     vault: VaultPort,
     audit: AuditPort,
     runtime: Callable[[], Sequence[StatusItem]] = lambda: (),
+    activity: AuditPort | None = None,
 ) -> AppServices:
     """The app's view of the daemon's components (decisions go through ``engine`` as ``app``)."""
     return AppServices(
@@ -272,6 +273,7 @@ def build_services(
         deadline=deadline_for(cfg.approval.timeout),
         runtime=runtime,
         camera_fps=cfg.camera.fps,
+        activity=activity,
     )
 
 
@@ -402,6 +404,7 @@ def app_worker(ctx: DaemonContext) -> AppServer | None:
         engine=engine,
         vault=ctx.vault,
         audit=ctx.audit,
+        activity=ctx.activity,
         runtime=lambda: snapshot_items(ctx.snapshot()),
     )
     return build_server(cfg, services)

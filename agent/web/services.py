@@ -208,3 +208,5 @@ class AppServices:
     deadline: Callable[[RequestRecord], datetime]
     runtime: Callable[[], Sequence[StatusItem]] = field(default=lambda: ())
     camera_fps: float = 10.0
+    activity: AuditPort | None = None
+    """The camera and owner log (§7 ``activity.jsonl``): logins go there; None: ``audit``."""

@@ -215,7 +215,12 @@ def test_run_records_and_sigterm_finishes_the_open_clip(
 
     lines = (state / "audit.jsonl").read_text().splitlines()
     events = [json.loads(line)["event"] for line in lines]
-    assert events[0] == "agent_started" and events[-1] == "agent_stopped"
-    assert "clip_recorded" in events
-    assert verify_file(state / "audit.jsonl", load_device_key(state).public_key()).ok
+    assert events[:2] == ["device_initialized", "agent_started"] and events[-1] == "agent_stopped"
+    # Clips are camera activity: the request log (and so the public head) never sees them.
+    assert "clip_recorded" not in events
+    activity = [json.loads(line)["event"] for line in
+                (state / "activity.jsonl").read_text().splitlines()]
+    assert "clip_recorded" in activity
+    for name in ("audit.jsonl", "activity.jsonl"):
+        assert verify_file(state / name, load_device_key(state).public_key()).ok
     assert scan_for_plaintext(state, private_tmp, known=[]) == []

@@ -586,13 +586,19 @@ class AgentProcess:
             return None
         return doc
 
-    def audit_entries(self) -> list[dict[str, Any]]:
-        """Every complete line of ``audit.jsonl`` as a dict (a torn last line is left out)."""
-        try:
-            data = (self.state_dir / "audit.jsonl").read_bytes()
-        except FileNotFoundError:
-            return []
-        return [json.loads(line) for line in data.split(b"\n")[:-1] if line.strip()]
+    def audit_entries(
+        self, logs: tuple[str, ...] = ("audit.jsonl", "activity.jsonl")
+    ) -> list[dict[str, Any]]:
+        """Every complete line of the request log, then of the activity log (clips, logins:
+        contract §7), as dicts (a torn last line is left out). Each log counts its own seq."""
+        out: list[dict[str, Any]] = []
+        for name in logs:
+            try:
+                data = (self.state_dir / name).read_bytes()
+            except FileNotFoundError:
+                continue
+            out += [json.loads(line) for line in data.split(b"\n")[:-1] if line.strip()]
+        return out
 
     def audit_events(self, event: str, **fields: object) -> list[dict[str, Any]]:
         """Audit entries of ``event`` whose fields include ``fields``."""

@@ -68,7 +68,7 @@ def fill_with_clips(agent: AgentProcess, rng: random.Random) -> list[ClipInfo]:
     start = utcnow() - timedelta(hours=3)
     clips: list[ClipInfo] = []
     with (
-        AuditLog(agent.state_dir / "audit.jsonl", load_device_key(agent.state_dir)) as audit,
+        AuditLog(agent.state_dir / "activity.jsonl", load_device_key(agent.state_dir)) as audit,
         Vault(agent.state_dir, load_storage_key(agent.state_dir), audit=audit) as vault,
     ):
         while not vault.space().low:
@@ -96,13 +96,13 @@ def recorder_stats(agent: AgentProcess) -> dict[str, Any]:
 
 
 def recorded_after(agent: AgentProcess, seq: int) -> list[dict[str, Any]]:
-    """``clip_recorded`` entries after audit seq ``seq``."""
+    """``clip_recorded`` entries after activity-log seq ``seq``."""
     return [e for e in agent.audit_events("clip_recorded") if e["seq"] > seq]
 
 
 def head_seq(agent: AgentProcess) -> int:
-    """The audit log's last seq."""
-    entries = agent.audit_entries()
+    """The activity log's last seq (clip entries live there: contract §7)."""
+    entries = agent.audit_entries(("activity.jsonl",))
     return entries[-1]["seq"] if entries else 0
 
 
