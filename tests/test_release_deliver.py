@@ -241,7 +241,9 @@ def test_delivery_round_trip_through_assembler_and_stock_age(
     for clip, rec in zip(vault.clips, received, strict=True):
         assert rec.path == out / f"{clip.id}.avi"
         assert rec.path.read_bytes() == clip.data
-    assert sorted(p.name for p in out.iterdir()) == ["clip-0.avi", "clip-1.avi", "clip-2.avi"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        f"clip-{i}.{ext}" for i in range(3) for ext in ("age", "avi")
+    ]
 
 
 def test_chunks_are_fixed_size_and_manifest_is_signed_as_contracted(

@@ -626,9 +626,11 @@ class RequestService:
             return
         if self._client is None:
             raise MQTTError("the request service has no MQTT client attached")
-        self._started = True
         self._resend_unanswered()
+        # Marked started only once the thread runs: the supervisor (``alive``) must not take
+        # the moments before for a dead thread.
         self._thread.start()
+        self._started = True
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the worker (messages still queued stay unacknowledged: the broker redelivers
