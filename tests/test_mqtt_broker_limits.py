@@ -193,7 +193,7 @@ def test_oversize_messages_never_reach_the_agent(tmp_path: Path, mosquitto: Mosq
         requester.wait_status(jti, "pending")
         status = wait_until(
             lambda: (s := agent.status()) is not None
-            and s["workers"]["requests"]["stats"]["pending"] >= 1
+            and s["workers"]["requests"]["stats"]["admitted"] >= 1
             and s,
             "status.json counting the pending request",
             agent=agent,

@@ -629,9 +629,11 @@ class RequestService:
             return
         if self._client is None:
             raise MQTTError("the request service has no MQTT client attached")
-        self._started = True
         self._resend_unanswered()
+        # Marked started only once the thread runs: the supervisor (``alive``) must not take
+        # the moments before for a dead thread.
         self._thread.start()
+        self._started = True
         if self.receipts is not None:
             self.receipts.start()
 
@@ -658,14 +660,8 @@ class RequestService:
 
     @property
     def alive(self) -> bool:
-        """Whether the worker thread runs (or was never started / was stopped on purpose).
-
-        Between ``start`` setting out (the start-up audit check calls it from its own thread,
-        while the daemon already polls this) and the thread's start, it counts as alive.
-        """
-        return (
-            self._thread.ident is None or self._stopping.is_set() or self._thread.is_alive()
-        )
+        """Whether the worker thread runs (or was never started / was stopped on purpose)."""
+        return not self._started or self._stopping.is_set() or self._thread.is_alive()
 
     def __enter__(self) -> RequestService:
         self.start()
@@ -1257,11 +1253,11 @@ class RequestsWorker:
     def run(self, stop: threading.Event) -> None:
         """Daemon worker entry (``agent.daemon``): start, then wait for ``stop``.
 
-        Raises AgentError if the service thread has died meanwhile (it catches every failure of
-        a message or of housekeeping, so that means a bug): the daemon then stops with exit
-        status 1 and systemd starts it again, rather than running on without answering. Raises
-        what the start-up audit check raised (the agent must not run on a log whose gap it could
-        not record).
+        Raises what the start-up audit check raised (the agent must not run on a log whose gap
+        it could not record), and AgentError if the service thread has died meanwhile (it
+        catches every failure of a message or of housekeeping, so that means a bug): the daemon
+        then stops with exit status 1 and systemd starts it again, rather than running on
+        without answering.
         """
         self.start()
         while not stop.wait(self.supervise_interval):
