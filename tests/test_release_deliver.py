@@ -28,6 +28,7 @@ from pyrage import x25519
 
 from agent.errors import AuditWriteError, DeliveryError, MQTTError, ReceiveError, TamperError
 from agent.keys import b64url_decode, kid_for
+from agent.release.cut_api import CutFile
 from agent.release.deliver import Deliverer, DeliveryJob, MemoryLedger, PlannedFile
 from agent.release.encrypt import encrypt_to_chunks
 from agent.release.manifest import MANIFEST_TYP, verify_manifest
@@ -595,3 +596,56 @@ def test_redelivery_has_identical_plaintext_and_commitments_but_fresh_ids(
         make_job(str(identity.to_public()), jti="req-fedcba9876543210")
     )
     assert not {e.source for e in first} & {e.source for e in other}
+
+
+class HalfCutter:
+    """A cutter that releases the first half of each clip (frames and span halved) and nothing
+    of a clip named ``empty``: stands in for the frame-exact cut behind the seam."""
+
+    def __init__(self, vault: FakeVault) -> None:
+        self.vault = vault
+        self.calls: list[tuple[str, datetime, datetime]] = []
+
+    def cut(self, clip_id: str, window_start: datetime, window_end: datetime) -> CutFile | None:
+        self.calls.append((clip_id, window_start, window_end))
+        if clip_id == "empty":
+            return None
+        clip = next(c for c in self.vault.clips if c.id == clip_id)
+        assert clip.sha256 is not None
+        half = clip.data[: len(clip.data) // 2]
+        return CutFile(
+            stream=io.BytesIO(half), start=clip.start, end=clip.start + (clip.end - clip.start) / 2,
+            frames=clip.frames // 2, content_type="video/x-matroska", source_sha256=clip.sha256,
+            clock_synchronized=True,
+        )
+
+
+def test_the_cut_seam_releases_what_the_cutter_makes_and_commits_to_the_stored_clip(
+    tmp_path: Path, device_key: Ed25519PrivateKey, identity: x25519.Identity
+) -> None:
+    clips = [*make_clips(), FakeClip("empty", T0, T0 + timedelta(seconds=5), "video/mp4", b"e")]
+    vault = FakeVault(clips)
+    cutter = HalfCutter(vault)
+    pub = LoopbackPublisher()
+    job = make_job(str(identity.to_public()))
+    deliverer = Deliverer(
+        vault=vault, publisher=pub, signing_key=device_key, topic_prefix=PREFIX,
+        chunk_bytes=4096, retries=0, cutter=cutter,
+    )
+    entries = deliverer.deliver(job)
+    assert [c[0] for c in cutter.calls] == [c.id for c in sorted(clips, key=lambda c: c.start)]
+    assert all(c[1:] == (job.window_start, job.window_end) for c in cutter.calls)
+    assert len(entries) == 3  # the clip with no frame in the window releases nothing
+    for clip, entry in zip(make_clips(), entries, strict=True):
+        half = clip.data[: len(clip.data) // 2]
+        assert entry.plaintext_sha256 == hashlib.sha256(half).hexdigest()
+        assert entry.frames == clip.frames // 2 and entry.clock_synchronized is True
+        assert entry.content_type == "video/x-matroska"
+        stored = hashlib.sha256(clip.data).hexdigest()
+        assert entry.source == hmac.new(
+            job.salt, f"{clip.id}\n{stored}".encode(), hashlib.sha256
+        ).hexdigest()
+    files = age_files(pub.messages, job)
+    assert age_decrypt_cli(tmp_path, identity, files[entries[0].id]) == clips[0].data[
+        : len(clips[0].data) // 2
+    ]

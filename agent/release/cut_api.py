@@ -81,11 +81,14 @@ class CutFile:
 class Cutter(Protocol):
     """Makes the released file for one stored clip and a window.
 
-    Raises :class:`agent.errors.VaultError` when the stored clip cannot be read (delivery then
-    fails ``delivery_error``; retrying would not help).
+    Returns None when no frame of the clip falls inside the window (nothing is released for it:
+    a valid answer). Raises :class:`agent.errors.VaultError` when the stored clip cannot be read
+    (delivery then fails ``delivery_error``; retrying would not help).
     """
 
-    def cut(self, clip_id: str, window_start: datetime, window_end: datetime) -> CutFile: ...
+    def cut(
+        self, clip_id: str, window_start: datetime, window_end: datetime
+    ) -> CutFile | None: ...
 
 
 class WholeClipCutter:

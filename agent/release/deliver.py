@@ -78,10 +78,6 @@ class Publisher(Protocol):
     def wait_connected(self, timeout: float) -> bool: ...
 
 
-ClipMeta = StoredClip
-"""The vault's description of a stored clip (fields delivery reads)."""
-
-
 def new_salt() -> bytes:
     """A random per-request salt for the ``source`` commitments (§5.1)."""
     return os.urandom(SALT_BYTES)
@@ -229,7 +225,7 @@ class Deliverer:
         self._new_id = new_id
         self._gate: Gate = nullcontext
 
-    def clips_for(self, job: DeliveryJob) -> list[ClipMeta]:
+    def clips_for(self, job: DeliveryJob) -> list[StoredClip]:
         """The stored clips a delivery of ``job`` releases footage of, oldest first."""
         clips = list(self._vault.clips_overlapping(job.window_start, job.window_end))
         clips.sort(key=lambda c: (c.start, c.id))
@@ -270,18 +266,23 @@ class Deliverer:
             f"delivery of request {job.jti} failed after {attempts} attempts: {last}"
         )
 
-    def _cut_all(self, job: DeliveryJob, clips: Sequence[ClipMeta]) -> list[CutFile]:
-        cuts: list[CutFile] = []
+    def _cut_all(
+        self, job: DeliveryJob, clips: Sequence[StoredClip]
+    ) -> list[tuple[StoredClip, CutFile]]:
+        """Every clip's released file, in order (clips with no frame in the window left out)."""
+        cuts: list[tuple[StoredClip, CutFile]] = []
         try:
             for clip in clips:
                 try:
-                    cuts.append(self._cutter.cut(clip.id, job.window_start, job.window_end))
+                    cut = self._cutter.cut(clip.id, job.window_start, job.window_end)
                 except VaultError as exc:
                     raise DeliveryError(
                         f"clip {clip.id} cannot be read from the vault: {exc}"
                     ) from exc
+                if cut is not None:
+                    cuts.append((clip, cut))
         except BaseException:
-            for cut in cuts:
+            for _, cut in cuts:
                 cut.close()
             raise
         return cuts
@@ -290,7 +291,7 @@ class Deliverer:
         self,
         job: DeliveryJob,
         recipient: x25519.Recipient,
-        clips: Sequence[ClipMeta],
+        clips: Sequence[StoredClip],
         ledger: DeliveryLedger,
     ) -> tuple[ManifestClip, ...]:
         cuts = self._cut_all(job, clips)
@@ -306,7 +307,7 @@ class Deliverer:
                     source_sha256=cut.source_sha256,
                     commitment=source_commitment(job.salt, clip.id, cut.source_sha256),
                 )
-                for clip, cut in zip(clips, cuts, strict=True)
+                for clip, cut in cuts
             ]
             for plan in planned:
                 if not NAME_RE.match(plan.id):
@@ -317,10 +318,10 @@ class Deliverer:
                 raise DeliveryError(f"release_started cannot be audited: {exc}") from exc
             entries = [
                 self._send_file(job, recipient, plan, cut)
-                for plan, cut in zip(planned, cuts, strict=True)
+                for plan, (_, cut) in zip(planned, cuts, strict=True)
             ]
         finally:
-            for cut in cuts:
+            for _, cut in cuts:
                 cut.close()
         claims = manifest_claims(
             device_id=job.device_id,
