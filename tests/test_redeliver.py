@@ -200,3 +200,17 @@ def test_approval_over_delivery_max_bytes_is_refused(h: Harness) -> None:
         c.decide(JTI, "approve", Channel.CLI)
         assert c.wait_idle(30)
     assert h.status(JTI) == "delivered"
+
+
+def test_redeliver_over_delivery_max_bytes_is_refused(h: Harness) -> None:
+    add_clip(h, 20, 300_000, 1)
+    h.add_request(JTI)
+    deliver(h)
+    events = h.events()
+    with (
+        h.coordinator(max_bytes=100_000) as c,
+        pytest.raises(ApprovalError, match=r"more than delivery.max_bytes"),
+    ):
+        c.redeliver(JTI, Channel.CLI)
+    assert h.status(JTI) == "delivered" and h.events() == events
+    assert len(manifests(h)) == 1
