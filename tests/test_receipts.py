@@ -38,7 +38,15 @@ from agent.requester.keyfiles import PUBLIC_JWK, generate_keys, load_keys
 from agent.requests.receipts import ReceiptDesk
 from agent.requests.service import RequestService
 from agent.requests.store import RequestStore
-from agent.requests.verify import RECEIPT_TYP, RequestPolicy
+from agent.requests.verify import (
+    RECEIPT_TYP,
+    RefusedReceipt,
+    RequestPolicy,
+    TrustedKey,
+    Unverifiable,
+    VerifiedReceipt,
+    verify_receipt,
+)
 from agent.timeutil import rfc3339, to_epoch, utcnow
 from agent.vault import Vault
 from tests.mosquitto import Mosquitto
@@ -302,3 +310,48 @@ def test_a_flood_of_receipts_never_crowds_out_a_request(tmp_path: Path) -> None:
             assert not any(e.event == "delivery_acknowledged" for e in read_entries(audit.path))
         finally:
             svc.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "outcome"),
+    [
+        ({}, "verified"),
+        ({"aud": "another-door"}, "wrong_audience"),
+        ({"iss": "someone-else"}, "bad_claims"),
+        ({"iat": "now"}, "bad_claims"),
+        ({"iat_offset": 301}, "not_yet_valid"),
+        ({"iat_offset": 299}, "verified"),
+        ({"iat_offset": -7 * 86400 - 1}, "expired"),
+        ({"req": "short"}, "bad_claims"),
+        ({"manifest": "AB" * 32}, "bad_claims"),
+        ({"audit_head": 5}, "bad_claims"),
+        ({"typ": "doorbell-request+jwt"}, "typ"),
+    ],
+)
+def test_receipt_claim_rules(change: dict[str, Any], outcome: str) -> None:
+    """§5.2: a request's header rules with typ doorbell-receipt+jwt, then iss, aud and iat (not
+    beyond requests.clock_skew in the future, not older than requests.max_lifetime)."""
+    key = Ed25519PrivateKey.generate()
+    kid = kid_for(key.public_key())
+    now = utcnow().replace(microsecond=0)
+
+    class Trust:
+        def key_for_kid(self, asked: str) -> TrustedKey | None:
+            if asked != kid:
+                return None
+            return TrustedKey("alice", "neighbor", kid, key.public_key(), False)
+
+    claims: dict[str, Any] = {
+        "iss": "alice", "aud": "front-door", "iat": to_epoch(now) + change.pop("iat_offset", 0),
+        "req": "req-0123456789abcdef", "manifest": "ab" * 32,
+    }
+    typ = change.pop("typ", RECEIPT_TYP)
+    claims.update(change)
+    token = sign_jws(key, typ, claims).encode()
+    result = verify_receipt(token, Trust(), RequestPolicy(device_id="front-door"), now)
+    if outcome == "verified":
+        assert isinstance(result, VerifiedReceipt) and result.requester_id == "alice"
+    elif outcome == "typ":
+        assert isinstance(result, Unverifiable) and result.reason == "typ"
+    else:
+        assert isinstance(result, RefusedReceipt) and result.reason == outcome, result
