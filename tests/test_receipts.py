@@ -355,3 +355,45 @@ def test_receipt_claim_rules(change: dict[str, Any], outcome: str) -> None:
         assert isinstance(result, Unverifiable) and result.reason == "typ"
     else:
         assert isinstance(result, RefusedReceipt) and result.reason == outcome, result
+
+
+def test_a_receipt_faster_than_the_delivered_status_waits_for_it(tmp_path: Path) -> None:
+    """The requester may verify and answer before the device has recorded ``delivered`` (its
+    manifest is out, the status follows): the receipt waits and then acknowledges. One whose
+    delivery ends otherwise, or that waits too long, changes nothing."""
+    h = open_harness(tmp_path)
+    clock = [0.0]
+    try:
+        desk = ReceiptDesk(store=h.store, audit=h.audit.log,
+                           policy=RequestPolicy(device_id=HDEVICE),
+                           device_key=h.key.public_key(), state_dir=tmp_path,
+                           clock=lambda: clock[0])
+        for jti in (JTI, JTI2, "req-cccccccccccccccc"):
+            h.add_request(jti)
+            h.store.set_status(jti, ["pending"], "approved")
+            h.store.record_manifest(jti, h.store.begin_attempt(jti), "cd" * 32)
+
+        def send(jti: str) -> None:
+            desk.offer(sign_jws(h.requester_key, RECEIPT_TYP, {
+                "iss": REQUESTER, "aud": HDEVICE, "iat": to_epoch(utcnow()), "req": jti,
+                "manifest": "cd" * 32,
+            }).encode())
+
+        desk.start()
+        for jti in (JTI, JTI2, "req-cccccccccccccccc"):
+            send(jti)
+        eventually(lambda: desk.stats["early"] == 3)
+        assert h.status(JTI) == "approved" and "delivery_acknowledged" not in h.events()
+        h.store.set_status(JTI, ["approved"], "delivered")
+        eventually(lambda: h.status(JTI) == "acknowledged")
+        h.store.set_status(JTI2, ["approved"], "failed", error="delivery_error")
+        eventually(lambda: desk.stats["not_acknowledged"] == 1)
+        clock[0] += 61  # past EARLY_WAIT: the last one gives up
+        eventually(lambda: desk.stats["not_acknowledged"] == 2)
+        h.store.set_status("req-cccccccccccccccc", ["approved"], "delivered")
+        desk.close()
+        assert desk.stats["acknowledged"] == 1
+        assert h.status("req-cccccccccccccccc") == "delivered"
+        assert [e["jti"] for e in h.entries("delivery_acknowledged")] == [JTI]
+    finally:
+        close_harness(h)

@@ -34,6 +34,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
@@ -65,6 +66,12 @@ RECEIPT_QUEUE = 64
 """Receipts waiting to be handled; more are dropped (and counted)."""
 RECEIPT_RATE = 20
 """Receipts handled per second at most."""
+EARLY_WAIT = 60.0
+"""Seconds a receipt that came before its delivery's ``delivered`` status waits for it."""
+EARLY_MAX = 32
+"""Such receipts kept waiting at most; more are refused (counted ``not_acknowledged``)."""
+EARLY_RETRY = 0.2
+"""Seconds between tries of the receipts that wait."""
 
 
 class AuditSink(Protocol):
@@ -142,9 +149,12 @@ class ReceiptDesk:
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._run, name="receipts", daemon=True)
         self._started = False
+        # Receipts that came before their delivery's ``delivered`` status: retried until then.
+        self._early: dict[tuple[str, str], tuple[_Checked, float]] = {}
         self.stats: Counter[str] = Counter()
-        """``received``, ``acknowledged``, ``witnessed``, ``dropped``, and one count per
-        refusal (``unverifiable_<reason>``, ``refused_<reason>``, ``forged_head``,
+        """``received``, ``acknowledged``, ``witnessed``, ``dropped``, ``early`` (came before
+        their delivery's ``delivered`` status and waited), and one count per refusal
+        (``unverifiable_<reason>``, ``refused_<reason>``, ``forged_head``,
         ``not_acknowledged``, ``audit_failed``, ``failed``)."""
 
     def offer(self, payload: bytes) -> None:
@@ -180,9 +190,16 @@ class ReceiptDesk:
         interval = 1.0 / self._rate
         next_at = self._clock()
         while True:
-            payload = self._queue.get()
+            try:
+                payload = self._queue.get(timeout=EARLY_RETRY if self._early else None)
+            except queue.Empty:
+                payload = b""
             if payload is None:
                 return
+            if self._early:
+                self._retry_early()
+            if not payload:
+                continue
             wait = next_at - self._clock()
             if wait > 0:
                 time.sleep(wait)
@@ -207,32 +224,73 @@ class ReceiptDesk:
                 result.detail,
             )
             return False
-        return self._apply(result)
+        checked = self._check_head(result)
+        if checked is None:
+            return False
+        outcome = self._acknowledge(checked)
+        if outcome == "ending":
+            key = (result.req, result.manifest)
+            if key not in self._early and len(self._early) >= EARLY_MAX:
+                return self._refused(result)
+            self._early[key] = (checked, self._clock() + EARLY_WAIT)
+            self.stats["early"] += 1
+            log.info("receipt for %s came before its delivery ended: waiting", result.req)
+            return False
+        return outcome == "acknowledged"
 
-    def _apply(self, receipt: VerifiedReceipt) -> bool:
-        head: AuditHead | None = None
-        holds = False
-        if receipt.audit_head is not None:
+    def _retry_early(self) -> None:
+        """Apply the receipts that waited for their delivery's ``delivered`` status."""
+        now = self._clock()
+        for key, (checked, until) in list(self._early.items()):
             try:
-                head = parse_head_jws(receipt.audit_head, self._device_key)
-            except AuditError as exc:
-                self.stats["forged_head"] += 1
-                log.warning(
-                    "receipt from %s for %s refused: its audit_head is not this device's: %s",
-                    receipt.requester_id, receipt.req, exc,
-                )
-                return False
-            if head.iss != self._policy.device_id:
-                self.stats["forged_head"] += 1
-                log.warning("receipt from %s names another device's audit head",
-                            receipt.requester_id)
-                return False
-            holds = log_holds(self._audit.path, head)
-            if not holds:
-                log.warning(
-                    "receipt from %s carries audit head seq %d that audit.jsonl does not hold: "
-                    "not kept as witnessed", receipt.requester_id, head.seq,
-                )
+                outcome = self._acknowledge(checked)
+            except Exception:
+                outcome = "failed"
+                self.stats["failed"] += 1
+                log.exception("retrying an early receipt failed; it is dropped")
+            if outcome == "ending" and now < until:
+                continue
+            del self._early[key]
+            if outcome == "ending":
+                self._refused(checked.receipt)
+
+    def _check_head(self, receipt: VerifiedReceipt) -> _Checked | None:
+        """The receipt with its audit head checked (None: a forged head refuses it)."""
+        if receipt.audit_head is None:
+            return _Checked(receipt, None, False)
+        try:
+            head = parse_head_jws(receipt.audit_head, self._device_key)
+        except AuditError as exc:
+            self.stats["forged_head"] += 1
+            log.warning(
+                "receipt from %s for %s refused: its audit_head is not this device's: %s",
+                receipt.requester_id, receipt.req, exc,
+            )
+            return None
+        if head.iss != self._policy.device_id:
+            self.stats["forged_head"] += 1
+            log.warning("receipt from %s names another device's audit head", receipt.requester_id)
+            return None
+        holds = log_holds(self._audit.path, head)
+        if not holds:
+            log.warning(
+                "receipt from %s carries audit head seq %d that audit.jsonl does not hold: "
+                "not kept as witnessed", receipt.requester_id, head.seq,
+            )
+        return _Checked(receipt, head, holds)
+
+    def _refused(self, receipt: VerifiedReceipt) -> bool:
+        self.stats["not_acknowledged"] += 1
+        log.info(
+            "receipt from %s for %s changes nothing: no delivery to it awaits a receipt with "
+            "that manifest", receipt.requester_id, receipt.req,
+        )
+        return False
+
+    def _acknowledge(self, checked: _Checked) -> str:
+        """``acknowledged``, ``ending`` (the delivery has not recorded ``delivered`` yet),
+        ``refused`` or ``failed``; counts and logs all but ``ending``."""
+        receipt = checked.receipt
 
         def record(attempt: int) -> None:
             self._audit.append(
@@ -249,28 +307,40 @@ class ReceiptDesk:
             moved = self._store.acknowledge(
                 receipt.req, receipt.requester_id, receipt.manifest, record
             )
+            ending = not moved and self._store.delivery_ending(
+                receipt.req, receipt.requester_id, receipt.manifest
+            )
         except AuditWriteError as exc:
             self.stats["audit_failed"] += 1
             log.error("receipt for %s not applied: it cannot be audited: %s", receipt.req, exc)
-            return False
+            return "failed"
         except AgentError as exc:
             self.stats["failed"] += 1
             log.error("receipt for %s not applied: %s", receipt.req, exc)
-            return False
+            return "failed"
+        if ending:
+            return "ending"
         if not moved:
-            self.stats["not_acknowledged"] += 1
-            log.info(
-                "receipt from %s for %s changes nothing: no delivery to it awaits a receipt "
-                "with that manifest", receipt.requester_id, receipt.req,
-            )
-            return False
+            self._refused(receipt)
+            return "refused"
         self.stats["acknowledged"] += 1
         log.info("request %s: delivery acknowledged by %s", receipt.req, receipt.requester_id)
-        if head is not None and holds and receipt.audit_head is not None:
+        head, token = checked.head, receipt.audit_head
+        if head is not None and checked.holds and token is not None:
             try:
-                if keep_witnessed(self._state_dir, receipt.audit_head, head, self._device_key,
+                if keep_witnessed(self._state_dir, token, head, self._device_key,
                                   self._policy.device_id):
                     self.stats["witnessed"] += 1
             except OSError as exc:
                 log.error("cannot keep the witnessed audit head: %s", exc)
-        return True
+        return "acknowledged"
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A verified receipt whose audit head (if any) is the device's; ``holds``: audit.jsonl
+    holds that entry."""
+
+    receipt: VerifiedReceipt
+    head: AuditHead | None
+    holds: bool

@@ -850,6 +850,22 @@ class RequestStore:
                 )
         return self.get_request(jti) if changed else None
 
+    def delivery_ending(self, jti: str, requester_id: str, manifest_sha256: str) -> bool:
+        """Whether ``jti`` is still ``approved`` for ``requester_id`` while its newest recorded
+        manifest is ``manifest_sha256``: the manifest is out, the ``delivered`` status is about
+        to follow (a fast requester's receipt may arrive first)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT r.status, r.requester, (SELECT manifest_sha256 FROM deliveries d WHERE "
+                "d.jti = r.jti AND d.manifest_sha256 IS NOT NULL ORDER BY d.attempt DESC "
+                "LIMIT 1) FROM requests r WHERE r.jti = ?",
+                (jti,),
+            ).fetchone()
+        return (
+            row is not None and row[0] == "approved" and row[1] == requester_id
+            and row[2] is not None and hmac.compare_digest(str(row[2]), manifest_sha256)
+        )
+
     def acknowledge(
         self, jti: str, requester_id: str, manifest_sha256: str, record: Callable[[int], None]
     ) -> bool:
