@@ -22,6 +22,14 @@ included) are released by the same sync. A hold the vault refuses (held footage 
 leaves the request pending with its footage unheld; the owner is told in the log,
 ``status`` and ``pending``.
 
+Releases (§5, §7): each delivery runs with an :class:`AuditedLedger`, which numbers its attempts
+in the store and writes ``release_started`` before the first chunk and ``request_delivered``
+(``request_redelivered`` after the owner's :meth:`ApprovalCoordinator.redeliver`) before the
+manifest. ``redeliver`` moves a ``delivered``, ``acknowledged`` or ``failed``/``delivery_error``
+request back to ``approved`` for a new attempt, through the same channels as a first approval,
+and refuses a revoked requester, a window whose footage was deleted since, and a window over
+``delivery.max_bytes`` (approvals are refused over it too).
+
 Decisions are serialised by one lock. Delivery runs on its own worker thread, one request at a
 time; a tick thread expires overdue requests, applies decisions the CLI stored while the daemon
 was down, places retention holds on new pending requests and drives the LED.
