@@ -144,6 +144,11 @@ class RecordingConfig(_Strict):
         description="polygons ([x, y] fractions 0..1) filled black in every stored frame",
     )
     jpeg_quality: int = Field(85, ge=30, le=100, description="JPEG quality of stored frames")
+    codec: Literal["auto", "copy", "h264", "mjpeg"] = Field(
+        "auto",
+        description="auto: the camera's own compressed stream when it sends one, else H.264 "
+        "(hardware where present); copy: only the camera's stream; h264; mjpeg",
+    )
 
 
 class StorageConfig(_Strict):

@@ -14,7 +14,6 @@ import pytest
 
 from agent.camera.capture import Backoff, Capture, FrameQueue
 from agent.camera.frame import Frame, SystemClock
-from agent.camera.mkv import MatroskaMuxer
 from agent.camera.sources import (
     FileSource,
     OpenCVSource,
@@ -26,6 +25,7 @@ from agent.camera.synthetic import Scene
 from agent.config import CameraConfig
 from agent.errors import CameraError
 from tests.camera.camera_helpers import FakeClock, MJPEGServer, encode_jpeg
+from tests.camera.legacy_mkv import MatroskaMuxer
 
 
 def tagged_jpegs(count: int, w: int = 160, h: int = 120) -> list[bytes]:
@@ -276,5 +276,5 @@ def test_redact_keeps_urls_without_credentials() -> None:
 
 
 def test_frames_need_content() -> None:
-    with pytest.raises(ValueError, match="image or JPEG"):
+    with pytest.raises(ValueError, match="an image, JPEG bytes or a packet"):
         Frame(1, 0.0, FakeClock().now(), 10, 10)
