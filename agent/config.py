@@ -55,7 +55,19 @@ class CameraConfig(_Strict):
     source: str = Field(
         "synthetic",
         description="V4L2 index or /dev/videoN, rtsp:// or http:// URL, file:PATH, synthetic, "
-        "picamera2",
+        "picamera2, rpicam: (the Pi camera through rpicam-vid, extra rpicam-vid arguments may "
+        "follow the colon) or pipe:COMMAND (a command writing H.264 to its stdout)",
+    )
+    detect_source: str | None = Field(
+        None,
+        description="a lower-resolution stream of the same camera (rtsp:// or http:// URL) "
+        "decoded for motion instead of the recorded one",
+    )
+    stall_timeout: Duration = Field(
+        timedelta(seconds=2),
+        ge=timedelta(milliseconds=200),
+        le=timedelta(minutes=5),
+        description="a streaming source silent this long is reported stalled and reopened",
     )
     fps: float = Field(10.0, gt=0, le=60, description="frames per second asked of the source")
     width: int = Field(1280, ge=64, le=4096, description="frame width asked of the source")
@@ -78,12 +90,22 @@ class CameraConfig(_Strict):
     def _source_kind(cls, value: str) -> str:
         if value in ("synthetic", "picamera2") or value.isdigit():
             return value
-        if value.startswith(("file:", "rtsp://", "rtsps://", "http://", "https://", "/dev/video")):
+        if value.startswith(("file:", "rtsp://", "rtsps://", "http://", "https://", "/dev/video",
+                             "rpicam:")):
+            return value
+        if value.startswith("pipe:") and value[len("pipe:"):].strip():
             return value
         raise ValueError(
             "must be a device index (0), /dev/videoN, an rtsp:// or http:// URL, file:PATH, "
-            "synthetic or picamera2"
+            "synthetic, picamera2, rpicam: or pipe:COMMAND"
         )
+
+    @field_validator("detect_source")
+    @classmethod
+    def _detect_source_kind(cls, value: str | None) -> str | None:
+        if value is None or value.startswith(("rtsp://", "rtsps://", "http://", "https://")):
+            return value
+        raise ValueError("must be an rtsp:// or http:// URL of the camera's second stream")
 
 
 class MotionConfig(_Strict):
