@@ -58,11 +58,6 @@ class CameraConfig(_Strict):
         "picamera2, rpicam: (the Pi camera through rpicam-vid, extra rpicam-vid arguments may "
         "follow the colon) or pipe:COMMAND (a command writing H.264 to its stdout)",
     )
-    detect_source: str | None = Field(
-        None,
-        description="a lower-resolution stream of the same camera (rtsp:// or http:// URL) "
-        "decoded for motion instead of the recorded one",
-    )
     stall_timeout: Duration = Field(
         timedelta(seconds=2),
         ge=timedelta(milliseconds=200),
@@ -100,12 +95,6 @@ class CameraConfig(_Strict):
             "synthetic, picamera2, rpicam: or pipe:COMMAND"
         )
 
-    @field_validator("detect_source")
-    @classmethod
-    def _detect_source_kind(cls, value: str | None) -> str | None:
-        if value is None or value.startswith(("rtsp://", "rtsps://", "http://", "https://")):
-            return value
-        raise ValueError("must be an rtsp:// or http:// URL of the camera's second stream")
 
 
 class MotionConfig(_Strict):
@@ -384,6 +373,34 @@ class Config(_Strict):
         if not _ID_RE.match(value):
             raise ValueError("must be 1-64 characters of A-Z a-z 0-9 _ -")
         return value
+
+    @model_validator(mode="after")
+    def _codec_fits_camera(self) -> Config:
+        problem = codec_problem(self.recording.codec, self.camera.source,
+                                bool(self.recording.privacy_masks))
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+
+_RAW_SOURCES = ("synthetic", "picamera2")
+
+
+def codec_problem(codec: str, source: str, masked: bool) -> str | None:
+    """Why ``recording.codec`` cannot work with this camera, or None when it can."""
+    if codec != "copy":
+        return None
+    if masked:
+        return (
+            "recording.codec: copy cannot store privacy-masked footage (a mask must be burned "
+            "into the pixels, which means encoding); use auto or h264"
+        )
+    if source in _RAW_SOURCES:
+        return (
+            f"recording.codec: copy needs a camera that sends a compressed stream, but "
+            f"camera.source {source} delivers raw frames; use auto or h264"
+        )
+    return None
 
 
 def parse(

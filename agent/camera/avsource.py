@@ -8,9 +8,7 @@ packet becomes a :class:`~agent.camera.frame.Frame` carrying it unchanged
 
 Motion detection within a CPU budget: reference frames are decoded (B-frames are skipped by
 the decoder), and only every ``detect_every``-th decoded frame is converted to a BGR image for
-the detector; frames without an image keep the last motion result. With
-``camera.detect_source`` a second, lower-resolution stream of the same camera is decoded for
-motion instead and nothing of the main stream is decoded.
+the detector; frames without an image keep the last motion result.
 
 Frame times come from the stream's own timestamps, anchored to the clock at the first packet,
 so a reconnect's or a frozen camera's backlog keeps its real spacing instead of landing as a

@@ -37,6 +37,7 @@ from typing import Final, Protocol
 
 import av
 import av.error
+import av.logging
 import cv2
 import numpy as np
 from av.container import InputContainer, OutputContainer
@@ -46,6 +47,11 @@ from av.video.stream import VideoStream
 from agent.camera.frame import Image
 
 log = logging.getLogger(__name__)
+
+# FFmpeg's own messages go through Python logging (loggers ``libav.<component>``, with the
+# agent's timestamps and handlers) instead of bare lines on stderr; below WARNING they are
+# chatter about normal streams.
+av.logging.set_level(av.logging.WARNING)
 
 CONTENT_TYPE: Final = "video/x-matroska"
 TIME_BASE: Final = Fraction(1, 1000)

@@ -272,6 +272,7 @@ class CameraWorker:
         queue_frames: int = 8,
         backoff_max: float = 30.0,
         join_timeout: float = 15.0,
+        stall_timeout: float = 2.0,
     ) -> None:
         self.source = source
         self.processor = processor
@@ -282,8 +283,10 @@ class CameraWorker:
             self.queue,
             clock=clock,
             backoff=Backoff(min(INITIAL_BACKOFF, backoff_max), backoff_max),
+            stall_after=stall_timeout,
         )
         self.join_timeout = join_timeout
+        self.outages = 0
         self.errors = 0
         self.last_error: str | None = None
         self._lock = threading.Lock()
@@ -305,6 +308,7 @@ class CameraWorker:
             clock=clock,
             queue_frames=cfg.camera.queue_frames,
             backoff_max=cfg.camera.reopen_backoff_max.total_seconds(),
+            stall_timeout=cfg.camera.stall_timeout.total_seconds(),
         )
 
     def run(self, stop: threading.Event) -> None:
@@ -312,10 +316,11 @@ class CameraWorker:
         thread = self._thread = self.capture.start(stop)
         try:
             while not stop.is_set():
-                frame = self.queue.get(timeout=0.5)
+                frame = self.queue.get(timeout=min(0.5, self.capture.stall_after / 2))
                 if frame is None:
                     if self.queue.closed:
                         break
+                    self.check_outage()
                     continue
                 self._process(frame)
             # Frames already captured belong to the clip being finished.
@@ -327,6 +332,21 @@ class CameraWorker:
                 log.error("the camera thread did not stop within %.0f s", self.join_timeout)
             with self._lock:
                 self.processor.close()
+
+    def check_outage(self) -> bool:
+        """Close the open clip when the camera is down or stalled (``camera.stall_timeout``
+        without a frame): footage on either side of an outage goes into two clips, never one
+        with a hole. True when a clip was closed."""
+        if not self.processor.recorder.recording:
+            return False
+        state = self.capture.stats()["state"]
+        if state in ("streaming", "starting") or len(self.queue):
+            return False
+        log.warning("camera %s is %s: closing the open clip", self.capture.description, state)
+        self.outages += 1
+        with self._lock:
+            self.processor.close()
+        return True
 
     def _process(self, frame: Frame) -> None:
         try:
@@ -357,7 +377,7 @@ class CameraWorker:
         return {
             "capture": self.capture.stats(),
             "processing": {"frames": frames, "fps": fps, "errors": self.errors,
-                           "last_error": self.last_error},
+                           "last_error": self.last_error, "outages": self.outages},
             **inner,
         }
 

@@ -279,7 +279,9 @@ def test_a_source_that_refuses_names_why(tmp_path: Path) -> None:
         src.open()
 
 
-def test_garbage_from_a_pipe_is_bad_data(tmp_path: Path) -> None:
+def test_garbage_from_a_pipe_is_bad_data_and_ffmpeg_says_so_through_logging(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     script = tmp_path / "garbage.py"
     script.write_text("import os, sys\nsys.stdout.buffer.write(os.urandom(200000))\n")
     src = StreamSource(f"{sys.executable} {script}", kind="pipe", clock=FakeClock(), fps=FPS)
@@ -290,4 +292,5 @@ def test_garbage_from_a_pipe_is_bad_data(tmp_path: Path) -> None:
             frames.append(frame)
     src.close()
     assert not any(f.packet is not None and f.packet.keyframe for f in frames)
+    assert any(r.name.startswith("libav.") for r in caplog.records)
 
