@@ -185,20 +185,25 @@ def _video(stream: object) -> VideoStream:
     return stream
 
 
+_UNAVAILABLE: set[str] = set()
+"""Encoders that failed to open in this process (a board without the device): not retried."""
+
+
 def h264_encoder_names(hardware: bool = True) -> list[str]:
     """H.264 encoders to try, best first: the board's hardware encoder when this FFmpeg has
-    it, then libx264."""
+    it (and it has not failed to open before), then libx264."""
     names = [HARDWARE_H264] if hardware and HARDWARE_H264 in av.codecs_available else []
-    return [*names, SOFTWARE_H264]
+    return [name for name in names if name not in _UNAVAILABLE] + [SOFTWARE_H264]
 
 
 class H264Encoder:
     """Encodes BGR frames to H.264 packets; keyframe at least every ``KEYFRAME_SECONDS``.
 
-    Zero delay for libx264 (no B-frames, no lookahead: a packet per frame, at once), so the
-    recorder's decision for a frame applies to its packet. A hardware encoder that holds frames
-    back has its packets' times looked up by presentation time. A new frame size restarts the
-    encoder (a new :class:`StreamFormat`).
+    libx264 keeps its lookahead and B-frames (``bench/storage.py``: zero-latency tuning costs
+    a third more bytes at 2-s keyframes), so packets come out about a second after their
+    frames, in decode order: each packet carries its own frame's times (looked up by
+    presentation time) and its decode time, and :meth:`flush` drains what is held back when a
+    clip ends. A new frame size restarts the encoder (a new :class:`StreamFormat`).
     """
 
     def __init__(
@@ -235,7 +240,6 @@ class H264Encoder:
                 options = {
                     "preset": self.preset,
                     "crf": str(self.crf),
-                    "tune": "zerolatency",
                     "keyint_min": str(min(gop, max(1, int(self.fps)))),
                 }
             else:
@@ -254,6 +258,7 @@ class H264Encoder:
                 ctx.open()
             except (av.error.FFmpegError, ValueError) as exc:
                 errors.append(f"{name}: {exc}")
+                _UNAVAILABLE.add(name)
                 continue
             if errors:
                 log.info("H.264 encoder %s (not available: %s)", name, "; ".join(errors))
@@ -304,8 +309,14 @@ class H264Encoder:
                 self._fmt = StreamFormat.from_sample(bytes(packet), "h264")
             fmt = self._fmt
             pts = packet.pts if packet.pts is not None else self._last_pts
+            dts = packet.dts if packet.dts is not None else pts
             ts, wall = self._pending.pop(pts, (self._t0 + pts / 1000, datetime.now().astimezone()))
-            out.append((ts, wall, EncodedPacket(bytes(packet), packet.is_keyframe, fmt)))
+            # B-frames: a packet is decoded before it is shown. ``ts`` (what muxing orders by)
+            # is the decode time; ``wall`` stays the frame's own (what clips are indexed by).
+            delay = max(0, pts - dts) / 1000
+            out.append((
+                ts - delay, wall, EncodedPacket(bytes(packet), packet.is_keyframe, fmt, delay)
+            ))
         # A hardware encoder may drop frames: never let the lookup table grow.
         if len(self._pending) > 64:
             for key in sorted(self._pending)[:-64]:
@@ -332,13 +343,18 @@ class ClipMuxer:
             self._out,
             mode="w",
             format="matroska",
-            options={"live": "1", "flush_packets": "1", "cluster_time_limit": "1000"},
+            options={"live": "1", "flush_packets": "1", "cluster_time_limit": "1000",
+                     "avoid_negative_ts": "disabled"},
         )
         self._container.metadata["encoder"] = "doorbell-agent"
         self._stream = self._container.add_stream_from_template(fmt.template, opaque=True)
         self._stream.time_base = TIME_BASE
+        if fps:
+            # Written as the track's DefaultDuration: readers know each frame's duration.
+            self._stream.codec_context.framerate = Fraction(fps).limit_denominator(1000)
         self._frame_ms = round(1000 / fps) if fps else 0
-        self._last_dts = -1
+        self._lead: int | None = None
+        self._last_dts = -(1 << 30)
         self._closed = False
 
     @property
@@ -357,7 +373,11 @@ class ClipMuxer:
         """Mux one packet decoded at ``t`` seconds from the clip's start."""
         if packet.fmt is not self.fmt:
             raise ValueError("a packet of another stream format cannot join this clip")
-        dts = max(round(t * 1000), self._last_dts + 1)
+        if self._lead is None:
+            # The first frame is shown at 0: with B-frames decoding starts a little earlier
+            # (negative decode times, which Matroska, storing presentation times, allows).
+            self._lead = round(packet.pts_delay * 1000)
+        dts = max(round(t * 1000) - self._lead, self._last_dts + 1)
         self._last_dts = dts
         pts = dts + round(packet.pts_delay * 1000)
         out = av.Packet(packet.data)
@@ -419,6 +439,16 @@ def _seconds(value: int | None, time_base: Fraction | None) -> float:
     if value is None or time_base is None:
         return 0.0
     return float(value * time_base)
+
+
+def _span(first: float | None, end: float, last_start: float, frames: int) -> float:
+    """Presentation span; Matroska SimpleBlocks carry no duration, so when the last frame's
+    is unknown it is taken as the clip's mean frame interval."""
+    if first is None:
+        return 0.0
+    if end <= last_start and frames > 1:
+        end = last_start + (last_start - first) / (frames - 1)
+    return max(0.0, end - first)
 
 
 def _decoded(
@@ -491,7 +521,7 @@ def probe(raw: Readable) -> ClipFacts:
     try:
         frames = 0
         first: float | None = None
-        end = 0.0
+        end = last_start = 0.0
         key_first = False
         try:
             for packet in container.demux(stream):
@@ -502,6 +532,7 @@ def probe(raw: Readable) -> ClipFacts:
                     key_first = packet.is_keyframe
                 first = t if first is None else min(first, t)
                 end = max(end, t + _seconds(packet.duration, packet.time_base))
+                last_start = max(last_start, t)
                 frames += 1
         except av.error.FFmpegError as exc:
             raise MediaError(f"the clip does not demux: {exc}") from exc
@@ -510,7 +541,7 @@ def probe(raw: Readable) -> ClipFacts:
             width=stream.codec_context.width,
             height=stream.codec_context.height,
             frames=frames,
-            duration=max(0.0, end - (first or 0.0)),
+            duration=_span(first, end, last_start, frames),
             keyframe_first=key_first,
         )
     finally:
@@ -530,12 +561,13 @@ def remux(raw: Readable, target: Path, *, frames: int | None = None) -> ClipFact
             out.metadata["encoder"] = "doorbell-agent"
             count = 0
             first: float | None = None
-            end = 0.0
+            end = last_start = 0.0
             key_first = False
             # NUMBER_OF_FRAMES goes into the track's tags, which Matroska writes with the
             # header: the count must be known before the first packet, so it is the index's.
             if frames is not None:
                 ostream.metadata["NUMBER_OF_FRAMES"] = str(frames)
+            rate = stream.average_rate or stream.guessed_rate
             try:
                 for packet in container.demux(stream):
                     if not packet.size:
@@ -545,6 +577,10 @@ def remux(raw: Readable, target: Path, *, frames: int | None = None) -> ClipFact
                         key_first = packet.is_keyframe
                     first = t if first is None else min(first, t)
                     end = max(end, t + _seconds(packet.duration, packet.time_base))
+                    last_start = max(last_start, t)
+                    if not packet.duration and rate and packet.time_base:
+                        # Matroska blocks carry no duration: the last frame's sets Duration.
+                        packet.duration = round(1 / (rate * packet.time_base))
                     packet.stream = ostream
                     out.mux(packet)
                     count += 1
@@ -557,7 +593,7 @@ def remux(raw: Readable, target: Path, *, frames: int | None = None) -> ClipFact
             width=stream.codec_context.width,
             height=stream.codec_context.height,
             frames=count,
-            duration=max(0.0, end - (first or 0.0)),
+            duration=_span(first, end, last_start, count),
             keyframe_first=key_first,
         )
     finally:

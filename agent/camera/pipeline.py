@@ -128,6 +128,16 @@ class FrameEncoder:
         self.encoded += 1
         return [StoredFrame(ts, wall, packet) for ts, wall, packet in packets]
 
+    def flush(self) -> list[StoredFrame]:
+        """The packets the H.264 encoder still holds (a clip is ending); the next frame
+        starts a new stream with a keyframe."""
+        try:
+            packets = self.h264.flush()
+        except (MediaError, ValueError) as exc:
+            log.error("H.264 encoding failed: %s", exc)
+            return []
+        return [StoredFrame(ts, wall, packet) for ts, wall, packet in packets]
+
     def thumbnail(self, frame: Frame) -> bytes | None:
         """A small JPEG of ``frame`` as stored (masked); None without a picture."""
         cached = self._image
@@ -337,7 +347,8 @@ class CameraWorker:
         """Close the open clip when the camera is down or stalled (``camera.stall_timeout``
         without a frame): footage on either side of an outage goes into two clips, never one
         with a hole. True when a clip was closed."""
-        if not self.processor.recorder.recording:
+        recorder = self.processor.recorder
+        if not recorder.recording and recorder.policy.state is RecState.IDLE:
             return False
         state = self.capture.stats()["state"]
         if state in ("streaming", "starting") or len(self.queue):

@@ -340,6 +340,7 @@ class Recorder:
         self._clip: _OpenClip | None = None
         self._pending: list[StoredFrame] = []
         self._waiting = False
+        self._last_frame: Frame | None = None
         self._retry_at: float | None = None
         self.clips = 0
         self.failures = 0
@@ -358,6 +359,7 @@ class Recorder:
     def push(self, frame: Frame, motion: bool) -> Decision:
         """Feed one frame and whether it shows motion; returns what was decided."""
         decision = self._push(frame, motion)
+        self._last_frame = frame if self._waiting else None
         if self._clip is None and self.policy.state is not RecState.IDLE and not self._waiting:
             # The clip was lost to a vault error: idle again; motion opens a new clip after
             # RETRY_AFTER (a vault that recovers records the rest of the event, starting with
@@ -413,10 +415,21 @@ class Recorder:
                 self._write(stored)
                 if not clip.thumbnail:
                     self._thumbnail(clip, frame)
+        if not packets and self._clip is None:
+            self._waiting = True  # an encoder holding frames back: the clip opens with them
         return decision
 
     def close(self) -> None:
         """Finish the open clip, if any (at shutdown or when the camera drops). Idempotent."""
+        flush = getattr(self.encode, "flush", None)
+        if self._clip is None and self._waiting and flush is not None:
+            # The clip's first frames are all still inside the encoder: open it with them.
+            frames = [*self._pending, *flush()]
+            self._pending = []
+            while frames and not frames[0].keyframe:
+                frames.pop(0)
+            if frames:
+                self._open([f for f in frames if f.fmt is frames[0].fmt], self._last_frame)
         self._finish()
         self._waiting = False
         self.policy.reset()
@@ -453,7 +466,7 @@ class Recorder:
             self.skipped += 1
         return packets
 
-    def _open(self, frames: list[StoredFrame], frame: Frame) -> None:
+    def _open(self, frames: list[StoredFrame], frame: Frame | None) -> None:
         first = frames[0]
         try:
             writer = self.sink.create_clip(first.wall, CONTENT_TYPE)
@@ -469,7 +482,8 @@ class Recorder:
         clip = _OpenClip(writer, muxer, first)
         self._clip = clip
         self.codec = first.fmt.codec
-        self._thumbnail(clip, frame)
+        if frame is not None:
+            self._thumbnail(clip, frame)
         if self._clip is not clip:
             return
         for f in frames:
@@ -503,9 +517,18 @@ class Recorder:
         clip.last_wall = max(clip.last_wall, frame.wall)
 
     def _finish(self) -> None:
-        clip, self._clip = self._clip, None
+        clip = self._clip
         if clip is None:
             return
+        # An encoder with lookahead still holds the clip's last frames: they belong to it.
+        flush = getattr(self.encode, "flush", None)
+        if flush is not None and clip.muxer.fmt.inter:
+            for stored in flush():
+                if self._clip is clip and stored.fmt is clip.muxer.fmt:
+                    self._write(stored)
+        if self._clip is not clip:
+            return  # writing them failed: the clip is already aborted
+        self._clip = None
         if clip.frames == 0:
             self._abort(clip)
             return

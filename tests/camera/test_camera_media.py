@@ -129,12 +129,22 @@ def test_h264_clip_in_the_vault_is_playable_and_never_plaintext_on_disk(
     clip = vault.create_clip(T0, CONTENT_TYPE)
     muxer: ClipMuxer | None = None
     first = None
-    for n in range(45):
-        for ts, _wall, packet in encoder.encode(scene(n), n / 10, T0 + timedelta(seconds=n / 10)):
-            if muxer is None:
-                muxer = ClipMuxer(clip, packet.fmt, fps=10.0)
-                first = packet.data[:48]
-            muxer.add(packet, ts)
+    t0 = 0.0
+    packets = [
+        out
+        for n in range(45)
+        for out in encoder.encode(scene(n), n / 10, T0 + timedelta(seconds=n / 10))
+    ]
+    # Lookahead and B-frames: packets come late, in decode order; flush drains the rest.
+    assert len(packets) < 45
+    packets += encoder.flush()
+    assert any(packet.pts_delay > 0 for _, _, packet in packets)
+    for ts, _wall, packet in packets:
+        if muxer is None:
+            muxer = ClipMuxer(clip, packet.fmt, fps=10.0)
+            first = packet.data[:48]
+            t0 = ts
+        muxer.add(packet, ts - t0)
     assert muxer is not None and first is not None and encoder.name == "libx264"
     muxer.close()
     info = clip.finish(T0 + timedelta(seconds=4.4), muxer.frames, duration=muxer.duration,
@@ -157,24 +167,23 @@ def test_h264_clip_in_the_vault_is_playable_and_never_plaintext_on_disk(
 
 def test_keyframes_come_at_least_every_two_seconds() -> None:
     encoder = H264Encoder(10.0)
-    keys = [
-        n
-        for n in range(100)
-        for _, _, packet in encoder.encode(scene(n), n / 10, T0)
-        if packet.keyframe
-    ]
+    packets = [p for n in range(100) for p in encoder.encode(scene(n), n / 10, T0)]
+    packets += encoder.flush()
+    assert len(packets) == 100
+    keys = [round((ts + p.pts_delay) * 10) for ts, _, p in packets if p.keyframe]
     assert keys[0] == 0 and max(b - a for a, b in itertools.pairwise(keys)) <= 20
 
 
 def test_a_forced_keyframe_and_a_new_size_restart_the_stream() -> None:
     encoder = H264Encoder(10.0)
-    out = [encoder.encode(scene(n), n / 10, T0) for n in range(5)]
-    assert [p.keyframe for ((_, _, p),) in out] == [True, False, False, False, False]
-    ((_, _, forced),) = encoder.encode(scene(5), 0.5, T0, keyframe=True)
-    assert forced.keyframe and forced.fmt is out[0][0][2].fmt
-    ((_, _, bigger),) = encoder.encode(scene(6, 640, 480), 0.6, T0)
-    assert bigger.keyframe and (bigger.fmt.width, bigger.fmt.height) == (640, 480)
-    assert bigger.fmt is not forced.fmt
+    out = [p for n in range(30) for p in encoder.encode(scene(n), n / 10, T0, keyframe=n == 15)]
+    out += encoder.flush()
+    shown = {round((ts + p.pts_delay) * 10): p for ts, _, p in out}
+    assert [n for n in sorted(shown) if shown[n].keyframe] == [0, 15]  # 15 restarts the GOP
+    assert len({id(p.fmt) for p in shown.values()}) == 1
+    bigger = encoder.encode(scene(31, 640, 480), 3.1, T0) + encoder.flush()
+    assert bigger[0][2].keyframe and (bigger[0][2].fmt.width, bigger[0][2].fmt.height) == (640, 480)
+    assert bigger[0][2].fmt is not shown[0].fmt
 
 
 def test_a_packet_of_another_format_is_refused() -> None:
