@@ -411,28 +411,50 @@ class ClipMuxer:
 
 
 class _ReadOnly:
-    """Hides ``seek`` from FFmpeg: the vault's reader streams front to back."""
+    """Hides ``seek`` from FFmpeg (the vault's reader streams front to back) and keeps the
+    reader's own failure (a chunk that fails authentication) to raise it as it is, after
+    FFmpeg has seen an end of file, instead of through FFmpeg's callback."""
 
     def __init__(self, raw: Readable) -> None:
         self._raw = raw
+        self.failure: Exception | None = None
 
     def read(self, n: int = -1) -> bytes:
-        return self._raw.read(n)
+        if self.failure is not None:
+            return b""
+        try:
+            return self._raw.read(n)
+        except Exception as exc:  # re-raised by check(), whatever the reader raised
+            self.failure = exc
+            return b""
+
+    def check(self) -> None:
+        """Raise what the reader raised, if it did."""
+        if self.failure is not None:
+            raise self.failure
+
+
+def _open_input(raw: Readable) -> tuple[InputContainer, VideoStream, _ReadOnly]:
+    src = _ReadOnly(raw)
+    try:
+        container = av.open(
+            src, mode="r", format="matroska", buffer_size=_READ_BUFFER,
+            options={"probesize": "65536", "analyzeduration": "0"},
+        )
+    except (av.error.FFmpegError, ValueError) as exc:
+        src.check()
+        raise MediaError(f"not a readable video: {exc}") from exc
+    if not container.streams.video:
+        container.close()
+        src.check()
+        raise MediaError("the clip holds no video stream")
+    return container, container.streams.video[0], src
 
 
 def open_clip_input(raw: Readable) -> tuple[InputContainer, VideoStream]:
     """Demux a clip from a front-to-back reader; raises MediaError when it is not a video."""
-    try:
-        container = av.open(
-            _ReadOnly(raw), mode="r", format="matroska", buffer_size=_READ_BUFFER,
-            options={"probesize": "65536", "analyzeduration": "0"},
-        )
-    except (av.error.FFmpegError, ValueError) as exc:
-        raise MediaError(f"not a readable video: {exc}") from exc
-    if not container.streams.video:
-        container.close()
-        raise MediaError("the clip holds no video stream")
-    return container, container.streams.video[0]
+    container, stream, _ = _open_input(raw)
+    return container, stream
 
 
 def _seconds(value: int | None, time_base: Fraction | None) -> float:
@@ -452,7 +474,7 @@ def _span(first: float | None, end: float, last_start: float, frames: int) -> fl
 
 
 def _decoded(
-    container: InputContainer, stream: VideoStream, every: int
+    container: InputContainer, stream: VideoStream, src: _ReadOnly, every: int
 ) -> Iterator[tuple[float, Image]]:
     stream.thread_type = "AUTO"
     t0: float | None = None
@@ -465,14 +487,16 @@ def _decoded(
                 yield t - t0, frame.to_ndarray(format="bgr24")
             n += 1
     except av.error.FFmpegError as exc:
+        src.check()
         raise MediaError(f"the clip does not decode: {exc}") from exc
+    src.check()
 
 
 def iter_images(raw: Readable, *, every: int = 1) -> Iterator[tuple[float, Image]]:
     """Decode a clip: (seconds from its first frame, BGR image) for every ``every``-th frame."""
-    container, stream = open_clip_input(raw)
+    container, stream, src = _open_input(raw)
     try:
-        yield from _decoded(container, stream, every)
+        yield from _decoded(container, stream, src, every)
     finally:
         container.close()
 
@@ -480,10 +504,10 @@ def iter_images(raw: Readable, *, every: int = 1) -> Iterator[tuple[float, Image
 def iter_jpegs(raw: Readable, *, quality: int = 80) -> Iterator[tuple[float, bytes]]:
     """A clip as (seconds from its first frame, JPEG) pairs: MJPEG clips give their stored
     JPEGs as they are; other codecs are decoded and JPEG-encoded one frame at a time."""
-    container, stream = open_clip_input(raw)
+    container, stream, src = _open_input(raw)
     try:
         if stream.codec_context.name != "mjpeg":
-            for t, image in _decoded(container, stream, 1):
+            for t, image in _decoded(container, stream, src, 1):
                 ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
                 if ok:
                     yield t, buf.tobytes()
@@ -497,7 +521,9 @@ def iter_jpegs(raw: Readable, *, quality: int = 80) -> Iterator[tuple[float, byt
                 t0 = t if t0 is None else t0
                 yield t - t0, bytes(packet)
         except av.error.FFmpegError as exc:
+            src.check()
             raise MediaError(f"the clip does not demux: {exc}") from exc
+        src.check()
     finally:
         container.close()
 
@@ -517,7 +543,7 @@ class ClipFacts:
 def probe(raw: Readable) -> ClipFacts:
     """Demux a whole clip (no decode): codec, size, packet count, duration, and whether it
     starts with a keyframe."""
-    container, stream = open_clip_input(raw)
+    container, stream, src = _open_input(raw)
     try:
         frames = 0
         first: float | None = None
@@ -535,7 +561,9 @@ def probe(raw: Readable) -> ClipFacts:
                 last_start = max(last_start, t)
                 frames += 1
         except av.error.FFmpegError as exc:
+            src.check()
             raise MediaError(f"the clip does not demux: {exc}") from exc
+        src.check()
         return ClipFacts(
             codec=stream.codec_context.name,
             width=stream.codec_context.width,
@@ -554,7 +582,7 @@ def remux(raw: Readable, target: Path, *, frames: int | None = None) -> ClipFact
 
     ``frames`` (from the index) is checked against what was copied when given.
     """
-    container, stream = open_clip_input(raw)
+    container, stream, src = _open_input(raw)
     try:
         with av.open(str(target), mode="w", format="matroska") as out:
             ostream = out.add_stream_from_template(stream, opaque=True)
@@ -585,7 +613,9 @@ def remux(raw: Readable, target: Path, *, frames: int | None = None) -> ClipFact
                     out.mux(packet)
                     count += 1
             except av.error.FFmpegError as exc:
+                src.check()
                 raise MediaError(f"the clip does not demux: {exc}") from exc
+            src.check()
         if frames is not None and count != frames:
             raise MediaError(f"the clip holds {count} frames but the index records {frames}")
         return ClipFacts(
