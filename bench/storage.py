@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import logging
 import os
 import resource
 import sys
@@ -195,6 +196,7 @@ def main() -> int:
         print(f"{video} is missing (pass --video)", file=sys.stderr)
         return 2
     single_threaded_opencv()
+    logging.getLogger("libav").setLevel(logging.ERROR)  # FFmpeg's notes on short inputs
     limit = args.frames
     tmp = Path(tempfile.mkdtemp(prefix="bench-storage-"))
     vault = Vault(tmp / "state", os.urandom(32))

@@ -136,7 +136,9 @@ def test_h264_file_is_stored_packet_for_packet_from_a_keyframe(
     assert [p for p, _ in stored] == [p for p, _ in original[first : first + len(stored)]]
     assert first % 20 == 0 and first <= 50 - FPS  # pre-roll >= 1 s, from the keyframe before
     assert info.frames == len(stored)
-    assert info.duration == pytest.approx(len(stored) / FPS)
+    # (A cut in decode order may end on a P-frame shown after B-frames it did not take.)
+    assert info.duration is not None
+    assert len(stored) / FPS <= info.duration <= (len(stored) + 2) / FPS + 1e-6
     with vault.open_clip(info.id, verify_sha256=True) as reader:
         facts = probe(reader)
     assert (facts.codec, facts.frames, facts.keyframe_first) == ("h264", info.frames, True)
