@@ -74,6 +74,7 @@ class StreamSource:
         open_timeout: float = 10.0,
         detect_every: int | None = None,
         description: str | None = None,
+        decode_all: bool = False,
     ) -> None:
         self.target = target
         self.kind = kind  # "url", "file" or "pipe"
@@ -82,7 +83,8 @@ class StreamSource:
         self.loop = loop
         self.realtime = realtime
         self.open_timeout = open_timeout
-        self.detect_every_setting = detect_every
+        self.decode_all = decode_all
+        self.detect_every_setting = 1 if decode_all else detect_every
         self.description = description or target
         self.codec: str | None = None
         self.width = 0
@@ -153,7 +155,8 @@ class StreamSource:
         self.width, self.height = ctx.width, ctx.height
         self._fmt = None if self.codec == "mjpeg" else StreamFormat.from_stream(stream)
         # The decoder: reference frames only (B-frames are never needed for motion).
-        ctx.skip_frame = "NONREF"
+        if not self.decode_all:
+            ctx.skip_frame = "NONREF"
         # Slice threads only: frame threads delay output and were seen to deadlock at close.
         ctx.thread_type = "SLICE"
         rate = float(stream.average_rate or stream.guessed_rate or self.fps)
