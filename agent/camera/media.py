@@ -45,6 +45,7 @@ from av.video.frame import PictureType
 from av.video.stream import VideoStream
 
 from agent.camera.frame import Image
+from agent.timeutil import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +312,7 @@ class H264Encoder:
             fmt = self._fmt
             pts = packet.pts if packet.pts is not None else self._last_pts
             dts = packet.dts if packet.dts is not None else pts
-            ts, wall = self._pending.pop(pts, (self._t0 + pts / 1000, datetime.now().astimezone()))
+            ts, wall = self._pending.pop(pts, (self._t0 + pts / 1000, utcnow()))
             # B-frames: a packet is decoded before it is shown. ``ts`` (what muxing orders by)
             # is the decode time; ``wall`` stays the frame's own (what clips are indexed by).
             delay = max(0, pts - dts) / 1000
