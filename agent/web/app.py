@@ -50,6 +50,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__, report
 from agent.audit import AuditEntry, VerifyResult, read_entries
+from agent.camera.media import MediaError, iter_jpegs
 from agent.display import visible
 from agent.errors import (
     AgentError,
@@ -77,7 +78,6 @@ from agent.web.auth import (
     new_token,
     tokens_equal,
 )
-from agent.web.mkvframes import Frame, iter_frames
 from agent.web.services import AppServices, StatusItem
 
 log = logging.getLogger(__name__)
@@ -661,10 +661,12 @@ class WebApp:
         """``GET /api/clips/{id}/stream``: MJPEG (multipart/x-mixed-replace) at the clip's pace."""
         clip = await run_in_threadpool(self._clip, request)
         reader = await run_in_threadpool(self.services.vault.open_clip, clip.id)
-        frames: Iterator[Frame] = iter_frames(reader, default_fps=self.services.camera_fps)
+        # MJPEG clips give their stored JPEGs; H.264 and the others are decoded and re-encoded
+        # frame by frame, in memory.
+        frames: Iterator[tuple[float, bytes]] = iter_jpegs(reader)
         loop = asyncio.get_running_loop()
 
-        def next_frame() -> Frame | None:
+        def next_frame() -> tuple[float, bytes] | None:
             return next(frames, None)
 
         async def body() -> AsyncIterator[bytes]:
@@ -674,17 +676,18 @@ class WebApp:
                     frame = await run_in_threadpool(next_frame)
                     if frame is None:
                         return
-                    delay = started + frame.time - loop.time()
+                    time, jpeg = frame
+                    delay = started + time - loop.time()
                     if delay > 0:
                         await self.sleep(delay)
                     yield (
                         b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
-                        + str(len(frame.jpeg)).encode()
+                        + str(len(jpeg)).encode()
                         + b"\r\n\r\n"
-                        + frame.jpeg
+                        + jpeg
                         + b"\r\n"
                     )
-            except AgentError as exc:
+            except (AgentError, MediaError) as exc:
                 log.error("playback of clip %s stopped: %s", clip.id, exc)
             finally:
                 reader.close()
