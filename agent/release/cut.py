@@ -60,9 +60,11 @@ ENCODERS: Final = {"h264": "libx264", "hevc": "libx265", "mpeg4": "mpeg4"}
 _ENCODER_OPTIONS: Final[dict[str, dict[str, str]]] = {
     # Fixed settings: quality close to the source (the lead is at most a few seconds), no
     # B-frames (but see MPEG-4 below), one thread (deterministic).
+    # libx264 ultrafast: the lead costs a third of veryfast's time (bench/release.py), and at
+    # crf 17 a second or two of footage stays visually lossless (only bigger).
     "libx264": {
-        "preset": "veryfast",
-        "crf": "18",
+        "preset": "ultrafast",
+        "crf": "17",
         "x264-params": "bframes=0:sps-id=31:threads=1:lookahead-threads=1:sliced-threads=0",
     },
     "libx265": {
@@ -361,21 +363,17 @@ def _duration_tag(seconds: float) -> str:
 
 def _length_prefixed(annexb: bytes, size: int) -> bytes:
     """Annex B NAL units (start codes) as ``size``-byte length-prefixed units (avcC/hvcC)."""
+    starts: list[int] = []
+    i = annexb.find(b"\x00\x00\x01")
+    while i >= 0:
+        starts.append(i)
+        i = annexb.find(b"\x00\x00\x01", i + 3)
     units: list[bytes] = []
-    i = 0
-    n = len(annexb)
-    starts: list[tuple[int, int]] = []
-    while i + 3 <= n:
-        if annexb[i] == 0 and annexb[i + 1] == 0 and annexb[i + 2] == 1:
-            starts.append((i, i + 3))
-            i += 3
-        else:
-            i += 1
-    for k, (_, begin) in enumerate(starts):
-        end = starts[k + 1][0] if k + 1 < len(starts) else n
-        while end > begin and annexb[end - 1] == 0:
+    for k, at in enumerate(starts):
+        end = starts[k + 1] if k + 1 < len(starts) else len(annexb)
+        while end > at + 3 and annexb[end - 1] == 0:
             end -= 1  # the zero before a 4-byte start code belongs to no unit
-        unit = annexb[begin:end]
+        unit = annexb[at + 3:end]
         units.append(len(unit).to_bytes(size, "big") + unit)
     return b"".join(units)
 
@@ -456,7 +454,10 @@ def _decoder(stream: VideoStream) -> av.VideoCodecContext:
     ctx = av.CodecContext.create(stream.codec_context.name, "r")
     assert isinstance(ctx, av.VideoCodecContext)
     ctx.extradata = stream.codec_context.extradata
-    ctx.thread_count = 1
+    # Decoding is exact whatever the threads (only encoders must run on one): frame threads
+    # halve the lead's cost on a Pi's cores.
+    ctx.thread_type = "FRAME"
+    ctx.thread_count = 2
     return ctx
 
 
@@ -474,6 +475,62 @@ class _Sink:
         data = b"".join(self._parts)
         self._parts.clear()
         return data
+
+
+class _Segment:
+    """Frames of the cut that are decoded and re-encoded (the lead or the tail).
+
+    The decoder and encoder open at the segment's first packet and are released at its end, so
+    at most one of each is alive at a time. Packets shown at no wanted time and referenced by
+    none are not decoded at all.
+    """
+
+    def __init__(self, stream: VideoStream, plan: ClipCut, times: Sequence[int]) -> None:
+        self._stream = stream
+        self._plan = plan
+        self.wanted = frozenset(times)
+        self._dec: av.VideoCodecContext | None = None
+        self._enc: _Reencoder | None = None
+        self._origin: int | None = None
+        self._done = False
+        self.held: list[_Encoded] = []
+
+    def _encode(self, frames: list[av.VideoFrame]) -> list[_Encoded]:
+        assert self._enc is not None
+        out: list[_Encoded] = []
+        for frame in frames:
+            t = _ms(frame.pts, frame.time_base or self._stream.time_base) - (self._origin or 0)
+            if t in self.wanted:
+                out += self._enc.encode(frame, t - self._plan.origin)
+        return [(data, key, pts + self._plan.origin) for data, key, pts in out]
+
+    def feed(self, packet: av.Packet, pts: int) -> list[_Encoded]:
+        """Decode one stored packet (clip time ``pts``); the re-encoded packets ready now,
+        with their clip times."""
+        if self._done:
+            return []
+        if self._dec is None:
+            self._dec = _decoder(self._stream)
+            self._enc = _Reencoder(self._stream, self._plan.frame_ms)
+            # Frame times are clip milliseconds: the packet's own time less the clip's.
+            self._origin = _ms(packet.pts, packet.time_base) - pts
+        self._dec.skip_frame = "DEFAULT" if pts in self.wanted else "NONREF"
+        return self._encode(self._dec.decode(packet))
+
+    def finish(self) -> list[_Encoded]:
+        """Drain decoder and encoder; the rest of the segment's packets."""
+        if self._done or self._dec is None or self._enc is None:
+            self._done = True
+            return []
+        self._done = True
+        out = self._encode(self._dec.decode(None))
+        out += [(data, key, pts + self._plan.origin) for data, key, pts in self._enc.flush()]
+        self._dec = self._enc = None
+        return out
+
+    def hold(self, packets: list[_Encoded]) -> None:
+        """Keep packets to mux after the copied run (the tail)."""
+        self.held += packets
 
 
 def cut_stream(raw: Readable, plan: ClipCut) -> Iterator[bytes]:
@@ -505,37 +562,9 @@ def cut_stream(raw: Readable, plan: ClipCut) -> Iterator[bytes]:
             muxer.mux(packet)
             written += 1
 
-        lead = set(plan.lead)
-        tail = set(plan.tail)
         c0, c1 = plan.copy
-        lead_dec = _decoder(stream) if plan.lead else None
-        lead_enc = _Reencoder(stream, plan.frame_ms) if plan.lead else None
-        tail_dec = _decoder(stream) if plan.tail else None
-        tail_enc = _Reencoder(stream, plan.frame_ms) if plan.tail else None
-        held: list[_Encoded] = []
-        origin: int | None = None
-
-        def encode_lead(frames: list[av.VideoFrame]) -> None:
-            assert lead_enc is not None
-            for frame in frames:
-                t = _ms(frame.pts, frame.time_base or stream.time_base) - (origin or 0)
-                if t in lead:
-                    for data, key, pts in lead_enc.encode(frame, t - plan.origin):
-                        mux(data, pts + plan.origin, key)
-
-        def finish_lead() -> None:
-            assert lead_dec is not None and lead_enc is not None
-            encode_lead(lead_dec.decode(None))
-            for data, key, pts in lead_enc.flush():
-                mux(data, pts + plan.origin, key)
-
-        def encode_tail(frames: list[av.VideoFrame]) -> None:
-            assert tail_enc is not None
-            for frame in frames:
-                t = _ms(frame.pts, frame.time_base or stream.time_base) - (origin or 0)
-                if t in tail:
-                    held.extend(tail_enc.encode(frame, t - plan.origin))
-
+        lead = _Segment(stream, plan, plan.lead)
+        tail = _Segment(stream, plan, plan.tail)
         index = -1
         end = plan.base + len(plan.packets)
         try:
@@ -543,22 +572,22 @@ def cut_stream(raw: Readable, plan: ClipCut) -> Iterator[bytes]:
                 if not packet.size:
                     continue
                 index += 1
-                pts = _ms(packet.pts, packet.time_base)
-                origin = pts if origin is None else origin
                 if index < plan.base:
                     continue
                 if index >= end:
                     break
                 i = index - plan.base
-                if lead_dec is not None and (c0 == c1 or i < c0):
-                    encode_lead(lead_dec.decode(packet))
+                pts = plan.packets[i].pts
+                if lead.wanted and (c0 == c1 or i < c0):
+                    for data, key, t in lead.feed(packet, pts):
+                        mux(data, t, key)
                     if i + 1 == c0:
-                        finish_lead()
-                        lead_dec = None
+                        for data, key, t in lead.finish():
+                            mux(data, t, key)
                 if c0 <= i < c1:
-                    mux(bytes(packet), plan.packets[i].pts, bool(packet.is_keyframe))
-                if tail_dec is not None and i >= plan.tail_from:
-                    encode_tail(tail_dec.decode(packet))
+                    mux(bytes(packet), pts, bool(packet.is_keyframe))
+                if tail.wanted and i >= plan.tail_from:
+                    tail.hold(tail.feed(packet, pts))
                 if i + 1 == len(plan.packets):
                     break
                 yield sink.take()
@@ -566,14 +595,12 @@ def cut_stream(raw: Readable, plan: ClipCut) -> Iterator[bytes]:
             src.check()
             raise MediaError(f"clip {plan.clip_id} does not cut: {exc}") from exc
         src.check()
-        if lead_dec is not None:
-            # No copied run (no usable keyframe in the window): the lead is the whole cut.
-            finish_lead()
-        if tail_dec is not None and tail_enc is not None:
-            encode_tail(tail_dec.decode(None))
-            held.extend(tail_enc.flush())
-            for data, key, pts in held:
-                mux(data, pts + plan.origin, key)
+        # No copied run (no usable keyframe in the window): the lead is the whole cut.
+        for data, key, t in lead.finish():
+            mux(data, t, key)
+        tail.hold(tail.finish())
+        for data, key, t in tail.held:
+            mux(data, t, key)
         if written != plan.frames:
             raise MediaError(
                 f"clip {plan.clip_id}: the cut made {written} frames, {plan.frames} planned"
