@@ -342,6 +342,13 @@ class DeliveryConfig(_Strict):
     )
     max_inflight: int = Field(16, ge=1, le=1000, description="QoS 1 chunks awaiting PUBACK")
     retries: int = Field(5, ge=0, le=100, description="restarts of a broken delivery before failed")
+    max_bytes: Size = Field(
+        2 * 1024**3,
+        ge=1024**2,
+        le=16 * 1024**4,
+        description="most stored footage one request may release; an approval of a window "
+        "covering more is refused (the owner may raise this)",
+    )
 
 
 class HomeAssistantConfig(_Strict):

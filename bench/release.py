@@ -525,11 +525,13 @@ def h264_clip(packets: list[tuple[float, datetime, EncodedPacket]]) -> ClipMaker
 def bench_cut_step(root: Path, clip: ClipMaker, middle: float) -> dict[str, float]:
     """The cut step alone: plan, read the stored clip out of the vault, produce the file.
 
-    The 30 s window around ``middle`` is placed, to 0.1 s, where the cut re-encodes the most
-    frames (a start just after a keyframe, an end between a P-frame and its B-frames).
+    The 30 s window around ``middle`` is tried at 20 placements 0.1 s apart (a 2-s group of
+    pictures): timed where the cut re-encodes a median number of frames (``typical``) and the
+    most (``worst``: a start just after a keyframe, an end between a P-frame and its B-frames).
     """
     state = root / "state"
     state.mkdir(parents=True, mode=0o700)
+    out: dict[str, float] = {}
     with Vault(state, os.urandom(32)) as vault:
         start = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
         clip(vault, start)
@@ -541,28 +543,24 @@ def bench_cut_step(root: Path, clip: ClipMaker, middle: float) -> dict[str, floa
             plan = cutter.plan(info.id, a, a + timedelta(seconds=30))
             assert plan is not None
             windows.append((plan.reencoded, a))
-        reencoded, w_start = max(windows, key=lambda w: w[0])
-        gc.collect()
-        baseline = rss_bytes()
-        with RSSSampler() as sampler:
-            t0 = time.perf_counter()
-            cut = cutter.cut(info.id, w_start, w_start + timedelta(seconds=30))
-            assert cut is not None
-            out = 0
-            digest = hashlib.sha256()
-            while block := cut.stream.read(256 * 1024):
-                out += len(block)
-                digest.update(block)
-            cut.stream.close()
-            elapsed = time.perf_counter() - t0
-    return {
-        "seconds": elapsed,
-        "frames": float(cut.frames),
-        "reencoded": float(reencoded),
-        "bytes": float(out),
-        "stored_bytes": float(info.size),
-        "rss_growth_mib": (sampler.peak - baseline) / MIB,
-    }
+        windows.sort(key=lambda w: w[0])
+        for name, (reencoded, w_start) in (("typical", windows[10]), ("worst", windows[-1])):
+            gc.collect()
+            baseline = rss_bytes()
+            with RSSSampler() as sampler:
+                t0 = time.perf_counter()
+                cut = cutter.cut(info.id, w_start, w_start + timedelta(seconds=30))
+                assert cut is not None
+                size = 0
+                while block := cut.stream.read(256 * 1024):
+                    size += len(block)
+                cut.stream.close()
+                out[f"{name}_seconds"] = time.perf_counter() - t0
+            out[f"{name}_reencoded"] = float(reencoded)
+            out[f"{name}_rss_growth_mib"] = (sampler.peak - baseline) / MIB
+            out["frames"] = float(cut.frames)
+            out["bytes"] = float(size)
+    return out
 
 
 def main() -> int:
@@ -646,23 +644,21 @@ def main() -> int:
         f"(age step / this floor: {cipher['age_mib_s'] / cipher['floor_mib_s']:.2f}x)"
     )
     whole = min(wholes, key=lambda r: r["seconds"])
-    cut = min(cuts, key=lambda r: r["seconds"])
-    cut_ratio = cut["seconds"] / whole["seconds"]
     print(
         f"whole {args.cut_seconds:.0f}s H.264 clip delivered: {whole['seconds']:6.2f} s  "
         f"({whole['bytes'] / MIB:.1f} MiB, {CUT_SIZE[0]}x{CUT_SIZE[1]} {CUT_FPS:.0f} fps, "
         f"{whole['bytes'] * 8 / args.cut_seconds / 1e6:.1f} Mbit/s)"
     )
-    print(
-        f"cut step, 30 s window:      {cut['seconds']:6.2f} s  ({cut['frames']:.0f} frames, "
-        f"{cut['reencoded']:.0f} re-encoded, "
-        f"{cut['bytes'] / MIB:.1f} MiB out, peak RSS growth "
-        f"{max(c['rss_growth_mib'] for c in cuts):.1f} MiB)"
-    )
-    print(
-        f"cut / whole-clip delivery:  {cut_ratio:.2f}x  (goal <= 0.3x)  "
-        f"{'OK' if cut_ratio <= 0.3 else 'ABOVE GOAL'}"
-    )
+    for name in ("typical", "worst"):
+        best = min(c[f"{name}_seconds"] for c in cuts)
+        ratio = best / whole["seconds"]
+        print(
+            f"cut step, 30 s window ({name}): {best:6.2f} s  ({cuts[0]['frames']:.0f} frames, "
+            f"{cuts[0][f'{name}_reencoded']:.0f} re-encoded, peak RSS growth "
+            f"{max(c[f'{name}_rss_growth_mib'] for c in cuts):.1f} MiB)  "
+            f"cut / whole-clip delivery {ratio:.2f}x (goal <= 0.3x) "
+            f"{'OK' if ratio <= 0.3 else 'ABOVE GOAL'}"
+        )
     print(f"load average after the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from agent.approval.button import ButtonPanel
@@ -22,11 +23,15 @@ from agent.approval.coordinator import ApprovalCoordinator, DecisionResult
 from agent.approval.decisions import Action
 from agent.approval.machine import Channel, Policy
 from agent.errors import StateError
+from agent.release.cut import WindowCutter
 from agent.release.deliver import Deliverer
+from agent.release.preview import Preview, build_preview
+from agent.requests.store import RequestRecord
 
 if TYPE_CHECKING:
     from agent.config import Config
     from agent.daemon import DaemonContext
+    from agent.vault import Vault
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +89,16 @@ def policy_of(cfg: Config) -> Policy:
     return Policy.from_settings(a.channels, a.require, a.timeout, a.confirm_window)
 
 
+def previewer(vault: Vault, max_bytes: int) -> Callable[[RequestRecord], Preview]:
+    """What approving a request would release, from the cut's own plan (contract §5.1)."""
+    cutter = WindowCutter(vault)
+
+    def preview(record: RequestRecord) -> Preview:
+        return build_preview(record, cutter, max_bytes)
+
+    return preview
+
+
 def approval_worker(ctx: DaemonContext) -> ApprovalWorker:
     """Daemon worker factory; shares the coordinator as ``ctx.services["approval"]``."""
     cfg = ctx.config
@@ -118,6 +133,7 @@ def approval_worker(ctx: DaemonContext) -> ApprovalWorker:
         deliverer_factory=deliverer,
         device_id=cfg.device_id,
         indicator=indicate,
+        previewer=previewer(ctx.vault, cfg.delivery.max_bytes),
     )
     button_error: str | None = None
     if Channel.BUTTON in policy.channels and cfg.approval.button.enabled:
