@@ -128,7 +128,7 @@ def test_the_app_shows_the_preview_with_a_cancel_and_refuses_a_stale_one(
     card = page.split(f'id="req-{jti}"')[1].split("</article>")[0]
     assert sentence(preview) in card
     assert f'name="preview" value="{preview.fingerprint}"' in card
-    assert 'data-action="cancel"' in card and 'href="/requests#req-' in card
+    assert 'data-action="cancel"' in card and 'href="/requests?closed=' in card
     web.record_clip(t0 + timedelta(seconds=16.5), frames=10, fps=10.0)
     r = web.client.post(
         f"/requests/{jti}/approve", data={"csrf_token": token, "preview": preview.fingerprint}
