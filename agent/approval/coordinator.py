@@ -261,9 +261,10 @@ class ApprovalCoordinator:
         try:
             preview = self._previewer(record)
         except (AgentError, MediaError, ValueError) as exc:
-            raise ApprovalError(
-                f"what approving request {record.jti} would release cannot be worked out: {exc}"
-            ) from exc
+            # The owner may still decide (an unreadable clip fails the delivery, which then
+            # says why); the approval is recorded as bound to no preview.
+            log.warning("request %s: no preview of what it releases: %s", record.jti, exc)
+            return {"preview": None}
         if preview.exceeds:
             raise ApprovalError(
                 exceeds_message(preview),
