@@ -7,8 +7,9 @@ packet becomes a :class:`~agent.camera.frame.Frame` carrying it unchanged
 (:class:`~agent.camera.media.EncodedPacket`); an MJPEG packet is the frame's JPEG.
 
 Motion detection within a CPU budget: reference frames are decoded (B-frames are skipped by
-the decoder), and only every ``detect_every``-th decoded frame is converted to a BGR image for
-the detector; frames without an image keep the last motion result.
+the decoder), and only every ``detect_every``-th decoded frame (at most ``DETECT_FPS`` a
+second) is converted to a BGR image for the detector; frames without an image keep the last
+motion result.
 
 Frame times come from the stream's own timestamps, anchored to the clock at the first packet,
 so a reconnect's or a frozen camera's backlog keeps its real spacing instead of landing as a
@@ -37,6 +38,9 @@ from agent.errors import CameraError
 log = logging.getLogger(__name__)
 
 _MAX_JUMP: Final = 5.0
+DETECT_FPS: Final = 5.0
+"""Most frames per second converted for motion detection (the CPU budget of a copied
+stream: ``bench/storage.py``)."""
 _MAX_CORRUPT_RUN: Final = 25
 RPICAM_COMMAND: Final = "rpicam-vid"
 
@@ -70,6 +74,7 @@ class StreamSource:
         open_timeout: float = 10.0,
         detect_every: int | None = None,
         description: str | None = None,
+        decode_all: bool = False,
     ) -> None:
         self.target = target
         self.kind = kind  # "url", "file" or "pipe"
@@ -78,7 +83,8 @@ class StreamSource:
         self.loop = loop
         self.realtime = realtime
         self.open_timeout = open_timeout
-        self.detect_every_setting = detect_every
+        self.decode_all = decode_all
+        self.detect_every_setting = 1 if decode_all else detect_every
         self.description = description or target
         self.codec: str | None = None
         self.width = 0
@@ -149,10 +155,14 @@ class StreamSource:
         self.width, self.height = ctx.width, ctx.height
         self._fmt = None if self.codec == "mjpeg" else StreamFormat.from_stream(stream)
         # The decoder: reference frames only (B-frames are never needed for motion).
-        ctx.skip_frame = "NONREF"
-        ctx.thread_type = "AUTO"
+        if not self.decode_all:
+            ctx.skip_frame = "NONREF"
+        # Slice threads only: frame threads delay output and were seen to deadlock at close.
+        ctx.thread_type = "SLICE"
         rate = float(stream.average_rate or stream.guessed_rate or self.fps)
-        self._detect_every = self.detect_every_setting or max(1, round(rate / self.fps))
+        self._detect_every = self.detect_every_setting or max(
+            1, round(rate / min(self.fps, DETECT_FPS))
+        )
         self._packets = container.demux(stream)
         self._anchor = None
         log.info(

@@ -628,3 +628,39 @@ def remux(raw: Readable, target: Path, *, frames: int | None = None) -> ClipFact
         )
     finally:
         container.close()
+
+
+BROWSER_CODECS: Final = frozenset({"h264"})
+"""Stored codecs a browser's ``<video>`` plays from fragmented MP4 (others are served as JPEG
+frames, :func:`iter_jpegs`)."""
+
+
+def fragmented_mp4(raw: Readable) -> bytes:
+    """A clip remuxed (packet for packet) into fragmented MP4 for the app's ``<video>``, in
+    memory: the caller serves it (with byte ranges, so the player can seek) and drops it;
+    nothing is written to disk."""
+    container, stream, src = _open_input(raw)
+    out = io.BytesIO()
+    try:
+        if stream.codec_context.name not in BROWSER_CODECS:
+            raise MediaError(f"{stream.codec_context.name} is not played by browsers")
+        rate = stream.average_rate or stream.guessed_rate
+        with av.open(out, mode="w", format="mp4", options={
+            "movflags": "frag_keyframe+empty_moov+default_base_moof",
+        }) as mp4:
+            ostream = mp4.add_stream_from_template(stream, opaque=True)
+            try:
+                for packet in container.demux(stream):
+                    if not packet.size:
+                        continue
+                    if not packet.duration and rate and packet.time_base:
+                        packet.duration = round(1 / (rate * packet.time_base))
+                    packet.stream = ostream
+                    mp4.mux(packet)
+            except av.error.FFmpegError as exc:
+                src.check()
+                raise MediaError(f"the clip does not demux: {exc}") from exc
+            src.check()
+    finally:
+        container.close()
+    return out.getvalue()

@@ -310,7 +310,10 @@ class CameraWorker:
 
         Raises CameraError when the source can never work (picamera2 without its module).
         """
-        source = source_from_config(cfg.camera, clock)
+        # A compressed stream that is re-encoded (h264/mjpeg, or masks to burn in) must be
+        # decoded frame by frame; a copied one only for motion.
+        reencode = cfg.recording.codec in ("h264", "mjpeg") or bool(cfg.recording.privacy_masks)
+        source = source_from_config(cfg.camera, clock, decode_all=reencode)
         processor = FrameProcessor.from_config(cfg, sink, fps=cfg.camera.fps)
         return cls(
             source,

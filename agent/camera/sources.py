@@ -445,9 +445,10 @@ class Picamera2Source:
         return {"kind": "picamera2", "passthrough": False}
 
 
-def source_from_config(cfg: CameraConfig, clock: Clock) -> Source:
+def source_from_config(cfg: CameraConfig, clock: Clock, *, decode_all: bool = False) -> Source:
     """The source ``camera.source`` names. Raises CameraError for picamera2 without the module
-    (the capture thread would only retry what cannot work)."""
+    (the capture thread would only retry what cannot work). ``decode_all``: a compressed
+    stream is decoded frame by frame (it is re-encoded), not only for motion."""
     spec = cfg.source
     if spec == "synthetic":
         scene = demo_scene(cfg.width, cfg.height, cfg.fps)
@@ -464,18 +465,19 @@ def source_from_config(cfg: CameraConfig, clock: Clock) -> Source:
         command = rpicam_command(spec[len("rpicam:"):], width=cfg.width, height=cfg.height,
                                  fps=cfg.fps)
         return StreamSource(command, kind="pipe", clock=clock, fps=cfg.fps,
-                            description="rpicam-vid")
+                            description="rpicam-vid", decode_all=decode_all)
     if spec.startswith("pipe:"):
         command = spec[len("pipe:"):].strip()
         return StreamSource(command, kind="pipe", clock=clock, fps=cfg.fps,
-                            description=f"pipe:{shlex.split(command)[0]}")
+                            description=f"pipe:{shlex.split(command)[0]}", decode_all=decode_all)
     if spec.startswith(("rtsp://", "rtsps://", "http://", "https://")):
-        return StreamSource(spec, kind="url", clock=clock, fps=cfg.fps, description=redact(spec))
+        return StreamSource(spec, kind="url", clock=clock, fps=cfg.fps, description=redact(spec),
+                            decode_all=decode_all)
     if spec.startswith("file:"):
         path = Path(spec[len("file:"):]).expanduser()
         if probe_codec(path) in INTER_CODECS:
             return StreamSource(str(path), kind="file", clock=clock, fps=cfg.fps, loop=cfg.loop,
-                                realtime=cfg.realtime, description=spec)
+                                realtime=cfg.realtime, description=spec, decode_all=decode_all)
         return FileSource(
             Path(spec[len("file:"):]).expanduser(),
             clock=clock,

@@ -50,7 +50,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__, report
 from agent.audit import AuditEntry, VerifyResult, read_entries
-from agent.camera.media import MediaError, iter_jpegs
+from agent.camera.media import BROWSER_CODECS, MediaError, fragmented_mp4, iter_jpegs
 from agent.display import visible
 from agent.errors import (
     AgentError,
@@ -268,6 +268,7 @@ class WebApp:
             Route("/api/clips/{clip}", self._api(self.api_clip_delete), methods=["DELETE"]),
             Route("/api/clips/{clip}/thumbnail", self._api(self.api_thumbnail)),
             Route("/api/clips/{clip}/stream", self._api(self.api_stream)),
+            Route("/api/clips/{clip}/video", self._api(self.api_video)),
             Route("/api/clips/{clip}/download", self._api(self.api_download)),
             Route("/api/audit", self._api(self.api_audit)),
             Route("/api/audit/export", self._api(self.api_audit_export)),
@@ -685,6 +686,36 @@ class WebApp:
                 "content-length": str(clip.size),
             },
         )
+
+    async def api_video(self, request: Request, session: Session) -> Response:
+        """``GET /api/clips/{id}/video``: an H.264 clip as fragmented MP4 for ``<video>``,
+        remuxed in memory (never written), with byte ranges so that the player can seek."""
+        clip = await run_in_threadpool(self._clip, request)
+        if clip.codec not in BROWSER_CODECS:
+            return Response(status_code=415)
+
+        def remux() -> bytes:
+            reader = self.services.vault.open_clip(clip.id)
+            try:
+                return fragmented_mp4(reader)
+            finally:
+                reader.close()
+
+        try:
+            data = await run_in_threadpool(remux)
+        except MediaError as exc:
+            log.error("playback of clip %s failed: %s", clip.id, exc)
+            return Response(status_code=500)
+        headers = {"accept-ranges": "bytes", "cache-control": "no-store"}
+        span = _byte_range(request.headers.get("range"), len(data))
+        if span is None:
+            return Response(data, media_type="video/mp4", headers=headers)
+        if span == (-1, -1):
+            return Response(status_code=416, headers={"content-range": f"bytes */{len(data)}"})
+        first, last = span
+        headers["content-range"] = f"bytes {first}-{last}/{len(data)}"
+        return Response(data[first : last + 1], status_code=206, media_type="video/mp4",
+                         headers=headers)
 
     async def api_stream(self, request: Request, session: Session) -> Response:
         """``GET /api/clips/{id}/stream``: MJPEG (multipart/x-mixed-replace) at the clip's pace."""
@@ -1155,3 +1186,21 @@ async def _json_body(request: Request) -> dict[str, Any]:
         raise RequestError("the body must be a JSON object")
     return body
 
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The (first, last) bytes of a single ``Range: bytes=`` request; None for the whole
+    body (no or unparsable header), (-1, -1) when it cannot be satisfied."""
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    start, _, end = header[len("bytes="):].strip().partition("-")
+    try:
+        if start:
+            first = int(start)
+            last = int(end) if end else size - 1
+        else:
+            first, last = max(0, size - int(end)), size - 1
+    except ValueError:
+        return None
+    if first >= size or first > last:
+        return (-1, -1)
+    return first, min(last, size - 1)
