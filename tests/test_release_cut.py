@@ -342,3 +342,14 @@ def test_an_open_gop_keyframe_is_not_a_cut_point(vault: Vault) -> None:
     plan = WindowCutter(vault).plan(clip.id, at(1.25), at(4.55))
     assert plan is not None and plan.copied == 0
     assert decoded_numbers(cut_bytes(vault, clip.id, at(1.25), at(4.55))) == list(range(13, 46))
+
+
+def test_an_abandoned_cut_releases_everything(vault: Vault) -> None:
+    clip = record_h264(vault, T0, 60)
+    for _ in range(3):
+        cut = WindowCutter(vault).cut(clip.id, at(0.55), at(5.05))
+        assert cut is not None
+        assert cut.stream.read(100)[:4] == b"\x1a\x45\xdf\xa3"
+        cut.stream.close()  # mid-lead: decoder and encoder dropped, the vault reader closed
+        cut.stream.close()
+    assert decoded_numbers(cut_bytes(vault, clip.id, at(0.55), at(5.05))) == list(range(6, 51))

@@ -454,10 +454,10 @@ def _decoder(stream: VideoStream) -> av.VideoCodecContext:
     ctx = av.CodecContext.create(stream.codec_context.name, "r")
     assert isinstance(ctx, av.VideoCodecContext)
     ctx.extradata = stream.codec_context.extradata
-    # Decoding is exact whatever the threads (only encoders must run on one): frame threads
-    # halve the lead's cost on a Pi's cores.
-    ctx.thread_type = "FRAME"
-    ctx.thread_count = 2
+    # One thread: frame threads were seen to deadlock when a decoder is dropped mid-stream (an
+    # abandoned cut), and the stored streams have one slice per frame, so slice threads add
+    # nothing. Skipping non-reference frames saves more.
+    ctx.thread_count = 1
     return ctx
 
 
