@@ -549,7 +549,10 @@ def bench_cut_step(root: Path, clip: ClipMaker, middle: float) -> dict[str, floa
             baseline = rss_bytes()
             with RSSSampler() as sampler:
                 t0 = time.perf_counter()
-                cut = cutter.cut(info.id, w_start, w_start + timedelta(seconds=30))
+                # A cutter of its own: the plan (a read of the clip) is part of the step.
+                cut = WindowCutter(vault, cache=0).cut(
+                    info.id, w_start, w_start + timedelta(seconds=30)
+                )
                 assert cut is not None
                 size = 0
                 while block := cut.stream.read(256 * 1024):

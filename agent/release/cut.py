@@ -35,6 +35,8 @@ track's CodecPrivate.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -649,22 +651,40 @@ class _ChunkStream:
 
 
 class WindowCutter:
-    """The real :class:`~agent.release.cut_api.Cutter`: frame-exact cuts out of the vault."""
+    """The real :class:`~agent.release.cut_api.Cutter`: frame-exact cuts out of the vault.
 
-    def __init__(self, vault: ClipStore) -> None:
+    Plans are kept for the last ``cache`` (clip, window) pairs: a final clip never changes (a
+    new recording is a new id), and the app shows the preview of every pending request each
+    time its list refreshes.
+    """
+
+    def __init__(self, vault: ClipStore, *, cache: int = 32) -> None:
         self._vault = vault
+        self._cache: OrderedDict[tuple[str, datetime, datetime], ClipCut | None] = OrderedDict()
+        self._size = cache
+        self._lock = threading.Lock()
 
     def plan(self, clip_id: str, window_start: datetime, window_end: datetime) -> ClipCut | None:
         """The cut of one clip (what :meth:`cut` would release), or None."""
+        key = (clip_id, window_start, window_end)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
         info = self._vault.get_clip(clip_id)
         reader = self._vault.open_clip(clip_id)
         try:
-            return plan_cut(
+            plan = plan_cut(
                 reader, clip_id=clip_id, clip_start=info.start, window_start=window_start,
                 window_end=window_end, source_sha256=info.sha256,
             )
         finally:
             reader.close()
+        with self._lock:
+            self._cache[key] = plan
+            while len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+        return plan
 
     def preview(self, window_start: datetime, window_end: datetime) -> list[ClipCut]:
         """Every file a release of the window would hold, oldest first (none is valid)."""
