@@ -8,6 +8,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
@@ -353,3 +354,34 @@ def test_an_abandoned_cut_releases_everything(vault: Vault) -> None:
         cut.stream.close()  # mid-lead: decoder and encoder dropped, the vault reader closed
         cut.stream.close()
     assert decoded_numbers(cut_bytes(vault, clip.id, at(0.55), at(5.05))) == list(range(6, 51))
+
+
+CUT_IN_ANOTHER_PROCESS = """
+import hashlib, sys
+from datetime import datetime
+from agent.release.cut import WindowCutter
+from agent.vault import Vault
+state, key, clip, start, end = sys.argv[1:]
+with Vault(state, bytes.fromhex(key)) as vault:
+    cut = WindowCutter(vault).cut(clip, datetime.fromisoformat(start), datetime.fromisoformat(end))
+    digest = hashlib.sha256()
+    while chunk := cut.stream.read(65536):
+        digest.update(chunk)
+    cut.stream.close()
+print(digest.hexdigest())
+"""
+
+
+def test_a_cut_is_the_same_in_another_process(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    key = os.urandom(32)
+    with Vault(state, key) as vault:
+        clip = record_h264(vault, T0, 60)
+        here = hashlib.sha256(cut_bytes(vault, clip.id, at(0.75), at(4.45))).hexdigest()
+    out = subprocess.run(
+        [sys.executable, "-c", CUT_IN_ANOTHER_PROCESS, str(state), key.hex(), clip.id,
+         at(0.75).isoformat(), at(4.45).isoformat()],
+        capture_output=True, text=True, check=True, timeout=120,
+    )
+    assert out.stdout.strip() == here
