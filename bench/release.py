@@ -557,7 +557,7 @@ def bench_cut_step(root: Path, clip: ClipMaker, middle: float) -> dict[str, floa
                 size = 0
                 while block := cut.stream.read(256 * 1024):
                     size += len(block)
-                cut.stream.close()
+                cut.close()
                 out[f"{name}_seconds"] = time.perf_counter() - t0
             out[f"{name}_reencoded"] = float(reencoded)
             out[f"{name}_rss_growth_mib"] = (sampler.peak - baseline) / MIB

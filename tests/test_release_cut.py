@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from agent.camera.media import CONTENT_TYPE, ClipMuxer, EncodedPacket, H264Encoder, StreamFormat
+from agent.errors import VaultError
 from agent.release.cut import WindowCutter, plan_cut
 from agent.vault import ClipInfo, Vault
 from tests.camera.test_camera_pipeline import scan_for_plaintext
@@ -111,7 +112,7 @@ def cut_bytes(vault: Vault, clip_id: str, start: datetime, end: datetime) -> byt
             parts.append(chunk)
         return b"".join(parts)
     finally:
-        cut.stream.close()
+        cut.close()
 
 
 def decoded_numbers(data: bytes) -> list[int]:
@@ -269,9 +270,9 @@ def test_the_cut_is_streamed_and_no_plaintext_reaches_the_disk(
         data += chunk
         # While the cut is being made, nothing of it (nor of the stored clip) is on disk.
         assert scan_for_plaintext(tmp_path / "state", known=[data[:48]]) == []
-    cut.stream.close()
+    cut.close()
     assert data[:4] == b"\x1a\x45\xdf\xa3"  # EBML magic: a whole Matroska file was read
-    assert (cut.frames, cut.first, cut.last) == (45, at(0.6), at(5.0))
+    assert (cut.frames, cut.start, cut.end) == (45, at(0.6), at(5.0))
     assert cut.source_sha256 == clip.sha256
 
 
@@ -351,8 +352,8 @@ def test_an_abandoned_cut_releases_everything(vault: Vault) -> None:
         cut = WindowCutter(vault).cut(clip.id, at(0.55), at(5.05))
         assert cut is not None
         assert cut.stream.read(100)[:4] == b"\x1a\x45\xdf\xa3"
-        cut.stream.close()  # mid-lead: decoder and encoder dropped, the vault reader closed
-        cut.stream.close()
+        cut.close()  # mid-lead: decoder and encoder dropped, the vault reader closed
+        cut.close()
     assert decoded_numbers(cut_bytes(vault, clip.id, at(0.55), at(5.05))) == list(range(6, 51))
 
 
@@ -367,7 +368,7 @@ with Vault(state, bytes.fromhex(key)) as vault:
     digest = hashlib.sha256()
     while chunk := cut.stream.read(65536):
         digest.update(chunk)
-    cut.stream.close()
+    cut.close()
 print(digest.hexdigest())
 """
 
@@ -385,3 +386,11 @@ def test_a_cut_is_the_same_in_another_process(tmp_path: Path) -> None:
         capture_output=True, text=True, check=True, timeout=120,
     )
     assert out.stdout.strip() == here
+
+
+def test_a_stored_clip_that_is_not_video_fails_as_a_vault_error(vault: Vault) -> None:
+    writer = vault.create_clip(T0, CONTENT_TYPE)
+    writer.write(b"not a Matroska file at all" * 100)
+    clip = writer.finish(at(1), 10)
+    with pytest.raises(VaultError, match="cannot be cut"):
+        WindowCutter(vault).cut(clip.id, at(0), at(1))

@@ -236,9 +236,9 @@ def test_the_preview_is_what_the_cut_produces(two_clips: Vault, a: int, length: 
         data = b""
         while chunk := cut.stream.read(65536):
             data += chunk
-        cut.stream.close()
+        cut.close()
         with av.open(io.BytesIO(data), mode="r") as container:
             decoded = sum(1 for _ in container.decode(video=0))
         assert decoded == cut.frames
-        made.append((cut.clip_id, cut.first, cut.last, cut.frames))
+        made.append((clip.id, cut.start, cut.end, cut.frames))
     assert [(f.clip_id, f.start, f.end, f.frames) for f in preview.files] == made

@@ -89,9 +89,15 @@ def policy_of(cfg: Config) -> Policy:
     return Policy.from_settings(a.channels, a.require, a.timeout, a.confirm_window)
 
 
-def previewer(vault: Vault, max_bytes: int) -> Callable[[RequestRecord], Preview]:
-    """What approving a request would release, from the cut's own plan (contract §5.1)."""
-    cutter = WindowCutter(vault)
+def previewer(
+    vault: Vault, max_bytes: int, cutter: WindowCutter | None = None
+) -> Callable[[RequestRecord], Preview]:
+    """What approving a request would release, from the cut's own plan (contract §5.1).
+
+    Give the delivery's ``cutter`` so both share its plans: the file released is the one the
+    owner was shown.
+    """
+    cutter = cutter or WindowCutter(vault)
 
     def preview(record: RequestRecord) -> Preview:
         return build_preview(record, cutter, max_bytes)
@@ -107,6 +113,9 @@ def approval_worker(ctx: DaemonContext) -> ApprovalWorker:
     if requests is None or store is None:
         raise StateError("the approval worker needs the requests worker to be set up first")
     policy = policy_of(cfg)
+    # One cutter for the preview and the release (shared as ctx.services["cutter"]).
+    cutter = WindowCutter(ctx.vault)
+    ctx.services["cutter"] = cutter
 
     def deliverer() -> Deliverer:
         return Deliverer(
@@ -133,7 +142,7 @@ def approval_worker(ctx: DaemonContext) -> ApprovalWorker:
         deliverer_factory=deliverer,
         device_id=cfg.device_id,
         indicator=indicate,
-        previewer=previewer(ctx.vault, cfg.delivery.max_bytes),
+        previewer=previewer(ctx.vault, cfg.delivery.max_bytes, cutter),
     )
     button_error: str | None = None
     if Channel.BUTTON in policy.channels and cfg.approval.button.enabled:

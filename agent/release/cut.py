@@ -50,7 +50,8 @@ from av.video.frame import PictureType, VideoFrame
 from av.video.stream import VideoStream
 
 from agent.camera.media import CONTENT_TYPE, INTER_CODECS, MediaError, Readable, _open_input
-from agent.release.cut_api import CutFile, PlainStream
+from agent.errors import VaultError
+from agent.release.cut_api import CutFile
 
 log = logging.getLogger(__name__)
 
@@ -622,17 +623,23 @@ def cut_stream(raw: Readable, plan: ClipCut) -> Iterator[bytes]:
 class _ChunkStream:
     """A readable over an iterator of byte chunks (the cut, made as it is read)."""
 
-    def __init__(self, chunks: Iterator[bytes], closer: PlainStream) -> None:
+    def __init__(self, chunks: Iterator[bytes], closer: PlainStreamReader, label: str) -> None:
         self._chunks: Iterator[bytes] | None = chunks
         self._closer = closer
+        self._label = label
         self._buf = bytearray()
 
     def read(self, n: int = -1, /) -> bytes:
+        """Up to ``n`` bytes of the cut; b"" at the end. A stored clip that does not cut is a
+        VaultError (delivery fails with it, as for any unreadable clip)."""
         while self._chunks is not None and (n < 0 or len(self._buf) < n):
             try:
                 self._buf += next(self._chunks)
             except StopIteration:
                 self._chunks = None
+            except MediaError as exc:
+                self.close()
+                raise VaultError(f"{self._label} cannot be cut: {exc}") from exc
         if n < 0 or n >= len(self._buf):
             data = bytes(self._buf)
             self._buf.clear()
@@ -642,6 +649,7 @@ class _ChunkStream:
         return data
 
     def close(self) -> None:
+        """Stop the cut and close the stored clip's reader. Idempotent."""
         chunks, self._chunks = self._chunks, None
         if chunks is not None:
             close = getattr(chunks, "close", None)
@@ -678,6 +686,8 @@ class WindowCutter:
                 reader, clip_id=clip_id, clip_start=info.start, window_start=window_start,
                 window_end=window_end, source_sha256=info.sha256,
             )
+        except MediaError as exc:
+            raise VaultError(f"clip {clip_id} cannot be cut: {exc}") from exc
         finally:
             reader.close()
         with self._lock:
@@ -702,13 +712,16 @@ class WindowCutter:
 
     def cut_planned(self, plan: ClipCut) -> CutFile:
         """The file ``plan`` describes (a plan shown to the owner is cut exactly)."""
+        if plan.source_sha256 is None:
+            raise VaultError(f"clip {plan.clip_id} has no recorded SHA-256 (not final)")
+        info = self._vault.get_clip(plan.clip_id)
         reader = self._vault.open_clip(plan.clip_id)
         return CutFile(
-            clip_id=plan.clip_id,
-            stream=_ChunkStream(cut_stream(reader, plan), reader),
+            stream=_ChunkStream(cut_stream(reader, plan), reader, f"clip {plan.clip_id}"),
+            start=plan.first,
+            end=plan.last,
             frames=plan.frames,
-            first=plan.first,
-            last=plan.last,
             content_type=CONTENT_TYPE,
             source_sha256=plan.source_sha256,
+            clock_synchronized=bool(getattr(info, "clock_synchronized", False)),
         )

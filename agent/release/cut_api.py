@@ -1,59 +1,27 @@
-"""The seam between delivery and the cut (contract §5.1): what a released file is made from.
+"""The seam between delivery and the cut (contract §5.1): what one released file is made of.
 
-Delivery asks a :class:`Cutter` for each stored clip overlapping the window and streams what it
-gets (encrypting, chunking, hashing); it never looks inside the video. ``None`` means the clip
-has no frame in the window (no file). :class:`WholeClip` is the trivial cutter that releases
-stored clips as they are; :class:`agent.release.cut.WindowCutter` is the real one.
+:mod:`agent.release.deliver` asks a :class:`Cutter` for each stored clip overlapping a request's
+window and encrypts the :class:`CutFile` it returns; it never reads the vault itself. The cut
+(frame-exact, smart cut for inter-coded video) lives in :mod:`agent.release.cut`; until it is
+plugged in, :class:`WholeClipCutter` releases each overlapping stored clip whole, as before.
+
+A cut must be deterministic: cutting the same window of the same clip again gives a file with the
+same ``plaintext_sha256`` (re-delivery relies on it, §5.2).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-
-class PlainStream(Protocol):
-    """A front-to-back reader of a released file's plaintext (never on disk)."""
-
-    def read(self, n: int = -1, /) -> bytes:
-        """Up to ``n`` bytes; b"" at the end."""
-        ...
-
-    def close(self) -> None:
-        """Release what the stream holds. Idempotent."""
-        ...
-
-
-@dataclass(frozen=True)
-class CutFile:
-    """One file to release: a readable plaintext stream and what the manifest says of it."""
-
-    clip_id: str
-    """The stored clip it is cut from (the owner's log only; never published)."""
-    stream: PlainStream
-    frames: int
-    first: datetime
-    """Presentation time of its first frame."""
-    last: datetime
-    """Presentation time of its last frame."""
-    content_type: str
-    source_sha256: str | None
-    """The stored clip's plaintext SHA-256 (what the manifest's ``source`` commits to)."""
-
-
-class Cutter(Protocol):
-    """Makes the file released for one stored clip and a window."""
-
-    def cut(self, clip_id: str, window_start: datetime, window_end: datetime) -> CutFile | None:
-        """The file holding the clip's frames in ``[window_start, window_end]``; None when
-        the clip has none."""
-        ...
+from agent.errors import VaultError
+from agent.release.encrypt import ClipReader
 
 
 class StoredClip(Protocol):
-    """What :class:`WholeClip` reads of a vault clip's index entry."""
+    """The vault's description of a stored clip (the fields a cutter reads)."""
 
     @property
     def id(self) -> str: ...
@@ -65,28 +33,92 @@ class StoredClip(Protocol):
     def end(self) -> datetime: ...
 
     @property
-    def frames(self) -> int: ...
+    def content_type(self) -> str: ...
 
     @property
-    def content_type(self) -> str: ...
+    def frames(self) -> int: ...
 
     @property
     def sha256(self) -> str | None: ...
 
 
-@dataclass(frozen=True)
-class WholeClip:
-    """The trivial cutter: every overlapping stored clip is released whole (revision 1)."""
+class ClipVault(Protocol):
+    """The part of the vault a cutter and delivery read from (:class:`agent.vault.Vault`)."""
 
-    info: Callable[[str], StoredClip]
-    open: Callable[[str], PlainStream]
+    def clips_overlapping(self, start: datetime, end: datetime) -> Sequence[StoredClip]: ...
 
-    def cut(self, clip_id: str, window_start: datetime, window_end: datetime) -> CutFile | None:
-        """The stored clip itself, as long as it overlaps the window."""
-        clip = self.info(clip_id)
-        if clip.end < window_start or clip.start > window_end:
-            return None
+    def open_clip(self, clip_id: str) -> ClipReader: ...
+
+
+@dataclass
+class CutFile:
+    """One released file's plaintext, to be read once and then closed.
+
+    ``start``/``end`` are the presentation times of its first and last frame, ``frames`` how many
+    it holds; ``source_sha256`` is the stored clip's plaintext SHA-256 (what the manifest's
+    ``source`` commitment binds to). ``clock_synchronized`` says whether the device clock was
+    NTP-synchronised when the footage was recorded.
+    """
+
+    stream: ClipReader
+    start: datetime
+    end: datetime
+    frames: int
+    content_type: str
+    source_sha256: str
+    clock_synchronized: bool
+    whole: bool = False
+    """The file is the stored clip unchanged: its plaintext must hash to ``source_sha256``
+    (delivery checks it, so a vault altered since recording never leaves with a manifest)."""
+
+    def close(self) -> None:
+        """Release the stream (temporary files, vault readers)."""
+        close = getattr(self.stream, "close", None)
+        if callable(close):
+            close()
+
+
+class Cutter(Protocol):
+    """Makes the released file for one stored clip and a window.
+
+    Returns None when no frame of the clip falls inside the window (nothing is released for it:
+    a valid answer). Raises :class:`agent.errors.VaultError` when the stored clip cannot be read
+    (delivery then fails ``delivery_error``; retrying would not help).
+    """
+
+    def cut(
+        self, clip_id: str, window_start: datetime, window_end: datetime
+    ) -> CutFile | None: ...
+
+
+class WholeClipCutter:
+    """Releases the whole stored clip (no cut): the behaviour before the frame-exact cut.
+
+    The stored clip's recorded SHA-256 is the plaintext hash; delivery checks the bytes it
+    encrypted against it, so a vault altered since recording never leaves with a manifest.
+    Stored clips carry no clock state yet, so ``clock_synchronized`` is False (nothing vouches
+    for it) unless the vault's record says otherwise.
+    """
+
+    def __init__(self, vault: ClipVault) -> None:
+        self._vault = vault
+
+    def cut(self, clip_id: str, window_start: datetime, window_end: datetime) -> CutFile:
+        """The stored clip ``clip_id`` as it is."""
+        clip = next(
+            (c for c in self._vault.clips_overlapping(window_start, window_end) if c.id == clip_id),
+            None,
+        )
+        if clip is None or clip.sha256 is None:
+            raise VaultError(f"clip {clip_id} is no longer stored for this window")
+        stream = self._vault.open_clip(clip_id)
         return CutFile(
-            clip_id=clip.id, stream=self.open(clip_id), frames=clip.frames, first=clip.start,
-            last=clip.end, content_type=clip.content_type, source_sha256=clip.sha256,
+            stream=stream,
+            start=clip.start,
+            end=clip.end,
+            frames=clip.frames,
+            content_type=clip.content_type,
+            source_sha256=clip.sha256,
+            clock_synchronized=bool(getattr(clip, "clock_synchronized", False)),
+            whole=True,
         )
