@@ -345,9 +345,9 @@ class DeliveryConfig(_Strict):
     max_bytes: Size = Field(
         2 * 1024**3,
         ge=1024**2,
-        le=16 * 1024**4,
-        description="most stored footage one request may release; an approval of a window "
-        "covering more is refused (the owner may raise this)",
+        le=1024**4,
+        description="most stored bytes one request may release: an approval (or redeliver) whose "
+        "window covers more is refused; the broker must queue this much (§5.2)",
     )
 
 

@@ -171,10 +171,10 @@ class ApprovalCoordinator:
         respond: Responder,
         deliverer_factory: Callable[[], Deliverer],
         device_id: str,
+        previewer: Callable[[RequestRecord], Preview] | None = None,
         now: Callable[[], datetime] = utcnow,
         tick_interval: float = 1.0,
         indicator: Callable[[bool], None] | None = None,
-        previewer: Callable[[RequestRecord], Preview] | None = None,
     ) -> None:
         self._store = store
         self.decisions = DecisionLog(store)
@@ -184,10 +184,10 @@ class ApprovalCoordinator:
         self._respond = respond
         self._deliverer_factory = deliverer_factory
         self._device_id = device_id
+        self._previewer = previewer
         self._now = now
         self._tick_interval = tick_interval
         self._indicator = indicator
-        self._previewer = previewer
         self._lit: bool | None = None
         self._unheld: set[str] = set()
         self._lock = threading.RLock()

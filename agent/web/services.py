@@ -139,6 +139,10 @@ class Decision:
 class Decider(Protocol):
     """The approval engine, as the app uses it (channel ``app``)."""
 
+    def preview(self, jti: str) -> Preview | None:
+        """What approving ``jti`` would release now (owner only), None when unknown."""
+        ...
+
     def decide(self, jti: str, approve: bool, preview: str | None = None) -> Decision:
         """Approve or deny ``jti`` on the app channel; an approval binds to ``preview`` (the
         fingerprint of the preview the owner was shown).
@@ -150,13 +154,13 @@ class Decider(Protocol):
         """
         ...
 
-    def preview(self, jti: str) -> Preview | None:
-        """What approving ``jti`` would release now (owner only), None when unknown."""
-        ...
-
 
 class DecidingEngine(Protocol):
     """The approval coordinator (:class:`agent.approval.coordinator.ApprovalCoordinator`)."""
+
+    def preview(self, jti: str) -> Preview | None:
+        """What approving ``jti`` would release now."""
+        ...
 
     def decide(
         self,
@@ -168,10 +172,6 @@ class DecidingEngine(Protocol):
         preview: str | None = None,
     ) -> DecisionResult:
         """Apply a decision; raises ApprovalError when refused."""
-        ...
-
-    def preview(self, jti: str) -> Preview | None:
-        """What approving ``jti`` would release now."""
         ...
 
 
