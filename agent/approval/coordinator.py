@@ -184,12 +184,12 @@ class ApprovalCoordinator:
         self._respond = respond
         self._deliverer_factory = deliverer_factory
         self._device_id = device_id
-        self._previewer = previewer
         self._now = now
         self._tick_interval = tick_interval
         self._indicator = indicator
         self._lit: bool | None = None
         self._unheld: set[str] = set()
+        self._previewer = previewer
         self._lock = threading.RLock()
         self._deliveries: queue.Queue[str | None] = queue.Queue()
         self._scheduled: set[str] = set()
@@ -315,10 +315,13 @@ class ApprovalCoordinator:
                 )
             now = at or self._now()
             t = transition(self._state_of(record), event, self.policy, now)
-            extra: dict[str, object] = {"made_at": rfc3339(at)} if at is not None else {}
-            if action == "approve" and t.refusal is None:
-                extra.update(self._bind_preview(record, preview))
-            self._execute(record, t, now, extra)
+            extra = {"made_at": rfc3339(at)} if at is not None else {}
+            bound = (
+                self._bind_preview(record, preview)
+                if action == "approve" and t.refusal is None
+                else {}
+            )
+            self._execute(record, t, now, {**extra, **bound})
             self._refresh_indicator()
         if t.refusal is not None:
             raise ApprovalError(self._refusal_message(record, t, channel))
