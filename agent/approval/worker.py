@@ -141,8 +141,8 @@ def approval_worker(ctx: DaemonContext) -> ApprovalWorker:
         respond=requests.service.respond,
         deliverer_factory=deliverer,
         device_id=cfg.device_id,
-        indicator=indicate,
         previewer=previewer(ctx.vault, cfg.delivery.max_bytes, cutter),
+        indicator=indicate,
     )
     button_error: str | None = None
     if Channel.BUTTON in policy.channels and cfg.approval.button.enabled:
