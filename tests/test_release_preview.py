@@ -184,7 +184,12 @@ def test_requests_show_and_pending_say_what_approving_releases(
     assert main(["--config", str(config), "requests", "show", jti, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["status"] == "delivered" and doc["preview"] is None
-    assert [e["event"] for e in doc["released"]] == ["request_delivered"]
+    (delivered,) = [e for e in doc["released"] if e["event"] == "request_delivered"]
+    if "files" in delivered:
+        # With the files of the release in the log: they are the ones the preview announced.
+        assert [(f["start"], f["end"], f["frames"]) for f in delivered["files"]] == [
+            (f["start"], f["end"], f["frames"]) for f in preview.to_json()["files"]
+        ]
     assert doc["acknowledged"] is False
     assert main(["--config", str(config), "requests", "show", jti]) == 0
     assert "acknowledged: no" in capsys.readouterr().out
