@@ -49,9 +49,10 @@ from agent.camera.frame import Image
 log = logging.getLogger(__name__)
 
 # FFmpeg's own messages go through Python logging (loggers ``libav.<component>``, with the
-# agent's timestamps and handlers) instead of bare lines on stderr; below WARNING they are
-# chatter about normal streams.
-av.logging.set_level(av.logging.WARNING)
+# agent's timestamps and handlers) instead of bare lines on stderr. Only errors: its warnings
+# are notes on normal streams (rate estimates, timestamps Matroska does not store), which the
+# agent handles itself.
+av.logging.set_level(av.logging.ERROR)
 
 CONTENT_TYPE: Final = "video/x-matroska"
 TIME_BASE: Final = Fraction(1, 1000)
@@ -576,11 +577,14 @@ def probe(raw: Readable) -> ClipFacts:
         container.close()
 
 
-def remux(raw: Readable, target: Path, *, frames: int | None = None) -> ClipFacts:
+def remux(
+    raw: Readable, target: Path, *, frames: int | None = None, duration: float | None = None
+) -> ClipFacts:
     """Copy a clip packet for packet into a seekable Matroska file at ``target`` that carries
     its ``Duration`` and a ``NUMBER_OF_FRAMES`` statistics tag (the owner's export).
 
-    ``frames`` (from the index) is checked against what was copied when given.
+    ``frames`` (from the index) is checked against what was copied when given; with the
+    index's ``duration`` too, frames without a duration get the clip's mean frame interval.
     """
     container, stream, src = _open_input(raw)
     try:
@@ -596,6 +600,8 @@ def remux(raw: Readable, target: Path, *, frames: int | None = None) -> ClipFact
             if frames is not None:
                 ostream.metadata["NUMBER_OF_FRAMES"] = str(frames)
             rate = stream.average_rate or stream.guessed_rate
+            if frames and duration:
+                rate = Fraction(frames / duration).limit_denominator(1000)
             try:
                 for packet in container.demux(stream):
                     if not packet.size:

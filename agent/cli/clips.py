@@ -128,7 +128,8 @@ def export_handler(args: argparse.Namespace) -> int:
                     # A remux, not a byte copy: the export is seekable, so it gets the
                     # Duration and NUMBER_OF_FRAMES the live-written vault copy cannot carry.
                     try:
-                        remux(reader, tmp, frames=reader.info.frames or None)
+                        remux(reader, tmp, frames=reader.info.frames or None,
+                              duration=reader.info.duration)
                     except MediaError as exc:
                         raise AgentError(f"clip {args.clip} cannot be exported: {exc}") from None
                     reader.read()  # the rest (none): raises TamperError on a bad SHA-256
