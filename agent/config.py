@@ -342,6 +342,13 @@ class DeliveryConfig(_Strict):
     )
     max_inflight: int = Field(16, ge=1, le=1000, description="QoS 1 chunks awaiting PUBACK")
     retries: int = Field(5, ge=0, le=100, description="restarts of a broken delivery before failed")
+    max_bytes: Size = Field(
+        2 * 1024**3,
+        ge=1024**2,
+        le=1024**4,
+        description="most stored bytes one request may release: an approval (or redeliver) whose "
+        "window covers more is refused; the broker must queue this much (§5.2)",
+    )
 
 
 class HomeAssistantConfig(_Strict):

@@ -58,11 +58,14 @@ from agent.errors import (
     AuditError,
     ClipNotFoundError,
     KeyFileError,
+    PreviewChangedError,
     RequesterNotFoundError,
     RequestError,
     RequestNotFoundError,
 )
 from agent.keys import kid_for, parse_public_key_text, public_jwk
+from agent.release.preview import sentence as preview_sentence
+from agent.release.preview import size_text
 from agent.report import Report
 from agent.requests.store import Requester, RequestRecord, Revocation
 from agent.requests.verify import REQUESTER_KINDS
@@ -216,6 +219,8 @@ class WebApp:
             views.clip_seconds(clip, self.services.camera_fps)
         )
         env.filters["window"] = lambda r: views.human_window(r.window_start, r.window_end, self.tz)
+        env.filters["release"] = lambda p: preview_sentence(p, self.tz)
+        env.filters["release_size"] = size_text
         env.filters["kind"] = views.kind_name
         env.filters["status_name"] = lambda status: views.STATUS_NAMES.get(status, status)
         env.filters["legal"] = lambda r: views.legal_phrase(r.legal_basis, r.legal_ref)
@@ -501,10 +506,13 @@ class WebApp:
         pending, history = views.split_requests(records)
         now = self.now()
         deadlines = {r.jti: self.services.deadline(r) for r in pending}
+        # What approving each would release, computed now (owner only; see §5.1).
+        previews = {r.jti: self.services.decider.preview(r.jti) for r in pending}
         return {
             "pending": pending,
             "history": history[:50],
             "deadlines": deadlines,
+            "previews": previews,
             "now": now,
             "fingerprint": views.requests_fingerprint(records),
         }
@@ -520,11 +528,17 @@ class WebApp:
         return self._render(request, session, "_requests.html", context, use_flash=False)
 
     async def decide_form(self, request: Request, session: Session) -> Response:
-        """Approve or deny from the page (channel ``app``), then back to the list."""
+        """Approve or deny from the page (channel ``app``), then back to the list.
+
+        An approval carries the fingerprint of the preview the page showed; when what it would
+        release changed meanwhile, nothing is approved and the list shows the new preview.
+        """
         jti = _valid_id(request.path_params["jti"])
         approve = _action(request.path_params["action"])
+        # A form without a fingerprint binds to nothing that can match: refused as changed.
+        shown = (_field(await request.form(), "preview") or "") if approve else None
         try:
-            decision = await run_in_threadpool(self.services.decider.decide, jti, approve)
+            decision = await run_in_threadpool(self.services.decider.decide, jti, approve, shown)
         except ApprovalError as exc:
             self._set_flash(session, "error", exc.message)
         else:
@@ -549,13 +563,28 @@ class WebApp:
         """``GET /api/requests/{jti}``."""
         jti = _valid_id(request.path_params["jti"])
         record = await run_in_threadpool(self.services.requests.get_request, jti)
-        return JSONResponse({"request": self._request_json(record)})
+        body: dict[str, Any] = {"request": self._request_json(record)}
+        if record.status == "pending":
+            preview = await run_in_threadpool(self.services.decider.preview, jti)
+            body["preview"] = preview.to_json() if preview is not None else None
+        return JSONResponse(body)
 
     async def api_decide(self, request: Request, session: Session) -> Response:
         """``POST /api/requests/{jti}/approve|deny``."""
         jti = _valid_id(request.path_params["jti"])
         approve = _action(request.path_params["action"])
-        decision = await run_in_threadpool(self.services.decider.decide, jti, approve)
+        shown: str | None = None
+        if approve and request.headers.get("content-type", "").startswith("application/json"):
+            value = (await _json_body(request)).get("preview")
+            shown = value if isinstance(value, str) else None
+        try:
+            decision = await run_in_threadpool(self.services.decider.decide, jti, approve, shown)
+        except PreviewChangedError as exc:
+            preview = await run_in_threadpool(self.services.decider.preview, jti)
+            return JSONResponse(
+                {"error": exc.message, "preview": preview.to_json() if preview else None},
+                status_code=409,
+            )
         return JSONResponse(
             {"request": self._request_json(decision.record), "message": decision.message}
         )

@@ -32,6 +32,7 @@ with warnings.catch_warnings():
 from agent import config as config_mod
 from agent.approval.coordinator import ApprovalCoordinator
 from agent.approval.machine import Policy
+from agent.approval.worker import previewer
 from agent.audit import AuditLog
 from agent.camera.frame import Frame
 from agent.camera.pipeline import FrameEncoder
@@ -270,6 +271,7 @@ def make_harness(
         device_id=DEVICE,
         now=clock,
         tick_interval=3600,
+        previewer=previewer(vault, cfg.delivery.max_bytes),
     )
     coordinator.start()
     requester_key = Ed25519PrivateKey.generate()
