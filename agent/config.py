@@ -55,7 +55,14 @@ class CameraConfig(_Strict):
     source: str = Field(
         "synthetic",
         description="V4L2 index or /dev/videoN, rtsp:// or http:// URL, file:PATH, synthetic, "
-        "picamera2",
+        "picamera2, rpicam: (the Pi camera through rpicam-vid, extra rpicam-vid arguments may "
+        "follow the colon) or pipe:COMMAND (a command writing H.264 to its stdout)",
+    )
+    stall_timeout: Duration = Field(
+        timedelta(seconds=2),
+        ge=timedelta(milliseconds=200),
+        le=timedelta(minutes=5),
+        description="a streaming source silent this long is reported stalled and reopened",
     )
     fps: float = Field(10.0, gt=0, le=60, description="frames per second asked of the source")
     width: int = Field(1280, ge=64, le=4096, description="frame width asked of the source")
@@ -78,12 +85,16 @@ class CameraConfig(_Strict):
     def _source_kind(cls, value: str) -> str:
         if value in ("synthetic", "picamera2") or value.isdigit():
             return value
-        if value.startswith(("file:", "rtsp://", "rtsps://", "http://", "https://", "/dev/video")):
+        if value.startswith(("file:", "rtsp://", "rtsps://", "http://", "https://", "/dev/video",
+                             "rpicam:")):
+            return value
+        if value.startswith("pipe:") and value[len("pipe:"):].strip():
             return value
         raise ValueError(
             "must be a device index (0), /dev/videoN, an rtsp:// or http:// URL, file:PATH, "
-            "synthetic or picamera2"
+            "synthetic, picamera2, rpicam: or pipe:COMMAND"
         )
+
 
 
 class MotionConfig(_Strict):
@@ -144,6 +155,11 @@ class RecordingConfig(_Strict):
         description="polygons ([x, y] fractions 0..1) filled black in every stored frame",
     )
     jpeg_quality: int = Field(85, ge=30, le=100, description="JPEG quality of stored frames")
+    codec: Literal["auto", "copy", "h264", "mjpeg"] = Field(
+        "auto",
+        description="auto: the camera's own compressed stream when it sends one, else H.264 "
+        "(hardware where present); copy: only the camera's stream; h264; mjpeg",
+    )
 
 
 class StorageConfig(_Strict):
@@ -396,6 +412,34 @@ class Config(_Strict):
         if not _ID_RE.match(value):
             raise ValueError("must be 1-64 characters of A-Z a-z 0-9 _ -")
         return value
+
+    @model_validator(mode="after")
+    def _codec_fits_camera(self) -> Config:
+        problem = codec_problem(self.recording.codec, self.camera.source,
+                                bool(self.recording.privacy_masks))
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+
+_RAW_SOURCES = ("synthetic", "picamera2")
+
+
+def codec_problem(codec: str, source: str, masked: bool) -> str | None:
+    """Why ``recording.codec`` cannot work with this camera, or None when it can."""
+    if codec != "copy":
+        return None
+    if masked:
+        return (
+            "recording.codec: copy cannot store privacy-masked footage (a mask must be burned "
+            "into the pixels, which means encoding); use auto or h264"
+        )
+    if source in _RAW_SOURCES:
+        return (
+            f"recording.codec: copy needs a camera that sends a compressed stream, but "
+            f"camera.source {source} delivers raw frames; use auto or h264"
+        )
+    return None
 
 
 def parse(

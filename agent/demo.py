@@ -130,6 +130,7 @@ camera:
   source: "{camera}"
   fps: 10
 recording:
+  codec: h264             # the sample video is MPEG-4: the demo shows H.264 recording
   pre_roll: 3s
   post_roll: 5s
   max_clip: 30s

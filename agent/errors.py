@@ -114,6 +114,10 @@ class ApprovalError(AgentError):
     """An approval decision could not be applied (wrong state, wrong channel)."""
 
 
+class PreviewChangedError(ApprovalError):
+    """What an approval would release changed since the owner was shown it (contract §5.1)."""
+
+
 class DeliveryError(AgentError):
     """Releasing footage to a requester failed."""
 

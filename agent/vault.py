@@ -69,7 +69,7 @@ DELETE_REASONS: Final[tuple[str, ...]] = ("retention", "quota", "space", "owner"
 MAX_THUMBNAIL_BYTES: Final = 1024 * 1024
 DEFAULT_CHUNK_SIZE: Final = 64 * 1024
 DEFAULT_SYNC_BYTES: Final = 1024 * 1024
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 RESERVE_FRACTION: Final = 0.10
 RESERVE_MAX: Final = 64 * 1024 * 1024
 
@@ -96,12 +96,14 @@ CREATE TABLE IF NOT EXISTS clips (
     chunk_size INTEGER NOT NULL,
     stored_bytes INTEGER NOT NULL DEFAULT 0,
     wrapped_key BLOB NOT NULL,
-    thumbnail BLOB
+    thumbnail BLOB,
+    duration_us INTEGER,
+    codec TEXT
 );
 CREATE INDEX IF NOT EXISTS clips_by_start ON clips (start_us);
 CREATE VIEW IF NOT EXISTS clip_info AS
     SELECT id, state, start_us, end_us, size, frames, content_type, sha256, cipher, chunk_size,
-           stored_bytes, thumbnail IS NOT NULL AS has_thumbnail, wrapped_key
+           stored_bytes, thumbnail IS NOT NULL AS has_thumbnail, wrapped_key, duration_us, codec
     FROM clips;
 CREATE TABLE IF NOT EXISTS holds (
     holder TEXT PRIMARY KEY,
@@ -223,6 +225,12 @@ class ClipInfo:
     stored_bytes: int
     """Ciphertext bytes on disk (0 until final)."""
     has_thumbnail: bool
+    duration: float | None = None
+    """Seconds from the first frame's presentation time to the end of the last frame (None
+    for clips recorded before schema 2, and for recovered ones)."""
+    codec: str | None = None
+    """The stored video codec (FFmpeg's name: ``h264``, ``hevc``, ``mpeg4``, ``mjpeg``);
+    None for clips recorded before schema 2 (all MJPEG)."""
 
     def to_json(self) -> dict[str, object]:
         """The clip as the CLI's JSON shows it (``bytes`` is the plaintext size)."""
@@ -239,6 +247,8 @@ class ClipInfo:
             "cipher": self.cipher,
             "stored_bytes": self.stored_bytes,
             "thumbnail": self.has_thumbnail,
+            "duration": self.duration,
+            "codec": self.codec,
         }
 
 
@@ -394,8 +404,17 @@ class ClipWriter:
         self._check_open()
         self._vault._store_thumbnail(self._id, self._key, self._cipher, jpeg)
 
-    def finish(self, end: datetime, frames: int) -> ClipInfo:
-        """Seal the last chunk, make the file durable, audit and publish the clip."""
+    def finish(
+        self,
+        end: datetime,
+        frames: int,
+        *,
+        duration: float | None = None,
+        codec: str | None = None,
+    ) -> ClipInfo:
+        """Seal the last chunk, make the file durable, audit and publish the clip; the index
+        keeps ``frames``, ``duration`` (seconds) and ``codec`` (a live-written container cannot
+        carry them, so export and playback take them from here)."""
         self._check_open()
         if end < self._start:
             raise ValueError(f"clip {self._id} cannot end ({end}) before it starts")
@@ -419,6 +438,8 @@ class ClipWriter:
             chunk_size=self._chunk_size,
             stored_bytes=self._stream.ciphertext_bytes,
             has_thumbnail=False,
+            duration=duration,
+            codec=codec,
         )
         try:
             info = self._vault._publish(info)
@@ -616,8 +637,15 @@ class Vault:
         if indexed is None:
             self._refuse_lost_index()
         try:
-            db.executescript(_SCHEMA)
             version = db.execute("PRAGMA user_version").fetchone()[0]
+            if indexed is not None and version < 2:
+                # Schema 2 adds duration and codec; the view is rebuilt to show them.
+                db.executescript(
+                    "ALTER TABLE clips ADD COLUMN duration_us INTEGER;"
+                    "ALTER TABLE clips ADD COLUMN codec TEXT;"
+                    "DROP VIEW IF EXISTS clip_info;"
+                )
+            db.executescript(_SCHEMA)
             if version <= SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as exc:
@@ -743,6 +771,7 @@ class Vault:
         (cid, state, start_us, end_us, size, frames, ctype, sha, cipher, chunk, stored, thumb) = (
             row[:12]
         )
+        duration_us, codec = row[13:15]
         start = _from_us(start_us)
         return ClipInfo(
             id=cid,
@@ -757,6 +786,8 @@ class Vault:
             chunk_size=chunk,
             stored_bytes=stored,
             has_thumbnail=bool(thumb),
+            duration=None if duration_us is None else duration_us / 1e6,
+            codec=codec,
         )
 
     def _row(self, clip_id: str) -> tuple[ClipInfo, bytes]:
@@ -860,8 +891,12 @@ class Vault:
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE clips SET state = 'final', end_us = ?, size = ?, frames = ?, sha256 = ?,"
-                " stored_bytes = ? WHERE id = ? AND state = 'writing'",
-                (_to_us(info.end), info.size, info.frames, info.sha256, info.stored_bytes, info.id),
+                " stored_bytes = ?, duration_us = ?, codec = ? WHERE id = ? AND state = 'writing'",
+                (
+                    _to_us(info.end), info.size, info.frames, info.sha256, info.stored_bytes,
+                    None if info.duration is None else round(info.duration * 1e6), info.codec,
+                    info.id,
+                ),
             )
             if cur.rowcount != 1:
                 raise VaultError(f"clip {info.id} vanished from the index while being written")

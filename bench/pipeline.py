@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent.camera.frame import Frame, Image, SystemClock  # noqa: E402
-from agent.camera.mkv import MatroskaMuxer  # noqa: E402
+from agent.camera.media import ClipMuxer, EncodedPacket, StreamFormat  # noqa: E402
 from agent.camera.motion import MotionDetector, MotionParams  # noqa: E402
 from agent.camera.pipeline import FrameProcessor, single_threaded_opencv  # noqa: E402
 from agent.camera.synthetic import Scenario, demo_scene, scenarios  # noqa: E402
@@ -113,14 +113,18 @@ class FrigateBaseline:
 def synthetic_clip(path: Path, frames: int, fps: float = 10.0) -> None:
     """A 1280x720 visitor scene as an MJPEG Matroska file (when vtest.avi is absent)."""
     scene = demo_scene(1280, 720, fps)
-    muxer = MatroskaMuxer(1280, 720, fps=fps)
+    muxer: ClipMuxer | None = None
     with path.open("wb") as f:
-        f.write(muxer.start())
         for n in range(frames):
             # Jump to the visitor: frames 100.. of the 40 s loop.
             image = scene.render(int(11 * fps) + n)
             _, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
-            f.write(muxer.add(buf.tobytes(), round(n * 1000 / fps)))
+            jpeg = buf.tobytes()
+            if muxer is None:
+                muxer = ClipMuxer(f, StreamFormat.from_sample(jpeg, "mjpeg"), fps=fps)
+            muxer.add(EncodedPacket(jpeg, True, muxer.fmt), n / fps)
+        if muxer is not None:
+            muxer.close()
 
 
 def decoded_frames(path: Path, limit: int) -> Iterator[Frame]:

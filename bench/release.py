@@ -19,12 +19,20 @@ Sections, all measured in the same run over one loopback mosquitto:
    memory. For scale it also prints the raw cipher plus two SHA-256 passes, the least work the
    step can do.
 
-Usage: ``python bench/release.py [--size 64MiB] [--chunk 256KiB] [--inflight 16]``.
+5. ``cut``: a 2-minute H.264 clip (1280x720, 15 fps, libx264 as the recorder makes it) is
+   released whole through the same path as section 1 (approval to the requester's verified
+   file: the baseline), and the cut step alone (planning, reading the stored clip out of the
+   vault and producing the cut file for a 30 s window, with its re-encoded lead and tail; no
+   network) is timed in the same run. Goal: the cut step <= 0.3x the whole-clip delivery.
+
+Usage: ``python bench/release.py [--size 64MiB] [--chunk 256KiB] [--inflight 16]
+[--cut-seconds 120]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import io
 import json
@@ -37,12 +45,14 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
 import paho.mqtt.client as paho  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305  # noqa: E402
@@ -52,9 +62,11 @@ from pyrage import x25519  # noqa: E402
 from agent.approval.coordinator import ApprovalCoordinator  # noqa: E402
 from agent.approval.machine import Channel, Policy  # noqa: E402
 from agent.audit import AuditLog  # noqa: E402
+from agent.camera.media import CONTENT_TYPE, ClipMuxer, EncodedPacket, H264Encoder  # noqa: E402
 from agent.config import MQTTConfig  # noqa: E402
 from agent.keys import kid_for, sign_jws  # noqa: E402
 from agent.mqtt import BoundedPublisher, InboundMessage, MQTTClient, Topics  # noqa: E402
+from agent.release.cut import WindowCutter  # noqa: E402
 from agent.release.deliver import Deliverer  # noqa: E402
 from agent.release.encrypt import encrypt_to_chunks  # noqa: E402
 from agent.release.manifest import RESPONSE_TYP  # noqa: E402
@@ -231,8 +243,30 @@ def child_result(proc: subprocess.Popen[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- sections
 
 
+class ClipMaker(Protocol):
+    """Records the clip a release bench delivers; returns its plaintext SHA-256 and size."""
+
+    def __call__(self, vault: Vault, start: datetime) -> tuple[str, int]: ...
+
+
+def raw_clip(size: int) -> ClipMaker:
+    """A clip of ``size`` incompressible bytes (the release throughput section)."""
+
+    def make(vault: Vault, start: datetime) -> tuple[str, int]:
+        writer = vault.create_clip(start, "video/x-msvideo")
+        plain = hashlib.sha256()
+        for block in clip_blocks(size):
+            writer.write(block)
+            plain.update(block)
+        writer.finish(start + timedelta(minutes=1), frames=size // 50_000)
+        return plain.hexdigest(), size
+
+    return make
+
+
 def bench_release(
-    root: Path, broker: Mosquitto, size: int, chunk: int, inflight: int, run: int
+    root: Path, broker: Mosquitto, size: int, chunk: int, inflight: int, run: int,
+    clip: ClipMaker | None = None,
 ) -> dict[str, float]:
     """Approval → requester holding verified, decrypted bytes."""
     jti = f"bench-release-{run:010d}"
@@ -245,12 +279,7 @@ def bench_release(
     now = datetime.now(UTC)
 
     vault = Vault(state, os.urandom(32))
-    writer = vault.create_clip(now - timedelta(minutes=10), "video/x-msvideo")
-    plain = hashlib.sha256()
-    for block in clip_blocks(size):
-        writer.write(block)
-        plain.update(block)
-    writer.finish(now - timedelta(minutes=9), frames=size // 50_000)
+    plain_sha256, size = (clip or raw_clip(size))(vault, now - timedelta(minutes=10))
 
     store = RequestStore(state / "requests.db")
     store.add_requester(REQUESTER, "Bench Police", "law-enforcement", requester_key.public_key())
@@ -343,7 +372,7 @@ def bench_release(
             requester.kill()
             requester.wait()
     elapsed = result["done"] - t0
-    if result["sha256"] != plain.hexdigest() or result["bytes"] != size:
+    if result["sha256"] != plain_sha256 or result["bytes"] != size:
         raise RuntimeError("the requester's clip does not match what was recorded")
     status = store.get_request(jti).status
     coordinator.close()
@@ -352,6 +381,7 @@ def bench_release(
     store.close()
     return {
         "seconds": elapsed,
+        "bytes": float(size),
         "mib_s": size / MIB / elapsed,
         "rss_growth_mib": (sampler.peak - baseline_rss) / MIB,
         "rss_baseline_mib": baseline_rss / MIB,
@@ -446,6 +476,96 @@ def bench_cipher(size: int) -> dict[str, float]:
     }
 
 
+CUT_FPS = 15.0
+CUT_SIZE = (1280, 720)
+
+
+def h264_packets(seconds: float) -> list[tuple[float, datetime, EncodedPacket]]:
+    """A camera-like H.264 stream made as the recorder makes it (libx264, B-frames, a
+    keyframe every 2 s): a textured, slowly panning scene with a visitor walking through."""
+    width, height = CUT_SIZE
+    rng = np.random.default_rng(7)
+    texture = cv2.GaussianBlur(
+        rng.integers(0, 256, (height + 64, width + 64, 3), dtype=np.uint8), (9, 9), 0
+    )
+    encoder = H264Encoder(CUT_FPS, hardware=False)
+    t0 = datetime(2026, 12, 6, 13, 0, tzinfo=UTC)
+    packets = []
+    for i in range(round(seconds * CUT_FPS)):
+        shift = (i // 3) % 64
+        image = texture[shift : shift + height, :width].copy()
+        x = (i * 9) % (width - 120)
+        cv2.rectangle(image, (x, 200), (x + 120, 620), (40, 180, 230), -1)
+        wall = t0 + timedelta(seconds=i / CUT_FPS)
+        packets += encoder.encode(image, i / CUT_FPS, wall)
+    packets += encoder.flush()
+    return packets
+
+
+def h264_clip(packets: list[tuple[float, datetime, EncodedPacket]]) -> ClipMaker:
+    """Stores ``packets`` as one clip, as the recorder would (live Matroska into the vault)."""
+
+    def make(vault: Vault, start: datetime) -> tuple[str, int]:
+        writer = vault.create_clip(start, CONTENT_TYPE)
+        muxer = ClipMuxer(writer, packets[0][2].fmt, fps=CUT_FPS)
+        t0 = packets[0][0]
+        for ts, _wall, packet in packets:
+            muxer.add(packet, ts - t0)
+        muxer.close()
+        info = writer.finish(
+            start + timedelta(seconds=muxer.duration), muxer.frames, duration=muxer.duration,
+            codec="h264",
+        )
+        assert info.sha256 is not None
+        return info.sha256, info.size
+
+    return make
+
+
+def bench_cut_step(root: Path, clip: ClipMaker, middle: float) -> dict[str, float]:
+    """The cut step alone: plan, read the stored clip out of the vault, produce the file.
+
+    The 30 s window around ``middle`` is tried at 20 placements 0.1 s apart (a 2-s group of
+    pictures): timed where the cut re-encodes a median number of frames (``typical``) and the
+    most (``worst``: a start just after a keyframe, an end between a P-frame and its B-frames).
+    """
+    state = root / "state"
+    state.mkdir(parents=True, mode=0o700)
+    out: dict[str, float] = {}
+    with Vault(state, os.urandom(32)) as vault:
+        start = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+        clip(vault, start)
+        (info,) = vault.list_clips()
+        cutter = WindowCutter(vault)
+        windows = []
+        for tenth in range(20):
+            a = start + timedelta(seconds=middle - 15.0 + tenth / 10 + 0.05)
+            plan = cutter.plan(info.id, a, a + timedelta(seconds=30))
+            assert plan is not None
+            windows.append((plan.reencoded, a))
+        windows.sort(key=lambda w: w[0])
+        for name, (reencoded, w_start) in (("typical", windows[10]), ("worst", windows[-1])):
+            gc.collect()
+            baseline = rss_bytes()
+            with RSSSampler() as sampler:
+                t0 = time.perf_counter()
+                # A cutter of its own: the plan (a read of the clip) is part of the step.
+                cut = WindowCutter(vault, cache=0).cut(
+                    info.id, w_start, w_start + timedelta(seconds=30)
+                )
+                assert cut is not None
+                size = 0
+                while block := cut.stream.read(256 * 1024):
+                    size += len(block)
+                cut.close()
+                out[f"{name}_seconds"] = time.perf_counter() - t0
+            out[f"{name}_reencoded"] = float(reencoded)
+            out[f"{name}_rss_growth_mib"] = (sampler.peak - baseline) / MIB
+            out["frames"] = float(cut.frames)
+            out["bytes"] = float(size)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--role", choices=("bench", "requester", "raw-sink"), default="bench")
@@ -453,6 +573,8 @@ def main() -> int:
     parser.add_argument("--chunk", default="256KiB")
     parser.add_argument("--inflight", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3, help="runs per section; best is kept")
+    parser.add_argument("--cut-seconds", type=float, default=120.0,
+                        help="length of the H.264 clip the cut section cuts 30 s out of")
     parser.add_argument("--jti")
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
@@ -485,6 +607,17 @@ def main() -> int:
                     bench_release(root / f"run{run}", broker, size, chunk, args.inflight, run)
                 )
                 shutil.rmtree(root / f"run{run}")
+            # The cut: the whole 2-minute clip delivered (baseline) vs the cut step alone.
+            packets = h264_packets(args.cut_seconds)
+            made = h264_clip(packets)
+            wholes, cuts = [], []
+            for run in range(args.repeat):
+                wholes.append(bench_release(
+                    root / f"whole{run}", broker, 0, chunk, args.inflight, 100 + run, made
+                ))
+                shutil.rmtree(root / f"whole{run}")
+                cuts.append(bench_cut_step(root / f"cut{run}", made, args.cut_seconds / 2))
+                shutil.rmtree(root / f"cut{run}")
     raw = min(raws, key=lambda r: r["seconds"])
     rel = min(rels, key=lambda r: r["seconds"])
     rel["rss_growth_mib"] = max(r["rss_growth_mib"] for r in rels)
@@ -513,6 +646,22 @@ def main() -> int:
         f"raw cipher + 2x SHA-256:    {cipher['floor_mib_s']:7.1f} MiB/s  "
         f"(age step / this floor: {cipher['age_mib_s'] / cipher['floor_mib_s']:.2f}x)"
     )
+    whole = min(wholes, key=lambda r: r["seconds"])
+    print(
+        f"whole {args.cut_seconds:.0f}s H.264 clip delivered: {whole['seconds']:6.2f} s  "
+        f"({whole['bytes'] / MIB:.1f} MiB, {CUT_SIZE[0]}x{CUT_SIZE[1]} {CUT_FPS:.0f} fps, "
+        f"{whole['bytes'] * 8 / args.cut_seconds / 1e6:.1f} Mbit/s)"
+    )
+    for name in ("typical", "worst"):
+        best = min(c[f"{name}_seconds"] for c in cuts)
+        ratio = best / whole["seconds"]
+        print(
+            f"cut step, 30 s window ({name}): {best:6.2f} s  ({cuts[0]['frames']:.0f} frames, "
+            f"{cuts[0][f'{name}_reencoded']:.0f} re-encoded, peak RSS growth "
+            f"{max(c[f'{name}_rss_growth_mib'] for c in cuts):.1f} MiB)  "
+            f"cut / whole-clip delivery {ratio:.2f}x (goal <= 0.3x) "
+            f"{'OK' if ratio <= 0.3 else 'ABOVE GOAL'}"
+        )
     print(f"load average after the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 

@@ -76,6 +76,7 @@ from agent.approval.machine import (
     Transition,
     transition,
 )
+from agent.camera.media import MediaError
 from agent.errors import (
     AgentError,
     ApprovalError,
@@ -83,10 +84,12 @@ from agent.errors import (
     DeliveryError,
     DeliveryRevokedError,
     HoldRefusedError,
+    PreviewChangedError,
     RequestNotFoundError,
 )
 from agent.release.deliver import DeliveryJob, DeliveryLedger, Gate, PlannedFile, new_salt
 from agent.release.manifest import ManifestClip
+from agent.release.preview import Preview, exceeds_message, sentence
 from agent.requests.store import RequestRecord, RequestStore
 from agent.timeutil import rfc3339, utcnow
 
@@ -245,6 +248,7 @@ class ApprovalCoordinator:
         respond: Responder,
         deliverer_factory: Callable[[], Deliverer],
         device_id: str,
+        previewer: Callable[[RequestRecord], Preview] | None = None,
         now: Callable[[], datetime] = utcnow,
         tick_interval: float = 1.0,
         indicator: Callable[[bool], None] | None = None,
@@ -267,6 +271,7 @@ class ApprovalCoordinator:
         self._indicator = indicator
         self._lit: bool | None = None
         self._unheld: set[str] = set()
+        self._previewer = previewer
         self._lock = threading.RLock()
         self._deliveries: queue.Queue[str | None] = queue.Queue()
         self._scheduled: set[str] = set()
@@ -323,10 +328,60 @@ class ApprovalCoordinator:
 
     # -- decisions -------------------------------------------------------------------------
 
+    def preview(self, jti: str) -> Preview | None:
+        """What approving ``jti`` would release now (owner only); None without a previewer."""
+        record = self._store.get_request(jti)
+        if self._previewer is None or record.window_start is None:
+            return None
+        return self._previewer(record)
+
+    def _bind_preview(self, record: RequestRecord, shown: str | None) -> dict[str, object]:
+        """The preview an approval binds to, computed now: refused when it is over
+        ``delivery.max_bytes`` or differs from the one the owner was ``shown``."""
+        if self._previewer is None or record.status != "pending":
+            return {}
+        try:
+            preview = self._previewer(record)
+        except (AgentError, MediaError, ValueError) as exc:
+            # The owner may still decide (an unreadable clip fails the delivery, which then
+            # says why); the approval is recorded as bound to no preview.
+            log.warning("request %s: no preview of what it releases: %s", record.jti, exc)
+            return {"preview": None}
+        if preview.exceeds:
+            raise ApprovalError(
+                exceeds_message(preview),
+                hint="raise delivery.max_bytes in the config (and restart), or deny the request",
+            )
+        if shown is not None and shown != preview.fingerprint:
+            raise PreviewChangedError(
+                f"what approving request {record.jti} would release changed since it was "
+                f"shown; now: {sentence(preview)} Nothing was approved.",
+                hint="look at the new preview and approve again",
+            )
+        return {
+            "preview": {
+                "fingerprint": preview.fingerprint,
+                "files": len(preview.files),
+                "seconds": round(preview.seconds, 3),
+                "bytes_estimate": preview.stored_bytes,
+            }
+        }
+
     def decide(
-        self, jti: str, action: Action, channel: Channel, *, at: datetime | None = None
+        self,
+        jti: str,
+        action: Action,
+        channel: Channel,
+        *,
+        at: datetime | None = None,
+        preview: str | None = None,
     ) -> DecisionResult:
         """Apply the owner's decision on ``jti`` made on ``channel`` (at ``at``, default now).
+
+        An approval binds to the preview computed now (its fingerprint goes into the audit
+        entry): it is refused when the window holds more than ``delivery.max_bytes``, and
+        with ``preview`` (the fingerprint the owner was shown) when that changed meanwhile
+        (:class:`PreviewChangedError`).
 
         Raises RequestNotFoundError for an unknown jti, ApprovalError when the request is not
         pending (or expired, or the channel is disabled, or the button is pressed without a
@@ -345,7 +400,12 @@ class ApprovalCoordinator:
             if action == "approve" and t.refusal is None:
                 self._check_size(record)
             extra = {"made_at": rfc3339(at)} if at is not None else {}
-            self._execute(record, t, now, extra)
+            bound = (
+                self._bind_preview(record, preview)
+                if action == "approve" and t.refusal is None
+                else {}
+            )
+            self._execute(record, t, now, {**extra, **bound})
             self._refresh_indicator()
         if t.refusal is not None:
             raise ApprovalError(self._refusal_message(record, t, channel))

@@ -23,11 +23,15 @@ from agent.approval.coordinator import ApprovalCoordinator, DecisionResult
 from agent.approval.decisions import Action
 from agent.approval.machine import Channel, Policy
 from agent.errors import StateError
+from agent.release.cut import WindowCutter
 from agent.release.deliver import Deliverer
+from agent.release.preview import Preview, build_preview
+from agent.requests.store import RequestRecord
 
 if TYPE_CHECKING:
     from agent.config import Config
     from agent.daemon import DaemonContext
+    from agent.vault import Vault
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +97,22 @@ def policy_of(cfg: Config) -> Policy:
     return Policy.from_settings(a.channels, a.require, a.timeout, a.confirm_window)
 
 
+def previewer(
+    vault: Vault, max_bytes: int, cutter: WindowCutter | None = None
+) -> Callable[[RequestRecord], Preview]:
+    """What approving a request would release, from the cut's own plan (contract §5.1).
+
+    Give the delivery's ``cutter`` so both share its plans: the file released is the one the
+    owner was shown.
+    """
+    cutter = cutter or WindowCutter(vault)
+
+    def preview(record: RequestRecord) -> Preview:
+        return build_preview(record, cutter, max_bytes)
+
+    return preview
+
+
 def approval_worker(ctx: DaemonContext) -> ApprovalWorker:
     """Daemon worker factory; shares the coordinator as ``ctx.services["approval"]``."""
     cfg = ctx.config
@@ -101,6 +121,9 @@ def approval_worker(ctx: DaemonContext) -> ApprovalWorker:
     if requests is None or store is None:
         raise StateError("the approval worker needs the requests worker to be set up first")
     policy = policy_of(cfg)
+    # One cutter for the preview and the release (shared as ctx.services["cutter"]).
+    cutter = WindowCutter(ctx.vault)
+    ctx.services["cutter"] = cutter
 
     def deliverer() -> Deliverer:
         return Deliverer(
@@ -127,6 +150,7 @@ def approval_worker(ctx: DaemonContext) -> ApprovalWorker:
         respond=requests.service.respond,
         deliverer_factory=deliverer,
         device_id=cfg.device_id,
+        previewer=previewer(ctx.vault, cfg.delivery.max_bytes, cutter),
         indicator=indicate,
         max_bytes=cfg.delivery.max_bytes,
     )

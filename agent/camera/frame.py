@@ -1,6 +1,7 @@
 """Frames, clocks and the few JPEG facts the pipeline needs without decoding.
 
-A :class:`Frame` carries either a decoded BGR image, the camera's own JPEG bytes, or both. Its
+A :class:`Frame` carries a decoded BGR image, the camera's own JPEG bytes, the camera's own
+compressed packet (H.264/H.265/MPEG-4, stored as it came), or several of them. Its
 ``ts`` is seconds on the source's monotonic timeline (what durations are measured on: pre-roll,
 post-roll, clip length, MKV timecodes); ``wall`` is the matching UTC time (what clips are indexed
 by). Both come from an injectable :class:`Clock`, so pacing and timing are testable without
@@ -13,11 +14,14 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cv2.typing import MatLike
 
 from agent.timeutil import utcnow
+
+if TYPE_CHECKING:
+    from agent.camera.media import EncodedPacket
 
 Image = MatLike
 """A decoded image as OpenCV returns it (BGR, or single-channel grey)."""
@@ -75,7 +79,9 @@ class SystemClock:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Frame:
-    """One captured frame. At least one of ``image`` (BGR) and ``jpeg`` is set."""
+    """One captured frame. At least one of ``image`` (BGR), ``jpeg`` and ``packet`` is set; a
+    compressed source's frame has its packet and, when it was decoded for motion detection,
+    its image."""
 
     seq: int
     """Sequence number since the source was created (continues across reopens)."""
@@ -87,10 +93,11 @@ class Frame:
     height: int
     image: Image | None = None
     jpeg: bytes | None = None
+    packet: EncodedPacket | None = None
 
     def __post_init__(self) -> None:
-        if self.image is None and self.jpeg is None:
-            raise ValueError("a frame needs an image or JPEG bytes")
+        if self.image is None and self.jpeg is None and self.packet is None:
+            raise ValueError("a frame needs an image, JPEG bytes or a packet")
         if self.width <= 0 or self.height <= 0:
             raise ValueError(f"bad frame size {self.width}x{self.height}")
 

@@ -99,7 +99,8 @@ def detection_size(width: int, height: int, frame_height: int) -> tuple[int, int
 
 
 def downscale(frame: Frame, size: tuple[int, int]) -> Image | None:
-    """The frame as a grey image of ``size``; None when its JPEG does not decode.
+    """The frame as a grey image of ``size``; None when its JPEG does not decode or it is a
+    compressed packet that was not decoded.
 
     A JPEG-only frame is decoded at the smallest DCT scale that still covers ``size`` (no
     full-size decode); a decoded image is sampled down before the colour conversion, so the
@@ -113,7 +114,8 @@ def downscale(frame: Frame, size: tuple[int, int]) -> Image | None:
         if small.ndim == 3:
             small = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
         return small
-    assert frame.jpeg is not None
+    if frame.jpeg is None:
+        return None
     flag = cv2.IMREAD_GRAYSCALE
     for factor, reduced in _REDUCED_GREY:
         if frame.height // factor >= height:

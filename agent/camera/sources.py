@@ -10,7 +10,14 @@
 ``synthetic``      a generated doorstep with a visitor (:mod:`agent.camera.synthetic`)
 ``picamera2``      a Raspberry Pi CSI camera through the picamera2 module (Bookworm's CSI
                    cameras do not work through OpenCV's V4L2)
+``rpicam:ARGS``    the Pi camera through Raspberry Pi OS's ``rpicam-vid`` writing H.264 to a
+                   pipe (hardware-encoded on a Pi 4), stored as it comes; needs no Python
+                   bindings from the system
+``pipe:COMMAND``   any command writing an H.264 elementary stream to its stdout
 =================  ==========================================================================
+
+Network streams, ``rpicam:``/``pipe:`` and files holding H.264/H.265/MPEG-4 are read with
+PyAV (:mod:`agent.camera.avsource`) and stored packet for packet.
 
 A source is opened, read frame by frame and closed by one capture thread
 (:mod:`agent.camera.capture`), which reopens it with backoff when ``open`` or ``read`` raises.
@@ -22,6 +29,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import shlex
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,7 +38,9 @@ from urllib.parse import urlsplit, urlunsplit
 import cv2
 import numpy as np
 
+from agent.camera.avsource import StreamSource, probe_codec, rpicam_command
 from agent.camera.frame import Clock, Frame, Image, jpeg_size
+from agent.camera.media import INTER_CODECS
 from agent.camera.synthetic import Scene, demo_scene
 from agent.config import CameraConfig
 from agent.errors import CameraError
@@ -435,9 +445,10 @@ class Picamera2Source:
         return {"kind": "picamera2", "passthrough": False}
 
 
-def source_from_config(cfg: CameraConfig, clock: Clock) -> Source:
+def source_from_config(cfg: CameraConfig, clock: Clock, *, decode_all: bool = False) -> Source:
     """The source ``camera.source`` names. Raises CameraError for picamera2 without the module
-    (the capture thread would only retry what cannot work)."""
+    (the capture thread would only retry what cannot work). ``decode_all``: a compressed
+    stream is decoded frame by frame (it is re-encoded), not only for motion."""
     spec = cfg.source
     if spec == "synthetic":
         scene = demo_scene(cfg.width, cfg.height, cfg.fps)
@@ -450,7 +461,23 @@ def source_from_config(cfg: CameraConfig, clock: Clock) -> Source:
                 "--system-site-packages",
             )
         return Picamera2Source(clock=clock, width=cfg.width, height=cfg.height, fps=cfg.fps)
+    if spec.startswith("rpicam:"):
+        command = rpicam_command(spec[len("rpicam:"):], width=cfg.width, height=cfg.height,
+                                 fps=cfg.fps)
+        return StreamSource(command, kind="pipe", clock=clock, fps=cfg.fps,
+                            description="rpicam-vid", decode_all=decode_all)
+    if spec.startswith("pipe:"):
+        command = spec[len("pipe:"):].strip()
+        return StreamSource(command, kind="pipe", clock=clock, fps=cfg.fps,
+                            description=f"pipe:{shlex.split(command)[0]}", decode_all=decode_all)
+    if spec.startswith(("rtsp://", "rtsps://", "http://", "https://")):
+        return StreamSource(spec, kind="url", clock=clock, fps=cfg.fps, description=redact(spec),
+                            decode_all=decode_all)
     if spec.startswith("file:"):
+        path = Path(spec[len("file:"):]).expanduser()
+        if probe_codec(path) in INTER_CODECS:
+            return StreamSource(str(path), kind="file", clock=clock, fps=cfg.fps, loop=cfg.loop,
+                                realtime=cfg.realtime, description=spec, decode_all=decode_all)
         return FileSource(
             Path(spec[len("file:"):]).expanduser(),
             clock=clock,

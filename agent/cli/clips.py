@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from agent.audit import ACTIVITY_FILE, AuditLog
+from agent.camera.media import CONTENT_TYPE, MediaError, remux
 from agent.cli.common import add_json_flag, load_config, print_json, require_initialised
 from agent.config import Config
 from agent.errors import AgentError, UsageError
@@ -124,9 +125,19 @@ def export_handler(args: argparse.Namespace) -> int:
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:
-                for chunk in reader.chunks():  # raises TamperError on damage or a bad SHA-256
-                    out.write(chunk)
-                out.flush()
+                if reader.info.content_type == CONTENT_TYPE:
+                    # A remux, not a byte copy: the export is seekable, so it gets the
+                    # Duration and NUMBER_OF_FRAMES the live-written vault copy cannot carry.
+                    try:
+                        remux(reader, tmp, frames=reader.info.frames or None,
+                              duration=reader.info.duration)
+                    except MediaError as exc:
+                        raise AgentError(f"clip {args.clip} cannot be exported: {exc}") from None
+                    reader.read()  # the rest (none): raises TamperError on a bad SHA-256
+                else:
+                    for chunk in reader.chunks():  # raises TamperError on damage / bad SHA-256
+                        out.write(chunk)
+                    out.flush()
                 os.fsync(out.fileno())
             _place(tmp, target, force=args.force)
         except BaseException:

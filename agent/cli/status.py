@@ -169,6 +169,13 @@ def _camera_lines(snapshot: dict[str, Any] | None) -> list[str]:
             f"recording: {recorder.get('state')}, {recorder.get('clips')} clips, "
             f"{recorder.get('failures')} failures" + (f"; last error: {error}" if error else "")
         )
+        codec = recorder.get("codec")
+        rate = recorder.get("stored_bytes_per_minute")
+        if codec:
+            lines.append(
+                f"storage: {codec}"
+                + (f", {format_size(rate)} per minute of footage" if isinstance(rate, int) else "")
+            )
     return lines
 
 

@@ -3,6 +3,6 @@
 - :mod:`agent.web.auth`: password check, sessions, CSRF tokens, login lockout (pure logic).
 - :mod:`agent.web.services`: the protocols the app needs of the vault, store, engine and log.
 - :mod:`agent.web.app`: the Starlette application (pages and the JSON API under ``/api/``).
-- :mod:`agent.web.mkvframes`: reads JPEG frames out of a Matroska clip for in-browser playback.
+- playback reads clips through :mod:`agent.camera.media` (JPEG frames of any stored codec).
 - :mod:`agent.web.server`: :class:`~agent.web.server.AppServer`, the uvicorn worker thread.
 """

@@ -50,6 +50,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__, report
 from agent.audit import AuditEntry, VerifyResult, read_entries
+from agent.camera.media import BROWSER_CODECS, MediaError, fragmented_mp4, iter_jpegs
 from agent.display import visible
 from agent.errors import (
     AgentError,
@@ -57,11 +58,14 @@ from agent.errors import (
     AuditError,
     ClipNotFoundError,
     KeyFileError,
+    PreviewChangedError,
     RequesterNotFoundError,
     RequestError,
     RequestNotFoundError,
 )
 from agent.keys import kid_for, parse_public_key_text, public_jwk
+from agent.release.preview import sentence as preview_sentence
+from agent.release.preview import size_text
 from agent.report import Report
 from agent.requests.store import Requester, RequestRecord, Revocation
 from agent.requests.verify import REQUESTER_KINDS
@@ -77,7 +81,6 @@ from agent.web.auth import (
     new_token,
     tokens_equal,
 )
-from agent.web.mkvframes import Frame, iter_frames
 from agent.web.services import AppServices, AuditPort, StatusItem
 
 log = logging.getLogger(__name__)
@@ -216,6 +219,8 @@ class WebApp:
             views.clip_seconds(clip, self.services.camera_fps)
         )
         env.filters["window"] = lambda r: views.human_window(r.window_start, r.window_end, self.tz)
+        env.filters["release"] = lambda p: preview_sentence(p, self.tz)
+        env.filters["release_size"] = size_text
         env.filters["kind"] = views.kind_name
         env.filters["status_name"] = lambda status: views.STATUS_NAMES.get(status, status)
         env.filters["legal"] = lambda r: views.legal_phrase(r.legal_basis, r.legal_ref)
@@ -269,6 +274,7 @@ class WebApp:
             Route("/api/clips/{clip}", self._api(self.api_clip_delete), methods=["DELETE"]),
             Route("/api/clips/{clip}/thumbnail", self._api(self.api_thumbnail)),
             Route("/api/clips/{clip}/stream", self._api(self.api_stream)),
+            Route("/api/clips/{clip}/video", self._api(self.api_video)),
             Route("/api/clips/{clip}/download", self._api(self.api_download)),
             Route("/api/audit", self._api(self.api_audit)),
             Route("/api/audit/export", self._api(self.api_audit_export)),
@@ -506,10 +512,13 @@ class WebApp:
         pending, history = views.split_requests(records)
         now = self.now()
         deadlines = {r.jti: self.services.deadline(r) for r in pending}
+        # What approving each would release, computed now (owner only; see §5.1).
+        previews = {r.jti: self.services.decider.preview(r.jti) for r in pending}
         return {
             "pending": pending,
             "history": history[:50],
             "deadlines": deadlines,
+            "previews": previews,
             "now": now,
             "fingerprint": views.requests_fingerprint(records),
         }
@@ -525,11 +534,17 @@ class WebApp:
         return self._render(request, session, "_requests.html", context, use_flash=False)
 
     async def decide_form(self, request: Request, session: Session) -> Response:
-        """Approve or deny from the page (channel ``app``), then back to the list."""
+        """Approve or deny from the page (channel ``app``), then back to the list.
+
+        An approval carries the fingerprint of the preview the page showed; when what it would
+        release changed meanwhile, nothing is approved and the list shows the new preview.
+        """
         jti = _valid_id(request.path_params["jti"])
         approve = _action(request.path_params["action"])
+        # A form without a fingerprint binds to nothing that can match: refused as changed.
+        shown = (_field(await request.form(), "preview") or "") if approve else None
         try:
-            decision = await run_in_threadpool(self.services.decider.decide, jti, approve)
+            decision = await run_in_threadpool(self.services.decider.decide, jti, approve, shown)
         except ApprovalError as exc:
             self._set_flash(session, "error", exc.message)
         else:
@@ -573,13 +588,28 @@ class WebApp:
         """``GET /api/requests/{jti}``."""
         jti = _valid_id(request.path_params["jti"])
         record = await run_in_threadpool(self.services.requests.get_request, jti)
-        return JSONResponse({"request": self._request_json(record)})
+        body: dict[str, Any] = {"request": self._request_json(record)}
+        if record.status == "pending":
+            preview = await run_in_threadpool(self.services.decider.preview, jti)
+            body["preview"] = preview.to_json() if preview is not None else None
+        return JSONResponse(body)
 
     async def api_decide(self, request: Request, session: Session) -> Response:
         """``POST /api/requests/{jti}/approve|deny``."""
         jti = _valid_id(request.path_params["jti"])
         approve = _action(request.path_params["action"])
-        decision = await run_in_threadpool(self.services.decider.decide, jti, approve)
+        shown: str | None = None
+        if approve and request.headers.get("content-type", "").startswith("application/json"):
+            value = (await _json_body(request)).get("preview")
+            shown = value if isinstance(value, str) else None
+        try:
+            decision = await run_in_threadpool(self.services.decider.decide, jti, approve, shown)
+        except PreviewChangedError as exc:
+            preview = await run_in_threadpool(self.services.decider.preview, jti)
+            return JSONResponse(
+                {"error": exc.message, "preview": preview.to_json() if preview else None},
+                status_code=409,
+            )
         return JSONResponse(
             {"request": self._request_json(decision.record), "message": decision.message}
         )
@@ -698,14 +728,46 @@ class WebApp:
             },
         )
 
+    async def api_video(self, request: Request, session: Session) -> Response:
+        """``GET /api/clips/{id}/video``: an H.264 clip as fragmented MP4 for ``<video>``,
+        remuxed in memory (never written), with byte ranges so that the player can seek."""
+        clip = await run_in_threadpool(self._clip, request)
+        if clip.codec not in BROWSER_CODECS:
+            return Response(status_code=415)
+
+        def remux() -> bytes:
+            reader = self.services.vault.open_clip(clip.id)
+            try:
+                return fragmented_mp4(reader)
+            finally:
+                reader.close()
+
+        try:
+            data = await run_in_threadpool(remux)
+        except MediaError as exc:
+            log.error("playback of clip %s failed: %s", clip.id, exc)
+            return Response(status_code=500)
+        headers = {"accept-ranges": "bytes", "cache-control": "no-store"}
+        span = _byte_range(request.headers.get("range"), len(data))
+        if span is None:
+            return Response(data, media_type="video/mp4", headers=headers)
+        if span == (-1, -1):
+            return Response(status_code=416, headers={"content-range": f"bytes */{len(data)}"})
+        first, last = span
+        headers["content-range"] = f"bytes {first}-{last}/{len(data)}"
+        return Response(data[first : last + 1], status_code=206, media_type="video/mp4",
+                         headers=headers)
+
     async def api_stream(self, request: Request, session: Session) -> Response:
         """``GET /api/clips/{id}/stream``: MJPEG (multipart/x-mixed-replace) at the clip's pace."""
         clip = await run_in_threadpool(self._clip, request)
         reader = await run_in_threadpool(self.services.vault.open_clip, clip.id)
-        frames: Iterator[Frame] = iter_frames(reader, default_fps=self.services.camera_fps)
+        # MJPEG clips give their stored JPEGs; H.264 and the others are decoded and re-encoded
+        # frame by frame, in memory.
+        frames: Iterator[tuple[float, bytes]] = iter_jpegs(reader)
         loop = asyncio.get_running_loop()
 
-        def next_frame() -> Frame | None:
+        def next_frame() -> tuple[float, bytes] | None:
             return next(frames, None)
 
         async def body() -> AsyncIterator[bytes]:
@@ -715,17 +777,18 @@ class WebApp:
                     frame = await run_in_threadpool(next_frame)
                     if frame is None:
                         return
-                    delay = started + frame.time - loop.time()
+                    time, jpeg = frame
+                    delay = started + time - loop.time()
                     if delay > 0:
                         await self.sleep(delay)
                     yield (
                         b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
-                        + str(len(frame.jpeg)).encode()
+                        + str(len(jpeg)).encode()
                         + b"\r\n\r\n"
-                        + frame.jpeg
+                        + jpeg
                         + b"\r\n"
                     )
-            except AgentError as exc:
+            except (AgentError, MediaError) as exc:
                 log.error("playback of clip %s stopped: %s", clip.id, exc)
             finally:
                 reader.close()
@@ -1164,3 +1227,21 @@ async def _json_body(request: Request) -> dict[str, Any]:
         raise RequestError("the body must be a JSON object")
     return body
 
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The (first, last) bytes of a single ``Range: bytes=`` request; None for the whole
+    body (no or unparsable header), (-1, -1) when it cannot be satisfied."""
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    start, _, end = header[len("bytes="):].strip().partition("-")
+    try:
+        if start:
+            first = int(start)
+            last = int(end) if end else size - 1
+        else:
+            first, last = max(0, size - int(end)), size - 1
+    except ValueError:
+        return None
+    if first >= size or first > last:
+        return (-1, -1)
+    return first, min(last, size - 1)

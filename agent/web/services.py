@@ -9,6 +9,7 @@ engine (a :class:`Decider`), never straight to the store, so the app obeys the s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -21,8 +22,13 @@ from agent.approval.coordinator import DecisionResult
 from agent.approval.decisions import Action
 from agent.approval.machine import Channel, Status
 from agent.audit import AuditEntry, VerifyResult
+from agent.camera.media import MediaError
+from agent.errors import AgentError
+from agent.release.preview import Preview
 from agent.requests.store import Requester, RequestRecord, Revocation
 from agent.vault import ClipInfo, Hold
+
+log = logging.getLogger(__name__)
 
 
 class AuditPort(Protocol):
@@ -133,12 +139,18 @@ class Decision:
 class Decider(Protocol):
     """The approval engine, as the app uses it (channel ``app``)."""
 
-    def decide(self, jti: str, approve: bool) -> Decision:
-        """Approve or deny ``jti`` on the app channel.
+    def preview(self, jti: str) -> Preview | None:
+        """What approving ``jti`` would release now (owner only), None when unknown."""
+        ...
+
+    def decide(self, jti: str, approve: bool, preview: str | None = None) -> Decision:
+        """Approve or deny ``jti`` on the app channel; an approval binds to ``preview`` (the
+        fingerprint of the preview the owner was shown).
 
         Raises :class:`agent.errors.ApprovalError` (with a message for the owner) when the
-        decision is refused (not pending, expired, channel disabled) and
-        RequestNotFoundError for an unknown id.
+        decision is refused (not pending, expired, channel disabled, over
+        ``delivery.max_bytes``; :class:`agent.errors.PreviewChangedError` when the preview
+        changed) and RequestNotFoundError for an unknown id.
         """
         ...
 
@@ -151,8 +163,18 @@ class Decider(Protocol):
 class DecidingEngine(Protocol):
     """The approval coordinator (:class:`agent.approval.coordinator.ApprovalCoordinator`)."""
 
+    def preview(self, jti: str) -> Preview | None:
+        """What approving ``jti`` would release now."""
+        ...
+
     def decide(
-        self, jti: str, action: Action, channel: Channel, *, at: datetime | None = None
+        self,
+        jti: str,
+        action: Action,
+        channel: Channel,
+        *,
+        at: datetime | None = None,
+        preview: str | None = None,
     ) -> DecisionResult:
         """Apply a decision; raises ApprovalError when refused."""
         ...
@@ -171,9 +193,19 @@ class EngineDecider:
         self._engine = engine
         self._requests = requests
 
-    def decide(self, jti: str, approve: bool) -> Decision:
+    def preview(self, jti: str) -> Preview | None:
+        """What approving ``jti`` would release now; None when it cannot be worked out."""
+        try:
+            return self._engine.preview(jti)
+        except (AgentError, MediaError, ValueError) as exc:
+            log.warning("no preview of request %s: %s", jti, exc)
+            return None
+
+    def decide(self, jti: str, approve: bool, preview: str | None = None) -> Decision:
         """Approve or deny ``jti`` as the app; the message says what the owner should expect."""
-        result = self._engine.decide(jti, "approve" if approve else "deny", Channel.APP)
+        result = self._engine.decide(
+            jti, "approve" if approve else "deny", Channel.APP, preview=preview if approve else None
+        )
         record = self._requests.get_request(jti)
         name = record.requester_name
         if result.awaiting_confirmation:

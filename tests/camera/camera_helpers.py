@@ -88,10 +88,19 @@ class MemoryClip:
     def set_thumbnail(self, jpeg: bytes) -> None:
         self.thumbnail = jpeg
 
-    def finish(self, end: datetime, frames: int) -> object:
+    def finish(
+        self,
+        end: datetime,
+        frames: int,
+        *,
+        duration: float | None = None,
+        codec: str | None = None,
+    ) -> object:
         assert self.end is None and not self.aborted
         self.end = end
         self.frames = frames
+        self.duration = duration
+        self.codec = codec
         return self
 
     def abort(self) -> None:
@@ -191,7 +200,7 @@ def parse_mkv(data: bytes | bytearray) -> Mkv:
             track, j = _vint(payload, 0, keep_marker=False)
             assert track == 1
             rel = int.from_bytes(payload[j : j + 2], "big", signed=True)
-            assert payload[j + 2] & 0x80, "every MJPEG block is a keyframe"
+            assert out.codec != "V_MJPEG" or payload[j + 2] & 0x80, "MJPEG: all keyframes"
             out.blocks.append((cluster_ts + rel, bytes(payload[j + 3 :])))
     assert i == len(data), "trailing bytes"
     return out

@@ -18,7 +18,6 @@ import pytest
 import yaml
 
 from agent.audit import verify_file
-from agent.camera.mkv import MatroskaMuxer
 from agent.camera.synthetic import scenarios
 from agent.daemon import Daemon, RetentionWorker, signals_set_stop, write_status
 from agent.keys import load_device_key, load_storage_key
@@ -26,6 +25,7 @@ from agent.provision import initialise
 from agent.timeutil import utcnow
 from agent.vault import Vault
 from tests.camera.camera_helpers import T0, encode_jpeg, parse_mkv
+from tests.camera.legacy_mkv import MatroskaMuxer
 from tests.camera.test_camera_pipeline import scan_for_plaintext
 from tests.mosquitto import Mosquitto
 

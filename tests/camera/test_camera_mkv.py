@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.camera.mkv import UNKNOWN_SIZE, MatroskaMuxer, encode_size
 from tests.camera.camera_helpers import encode_jpeg, parse_mkv
+from tests.camera.legacy_mkv import UNKNOWN_SIZE, MatroskaMuxer, encode_size
 
 
 def numbered(i: int, w: int = 160, h: int = 120) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from agent.camera.frame import Frame, Image, SystemClock
-from agent.camera.mkv import MatroskaMuxer
+from agent.camera.media import iter_images, probe, remux
 from agent.camera.pipeline import CameraWorker, FrameEncoder, FrameProcessor
 from agent.camera.sources import FileSource
 from agent.camera.synthetic import scenarios
@@ -28,6 +29,7 @@ from tests.camera.camera_helpers import (
     jpeg_frame,
     parse_mkv,
 )
+from tests.camera.legacy_mkv import MatroskaMuxer
 
 PRIVACY = [[0.6, 0.2], [0.95, 0.2], [0.95, 0.9], [0.6, 0.9]]
 
@@ -113,32 +115,37 @@ def test_visitor_recorded_encrypted_masked_and_readable(
 
     (info,) = vault.list_clips()
     assert info.state == "final" and info.content_type == "video/x-matroska"
-    # Pre-roll: the clip starts 2 s (20 frames) before the frame that triggered it.
-    # Pre-roll and post-roll: 2 s (20 frames) either side of the motion.
-    assert info.start == frames[first_motion - 20].wall
+    # Masks force H.264. Pre-roll: at least 2 s (20 frames) before the frame that triggered
+    # it, from the keyframe (at most 2 s apart) at or before that; post-roll 2 s.
+    assert info.codec == "h264"
+    assert frames[first_motion - 40].wall <= info.start <= frames[first_motion - 20].wall
     assert info.end == frames[last_motion + 20].wall
-    assert info.frames == last_motion - first_motion + 41
+    span = round((info.end - info.start).total_seconds() * sc.fps)
+    assert info.frames == span + 1
+    assert info.duration == pytest.approx(info.frames / sc.fps)
 
     # Nothing readable is left on disk: the state directory and temp dirs hold ciphertext only.
-    stored_sample = processor.recorder.encode(frames[first_motion])
-    assert stored_sample is not None
-    assert scan_for_plaintext(state, private_tmp, known=[stored_sample[:64]]) == []
-
     with vault.open_clip(info.id, verify_sha256=True) as reader:
         plain = reader.read()
     assert plain.startswith(b"\x1a\x45\xdf\xa3")
     mkv = parse_mkv(plain)
     assert len(mkv.blocks) == info.frames
-    assert [t for t, _ in mkv.blocks] == [i * 100 for i in range(info.frames)]
+    # Presentation times 100 ms apart (blocks come in decode order: B-frames).
+    assert sorted(t for t, _ in mkv.blocks) == [i * 100 for i in range(info.frames)]
+    excerpts = [mkv.blocks[0][1][:64], mkv.blocks[len(mkv.blocks) // 2][1][:64]]
+    assert scan_for_plaintext(state, private_tmp, known=excerpts) == []
+    facts = probe(io.BytesIO(plain))
+    assert (facts.codec, facts.frames, facts.keyframe_first) == ("h264", info.frames, True)
 
     region = privacy_region(sc.scene.width, sc.scene.height)
     seen_outside = 0
-    for _, jpeg in mkv.blocks:
-        img = decode_jpeg(jpeg)
+    decoded = 0
+    for _, img in iter_images(io.BytesIO(plain)):
+        decoded += 1
         assert img.shape == (sc.scene.height, sc.scene.width, 3)
-        assert img[region].max() <= 4, "privacy-masked pixels must be black in every frame"
+        assert img[region].max() <= 24, "privacy-masked pixels must be black in every frame"
         seen_outside += int(img[~region].mean() > 50)
-    assert seen_outside == info.frames  # the rest of the picture is there
+    assert seen_outside == decoded == info.frames  # the rest of the picture is there
 
     thumb = vault.read_thumbnail(info.id)
     assert thumb is not None
@@ -149,9 +156,10 @@ def test_visitor_recorded_encrypted_masked_and_readable(
     audit_lines = [json.loads(line) for line in (state / "audit.jsonl").read_text().splitlines()]
     assert [e["event"] for e in audit_lines] == ["clip_recorded"]
 
-    # The owner's decrypted export is a standard file OpenCV and ffprobe open.
+    # The owner's decrypted export is a standard file OpenCV and ffprobe open, with its
+    # duration and frame count.
     export = tmp_path / "export.mkv"
-    export.write_bytes(plain)
+    remux(io.BytesIO(plain), export, frames=info.frames)
     cap = cv2.VideoCapture(str(export))
     count = 0
     while cap.read()[0]:
@@ -164,7 +172,8 @@ def test_visitor_recorded_encrypted_masked_and_readable(
              str(export)], capture_output=True, text=True, check=True,
         )
         (stream,) = json.loads(out.stdout)["streams"]
-        assert stream["codec_name"] == "mjpeg" and int(stream["nb_read_frames"]) == count
+        assert stream["codec_name"] == "h264" and int(stream["nb_read_frames"]) == count
+        assert stream["tags"]["NUMBER_OF_FRAMES"] == str(count)
 
 
 def test_mjpeg_frames_are_stored_as_the_cameras_own_bytes(tmp_path: Path, vault: Vault) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.camera.avsource import StreamSource
 from agent.camera.capture import Backoff, Capture, FrameQueue
 from agent.camera.frame import Frame, SystemClock
-from agent.camera.mkv import MatroskaMuxer
 from agent.camera.sources import (
     FileSource,
     OpenCVSource,
@@ -26,6 +26,7 @@ from agent.camera.synthetic import Scene
 from agent.config import CameraConfig
 from agent.errors import CameraError
 from tests.camera.camera_helpers import FakeClock, MJPEGServer, encode_jpeg
+from tests.camera.legacy_mkv import MatroskaMuxer
 
 
 def tagged_jpegs(count: int, w: int = 160, h: int = 120) -> list[bytes]:
@@ -261,7 +262,7 @@ def test_source_from_config() -> None:
     v4l2 = source_from_config(CameraConfig(source="0"), clock)
     assert isinstance(v4l2, OpenCVSource) and v4l2.kind == "v4l2"
     url = source_from_config(CameraConfig(source="rtsp://admin:secret@10.0.0.2/live"), clock)
-    assert isinstance(url, OpenCVSource) and url.kind == "url"
+    assert isinstance(url, StreamSource) and url.kind == "url"  # PyAV: stored as it comes
     assert "secret" not in url.description and url.description == "rtsp://***@10.0.0.2/live"
     f = source_from_config(CameraConfig(source="file:/tmp/x.avi", loop=False), clock)
     assert isinstance(f, FileSource) and f.path == Path("/tmp/x.avi") and not f.loop
@@ -276,5 +277,5 @@ def test_redact_keeps_urls_without_credentials() -> None:
 
 
 def test_frames_need_content() -> None:
-    with pytest.raises(ValueError, match="image or JPEG"):
+    with pytest.raises(ValueError, match="an image, JPEG bytes or a packet"):
         Frame(1, 0.0, FakeClock().now(), 10, 10)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
@@ -40,6 +41,8 @@ from agent.cli import main as agent_main
 from agent.keys import load_device_key, load_storage_key
 from agent.timeutil import utcnow
 from agent.vault import Vault
+from tests.camera.camera_helpers import encode_jpeg
+from tests.camera.legacy_mkv import MatroskaMuxer
 from tests.mosquitto import Mosquitto
 from tests.reliability.harness import AGENT, REPO, AgentProcess, Requester, wait_until
 
@@ -64,6 +67,16 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
         yield mosquitto
 
 
+def noise_clip(rng: random.Random, frames: int) -> bytes:
+    """A real (MJPEG Matroska) clip of noise frames, about 20 kB."""
+    muxer = MatroskaMuxer(64, 48, fps=2)
+    data = muxer.start()
+    for n in range(frames):
+        image = np.frombuffer(rng.randbytes(64 * 48 * 3), np.uint8).reshape(48, 64, 3)
+        data += muxer.add(encode_jpeg(image), n * 500)
+    return data
+
+
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory: pytest.TempPathFactory, broker: Mosquitto) -> Golden:
     """Two clips, a requester, a pending request, a clean stop: real agent, real MQTT."""
@@ -79,7 +92,7 @@ def golden(tmp_path_factory: pytest.TempPathFactory, broker: Mosquitto) -> Golde
         ):
             for n in range(2):
                 writer = vault.create_clip(start + timedelta(minutes=n), "video/x-matroska")
-                writer.write(rng.randbytes(20_000))
+                writer.write(noise_clip(rng, 40))
                 ids.append(writer.finish(start + timedelta(minutes=n, seconds=20), 40).id)
         requester = Requester(root / "requester", agent)
         try:

@@ -30,7 +30,6 @@ from pathlib import Path
 import cv2
 import yaml
 
-from agent.camera.mkv import MatroskaMuxer
 from agent.camera.synthetic import scenarios
 from agent.cli import main as agent_main
 from agent.keys import load_storage_key
@@ -39,6 +38,7 @@ from agent.requester.cli import main as requester_main
 from agent.requester.keyfiles import PUBLIC_JWK
 from agent.timeutil import rfc3339, utcnow
 from agent.vault import ClipInfo, Vault
+from tests.camera.legacy_mkv import MatroskaMuxer
 from tests.mosquitto import Mosquitto
 
 DEVICE = "front-door"

@@ -32,8 +32,10 @@ with warnings.catch_warnings():
 from agent import config as config_mod
 from agent.approval.coordinator import ApprovalCoordinator
 from agent.approval.machine import Policy
+from agent.approval.worker import previewer
 from agent.audit import AuditLog
 from agent.camera.frame import Frame
+from agent.camera.pipeline import FrameEncoder
 from agent.camera.recorder import Recorder, RecordingParams
 from agent.config import Config
 from agent.keys import create_device_keys, kid_for, load_storage_key, write_secret
@@ -190,7 +192,7 @@ class WebHarness:
         recorder = Recorder(
             self.vault,
             RecordingParams(pre_roll=0.0, post_roll=0.5, max_clip=60.0, merge_gap=0.0),
-            lambda frame: frame.jpeg,
+            FrameEncoder([], 85, codec="mjpeg"),
             fps=fps,
             on_clip=made.append,
         )
@@ -269,6 +271,7 @@ def make_harness(
         device_id=DEVICE,
         now=clock,
         tick_interval=3600,
+        previewer=previewer(vault, cfg.delivery.max_bytes),
     )
     coordinator.start()
     requester_key = Ed25519PrivateKey.generate()

@@ -14,8 +14,8 @@ from pathlib import Path
 from pyrage import decrypt
 
 from agent.audit import read_entries
+from agent.camera.media import iter_jpegs
 from agent.keys import kid_for, public_jwk
-from agent.web.mkvframes import iter_frames
 from tests.web.harness import REQUESTER, WebHarness, close_harness, jpeg_frame, make_harness
 
 MARKUP_REASON = (
@@ -169,8 +169,8 @@ def test_clips_thumbnails_playback_and_download(web: WebHarness) -> None:
     download = web.client.get(f"/api/clips/{clip.id}/download")
     assert 'filename="clip-' in download.headers["content-disposition"]
     assert hashlib.sha256(download.content).hexdigest() == clip.sha256
-    frames = list(iter_frames(_Bytes(download.content)))
-    assert [round(f.time, 1) for f in frames] == [round(i / 10, 1) for i in range(12)]
+    frames = list(iter_jpegs(_Bytes(download.content)))
+    assert [round(t, 1) for t, _ in frames] == [round(i / 10, 1) for i in range(12)]
     listed = web.client.get("/api/clips").json()["clips"]
     assert [c["id"] for c in listed] == [clip.id] and listed[0]["duration_s"] > 1.0
     # Nothing in plaintext was written anywhere in the state directory.

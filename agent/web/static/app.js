@@ -3,6 +3,17 @@
 // fetches its list again as server-rendered (escaped) HTML, so no markup is built from data here.
 "use strict";
 
+// Cancel on a confirm step closes it: no decision is made (without script, its link reloads
+// the page, which closes it too).
+document.addEventListener("click", function (event) {
+  const cancel = event.target instanceof Element && event.target.closest("[data-action=cancel]");
+  const step = cancel && cancel.closest("details");
+  if (step) {
+    event.preventDefault();
+    step.open = false;
+  }
+});
+
 (function () {
   const badge = document.getElementById("pending-badge");
   if (!badge || !window.EventSource) {

@@ -1,4 +1,9 @@
-"""A streaming Matroska muxer for MJPEG: bytes out, never a seek.
+"""Test-only: the hand-written streaming Matroska muxer of releases before PyAV (MJPEG).
+
+Kept to make clips and camera files exactly as the old agent wrote them, so tests prove that
+vaults recorded by earlier releases stay readable. Its original description follows.
+
+A streaming Matroska muxer for MJPEG: bytes out, never a seek.
 
 Clips go straight into the encrypted vault, which is an append-only stream, so the container
 must be writable front to back with nothing patched afterwards. Matroska allows exactly that:
