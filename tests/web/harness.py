@@ -40,6 +40,7 @@ from agent.camera.recorder import Recorder, RecordingParams
 from agent.config import Config
 from agent.keys import create_device_keys, kid_for, load_storage_key, write_secret
 from agent.provision import APP_PASSWORD, make_state_dir, make_tls_certificate
+from agent.release.cut import WindowCutter
 from agent.release.deliver import Deliverer
 from agent.requester.build import build_request
 from agent.requests.store import RequestRecord, RequestStore
@@ -245,6 +246,9 @@ def make_harness(
     def respond(request: RequestRecord, status: str, /, **claims: Any) -> None:
         responses.append((request.jti, status, claims))
 
+    # One cutter for the preview and the release, as the daemon wires them.
+    cutter = WindowCutter(vault)
+
     def deliverer() -> Deliverer:
         return Deliverer(
             vault=vault,
@@ -254,6 +258,7 @@ def make_harness(
             chunk_bytes=cfg.delivery.chunk_bytes,
             retries=0,
             now=clock,
+            cutter=cutter,
         )
 
     coordinator = ApprovalCoordinator(
@@ -271,7 +276,7 @@ def make_harness(
         device_id=DEVICE,
         now=clock,
         tick_interval=3600,
-        previewer=previewer(vault, cfg.delivery.max_bytes),
+        previewer=previewer(vault, cfg.delivery.max_bytes, cutter),
     )
     coordinator.start()
     requester_key = Ed25519PrivateKey.generate()

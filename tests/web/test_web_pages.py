@@ -76,7 +76,14 @@ def test_approve_through_the_api_delivers_through_the_engine(web: WebHarness) ->
     chunks = [p for t, p in web.publisher.messages if not t.endswith("/manifest")]
     assert chunks and any(t.endswith("/manifest") for t, _ in web.publisher.messages)
     plain = decrypt(b"".join(chunks), [web.identity])
-    assert hashlib.sha256(plain).hexdigest() == clip.sha256
+    # What left is the cut of the stored clip to the window (the whole clip lies inside it
+    # here): the owner's entry names the file, its hash and the clip it came from.
+    (released,) = next(
+        e for e in read_entries(web.audit.path) if e.event == "request_delivered"
+    ).fields["files"]
+    assert hashlib.sha256(plain).hexdigest() == released["plaintext_sha256"]
+    assert (released["clip"], released["clip_sha256"]) == (clip.id, clip.sha256)
+    assert released["frames"] == clip.frames
     assert [s for j, s, _ in web.responses if j == jti] == ["approved", "delivered"]
     approved = [e for e in read_entries(web.audit.path) if e.event == "request_approved"]
     assert approved[-1].fields["channel"] == "app" and approved[-1].fields["jti"] == jti
