@@ -13,13 +13,17 @@ changes allocator and JIT behaviour), from ``/proc/PID/status`` of the daemon:
 - ``release``: the highest RSS sampled while a real requester (``doorbell-request send --wait``)
   receives an approved request covering the steady period's footage, and its growth over steady.
 
-    python bench/memory.py [--warmup 20] [--steady 60]
+The daemon gets the unit's ``Environment=`` settings (``systemd/doorbell-agent.service``), as on
+the Pi; ``--without-unit-env`` leaves them out, to see what they are worth.
+
+    python bench/memory.py [--warmup 20] [--steady 60] [--without-unit-env]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -47,6 +51,16 @@ IMPORTS = (
     "import agent.cli, agent.daemon, agent.camera.pipeline, agent.web.app, agent.mqtt, "
     "agent.release.deliver, agent.vault, cv2, numpy, uvicorn, starlette, paho.mqtt.client"
 )
+
+
+def unit_environment() -> dict[str, str]:
+    """The unit's ``Environment=`` settings that mean the same outside systemd (no %t etc.)."""
+    env: dict[str, str] = {}
+    for line in (ROOT / "systemd" / "doorbell-agent.service").read_text().splitlines():
+        if line.startswith("Environment=") and "%" not in line:
+            key, _, value = line.removeprefix("Environment=").partition("=")
+            env[key] = value
+    return env
 
 
 def rss(pid: int) -> int:
@@ -139,7 +153,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warmup", type=float, default=20.0, help="seconds before sampling")
     parser.add_argument("--steady", type=float, default=60.0, help="seconds of steady sampling")
+    parser.add_argument("--without-unit-env", action="store_true",
+                        help="run the daemon without the unit's Environment= settings")
     args = parser.parse_args()
+    extra_env = {} if args.without_unit_env else unit_environment()
 
     base = baseline_rss()
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp_name:
@@ -165,7 +182,8 @@ def main() -> int:
             "--key", str(keys / "public-key.jwk"))
         log = (tmp / "agent.log").open("w")
         daemon = subprocess.Popen([*AGENT, "--config", str(cfg), "run"], stdout=log,
-                                  stderr=subprocess.STDOUT, cwd=ROOT)
+                                  stderr=subprocess.STDOUT, cwd=ROOT,
+                                  env={**os.environ, **extra_env})
         try:
             wait("the daemon to run", lambda: status(state).get("state") == "running", 60)
             time.sleep(args.warmup)
@@ -206,6 +224,8 @@ def main() -> int:
     peak = max(release.samples)
     print(f"memory bench: doorbell-agent run, workers {', '.join(workers)}; synthetic camera "
           f"1280x720 @ 10 fps ({frames / args.steady:.1f} fps processed while sampled)")
+    print(f"daemon environment from the unit: "
+          f"{' '.join(f'{k}={v}' for k, v in extra_env.items()) or '(none)'}")
     print(f"baseline (interpreter + agent imports, idle): {base / MIB:6.1f} MiB")
     print(f"steady RSS, median of {len(steady.samples)} samples over {args.steady:g} s: "
           f"{med / MIB:6.1f} MiB  (max {top / MIB:.1f} MiB)  {med / base:.2f}x baseline  "
