@@ -197,8 +197,9 @@ print(int(sum(int(n) * units[u] for n, u in re.findall(r"(\d+)(min|ms|s)", sys.a
 log "waiting one watchdog period ($WATCHDOG_S s) plus 10 s"
 sleep $((WATCHDOG_S + 10))
 assert_running "after a watchdog period"
-[ "$(show MainPID)" = "$PID" ] && [ "$(show NRestarts)" = 0 ] ||
+if [ "$(show MainPID)" != "$PID" ] || [ "$(show NRestarts)" != 0 ]; then
     die "the service was restarted during a quiet watchdog period"
+fi
 lap "survived a watchdog period"
 
 # --- the local app over HTTPS on the container's loopback ---------------------------------------

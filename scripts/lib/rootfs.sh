@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by scripts/check-arm64.sh and scripts/check-systemd.sh (sourced, not run): Debian
 # packages on the host, a cached debootstrap root per set of inputs, and a throw-away overlay
 # on top of it for each run, so the cache is never changed by what a check does inside.
