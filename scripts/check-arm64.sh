@@ -8,6 +8,8 @@
 #   bash scripts/check-arm64.sh --smoke   install, init, config check, a 30 s `run` on the
 #                                         synthetic camera into the vault, clips verify, audit
 #                                         verify, the pure-core tests (what CI runs)
+#   ... [--smoke] -- PYTEST-ARGS          the same, with these pytest arguments instead of the
+#                                         mode's tests (e.g. to re-run one failing test)
 #
 # Run as root. It installs its host packages, keeps the debootstrapped root (keyed on its inputs),
 # pip's and apt's caches in /var/cache/doorbell-agent-check (DOORBELL_CHECK_CACHE), and works in
@@ -20,14 +22,19 @@ CHECK_NAME=arm64
 . scripts/lib/rootfs.sh
 
 MODE=full
+if [ "${1:-}" = --smoke ]; then
+    MODE=smoke
+    shift
+fi
 case "${1:-}" in
---smoke) MODE=smoke ;;
+--) shift ;; # the rest: pytest arguments instead of the mode's test selection
 "") ;;
 *)
-    echo "usage: $0 [--smoke]" >&2
+    echo "usage: $0 [--smoke] [-- PYTEST-ARGS...]" >&2
     exit 2
     ;;
 esac
+PYTEST_ARGS=("$@")
 [ "$(id -u)" -eq 0 ] || die "run as root: debootstrap, chroot and mounts need it"
 
 T0=$(date +%s)
@@ -78,10 +85,7 @@ for d in pip-arm64:root/.cache/pip apt-lists-arm64:var/lib/apt/lists; do
     install -d "$CHECK_CACHE/${d%%:*}/partial" "$R/${d#*:}"
     mount --bind "$CHECK_CACHE/${d%%:*}" "$R/${d#*:}"
 done
-# The host's resolver and trust store: the root reaches PyPI and Debian the way this host does.
-cp /etc/resolv.conf "$R/etc/resolv.conf"
-echo "127.0.1.1 $(hostname)" >>"$R/etc/hosts" # sudo looks the host name up
-cp /etc/ssl/certs/ca-certificates.crt "$R/etc/ssl/certs/ca-certificates.crt"
+prepare_root "$R"
 copy_source "$REPO" "$R/src"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -188,5 +192,6 @@ else
     # Everything but the browser tests (no Chromium for arm64 here).
     tests=(tests --ignore=tests/web/test_web_browser.py)
 fi
+((${#PYTEST_ARGS[@]} == 0)) || tests=("${PYTEST_ARGS[@]}")
 in_root bash -c "cd /src && exec ${PYTEST[*]} ${tests[*]}" || die "tests failed inside the arm64 root"
 lap "arm64 $MODE check passed"

@@ -54,9 +54,7 @@ cleanup() {
 }
 trap cleanup EXIT
 overlay_root "$BASE" "$WORK"
-cp /etc/resolv.conf "$R/etc/resolv.conf"
-cp /etc/ssl/certs/ca-certificates.crt "$R/etc/ssl/certs/ca-certificates.crt"
-echo "127.0.1.1 $(hostname)" >>"$R/etc/hosts"
+prepare_root "$R"
 copy_source "$REPO" "$R/src"
 install -d "$CHECK_CACHE/pip-amd64" "$CHECK_CACHE/apt-lists-amd64/partial"
 

@@ -103,6 +103,17 @@ overlay_root() {
         "$work/root" || die "cannot mount an overlay on $work/root"
 }
 
+# prepare_root ROOT : what a debootstrapped root lacks to reach the network as this host does:
+# its resolver, its trust store (for PyPI), and an /etc/hosts (minbase has none, so not even
+# `localhost` resolves; sudo also looks the host name up).
+prepare_root() {
+    local root=$1
+    cp /etc/resolv.conf "$root/etc/resolv.conf"
+    cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+    printf '127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n127.0.1.1 %s\n' \
+        "$(hostname)" >"$root/etc/hosts"
+}
+
 # Copy the project's tracked and new (not ignored) files into DEST, as a clean clone would have.
 copy_source() {
     local repo=$1 dest=$2
