@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import yaml
 
+from agent.provision import initialise
 from agent.sdnotify import Notifier, Watchdog, notify_address, watchdog_interval
+from agent.timeutil import utcnow
 
 
 class FakeSystemd:
@@ -211,3 +219,59 @@ def test_watchdog_thread_follows_health_until_stop(systemd_socket: FakeSystemd) 
 def test_watchdog_rejects_non_positive_interval(systemd_socket: FakeSystemd) -> None:
     with Notifier.from_env(systemd_socket.env) as notifier, pytest.raises(ValueError):
         Watchdog(notifier, timedelta(0), lambda: True, threading.Event())
+
+
+def free_tcp_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.timeout(120)
+def test_run_is_ready_while_the_broker_is_down(
+    systemd_socket: FakeSystemd, tmp_path: Path
+) -> None:
+    # The unit's Type=notify start must not wait for MQTT: a doorbell records while the
+    # broker is down. `run` against a port nobody listens on still says READY=1.
+    state = tmp_path / "state"
+    initialise(state, "front-door", now=utcnow())
+    cfg = {
+        "device_id": "front-door",
+        "state_dir": str(state),
+        "camera": {"source": "synthetic", "fps": 5, "width": 320, "height": 240},
+        "mqtt": {"host": "127.0.0.1", "port": free_tcp_port()},
+        "approval": {"channels": ["cli"]},
+        "app": {"enabled": False},
+    }
+    cfg_path = tmp_path / "agent.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, **systemd_socket.env}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from agent.cli import entry; entry()",
+         "--config", str(cfg_path), "run"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        systemd_socket.sock.settimeout(60)
+        messages: list[str] = []
+        while "READY=1" not in messages:
+            assert proc.poll() is None, proc.communicate()
+            messages = systemd_socket.receive()
+        # Ready, and still never connected: nothing was waited for. (status.json is written
+        # just after READY=1.)
+        deadline = time.monotonic() + 30
+        while not (state / "status.json").exists():
+            assert time.monotonic() < deadline, "no status.json after READY=1"
+            time.sleep(0.05)
+        status = json.loads((state / "status.json").read_text())
+        assert status["state"] == "running"
+        requests = status["workers"]["requests"]["stats"]
+        assert requests["connected"] is False and requests["connects"] == 0
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

@@ -155,3 +155,21 @@ def test_readme_install_matches_the_unit() -> None:
     assert "systemd/doorbell-agent.service" in section
     assert "/etc/doorbell-agent/agent.yaml" in section
     assert "systemctl enable --now doorbell-agent" in section
+
+
+def test_unit_does_not_claim_ready_waits_for_mqtt() -> None:
+    # READY=1 does not wait for the broker (tests/test_sdnotify.py proves it); the unit's
+    # comment and the README must say so, not the opposite.
+    text = UNIT.read_text()
+    comment = " ".join(
+        line.lstrip("# ") for line in text.splitlines() if line.startswith("#")
+    )
+    assert "does not wait for the broker" in comment
+    assert "MQTT are up" not in comment
+    assert "MQTT are up" not in README.read_text()
+
+
+def test_fixed_malloc_mmap_threshold(unit: dict[str, dict[str, list[str]]]) -> None:
+    # Without it glibc's dynamic threshold lets megabyte frame buffers fragment the heap
+    # (bench/memory.py: about 45 MiB more steady RSS at 1280x720).
+    assert "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576" in unit["Service"]["Environment"]

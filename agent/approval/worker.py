@@ -133,6 +133,7 @@ def approval_worker(ctx: DaemonContext) -> ApprovalWorker:
             topic_prefix=cfg.mqtt.topic_prefix,
             chunk_bytes=cfg.delivery.chunk_bytes,
             retries=cfg.delivery.retries,
+            cutter=cutter,
         )
 
     panels: list[ButtonPanel] = []
