@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import signal
 import threading
 from datetime import timedelta
@@ -50,6 +49,7 @@ from agent.requests.verify import (
 from agent.timeutil import rfc3339, to_epoch, utcnow
 from agent.vault import Vault
 from tests.mosquitto import Mosquitto
+from tests.realclips import record_clip
 from tests.test_approval_coordinator import DEVICE as HDEVICE
 from tests.test_approval_coordinator import (
     JTI,
@@ -107,11 +107,8 @@ def test_receipts_acknowledge_and_refusals_change_nothing(
     initialise(state, DEVICE, now=utcnow())
     device_key = load_device_key(state)
     now = utcnow()
-    data = random.Random(3).randbytes(300_000)
     with Vault(state, load_storage_key(state)) as vault:
-        writer = vault.create_clip(now - timedelta(minutes=10), "video/x-matroska")
-        writer.write(data)
-        writer.finish(now - timedelta(minutes=9), frames=60)
+        record_clip(vault, now - timedelta(minutes=10), frames=20, noise=3)
     cfg_path = tmp_path / "agent.yaml"
     cfg_path.write_text(yaml.safe_dump({
         "device_id": DEVICE,

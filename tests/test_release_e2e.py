@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -25,12 +24,14 @@ from agent.audit import verify_file
 from agent.cli import main as agent_main
 from agent.keys import b64url_decode, load_device_key, load_storage_key
 from agent.provision import initialise
+from agent.release.cut import WindowCutter
 from agent.requester.cli import main as requester_main
 from agent.requester.keyfiles import PUBLIC_JWK, generate_keys
 from agent.requests.store import RequestStore
 from agent.timeutil import rfc3339, utcnow
 from agent.vault import Vault
 from tests.mosquitto import Mosquitto
+from tests.realclips import record_clip
 
 DEVICE = "front-door"
 REQUESTER = "city-police"
@@ -71,12 +72,19 @@ def test_send_approve_kill9_recover_receive(tmp_path: Path, mosquitto: Mosquitto
     state = tmp_path / "state"
     initialise(state, DEVICE, now=utcnow())
     now = utcnow()
-    data = random.Random(5).randbytes(6 * 1024 * 1024)
     with Vault(state, load_storage_key(state)) as vault:
-        writer = vault.create_clip(now - timedelta(minutes=10), "video/x-matroska")
-        for i in range(0, len(data), 1 << 20):
-            writer.write(data[i : i + (1 << 20)])
-        clip = writer.finish(now - timedelta(minutes=9), frames=60)
+        # A real recording (grainy frames, ~4 MB: hundreds of 16 KiB chunks to crash amid);
+        # the window covers all of it, so the release is the whole clip, remuxed by the cut.
+        clip = record_clip(vault, now - timedelta(minutes=10), frames=60, noise=5)
+        expected = WindowCutter(vault).cut(
+            clip.id, now - timedelta(minutes=30), now - timedelta(minutes=1)
+        )
+        assert expected is not None
+        try:
+            data = expected.stream.read()
+        finally:
+            expected.close()
+        assert clip.size > 2 * 1024 * 1024
     cfg = {
         "device_id": DEVICE,
         "state_dir": str(state),
@@ -184,7 +192,9 @@ def test_send_approve_kill9_recover_receive(tmp_path: Path, mosquitto: Mosquitto
     assert manifest["attempt"] == 2
     (file_id,) = [c["id"] for c in manifest["clips"]]
     assert file_id != clip.id
+    # byte for byte the deterministic cut of the window, with every recorded frame
     assert (out / f"{file_id}.mkv").read_bytes() == data
+    assert manifest["clips"][0]["frames"] == clip.frames == 60
     # the evidence set, and no spool or temporary file left
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f"{file_id}.mkv", f"{file_id}.age", "device.jwk", "manifest.jws", "receipt.jws",
