@@ -198,7 +198,7 @@ In a second terminal, be the requester (asks for the last 30 minutes and waits):
   doorbell-request send --key {demo / "requester"} --host {HOST} --port {cfg.mqtt.port} \\
       --device {cfg.device_id} --from "$(date -u -d '-30 min' +%Y-%m-%dT%H:%M:%SZ)" \\
       --to "$(date -u +%Y-%m-%dT%H:%M:%SZ)" --reason "Parcel theft reported at 12 Main St" \\
-      --legal-basis warrant --legal-ref "W-2026-0042" \
+      --legal-basis warrant --legal-ref "W-2026-0042" \\
       --wait -o {demo / "evidence"}/"$(date -u +%H%M%S)"
 
 In a third terminal (same two first lines), be the homeowner: see the request and approve it

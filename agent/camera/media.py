@@ -257,9 +257,13 @@ class H264Encoder:
             ctx.gop_size = gop
             ctx.options = options
             try:
-                ctx.open()
+                # A board without the hardware encoder makes FFmpeg complain ("Could not find
+                # a valid device"): an expected probe, said once below at info, not an error.
+                with av.logging.Capture() as said:
+                    ctx.open()
             except (av.error.FFmpegError, ValueError) as exc:
-                errors.append(f"{name}: {exc}")
+                detail = "; ".join(str(line[2]).strip() for line in said if line[2])
+                errors.append(f"{name}: {exc}" + (f" ({detail})" if detail else ""))
                 _UNAVAILABLE.add(name)
                 continue
             if errors:
