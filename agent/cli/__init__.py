@@ -63,15 +63,25 @@ def report_error(prog: str, exc: AgentError) -> int:
     return exc.exit_code
 
 
-def run_program(parser: argparse.ArgumentParser, prog: str, argv: Sequence[str] | None) -> int:
+def run_program(
+    parser: argparse.ArgumentParser,
+    prog: str,
+    argv: Sequence[str] | None,
+    *,
+    quiet_level: int = logging.INFO,
+) -> int:
     """Parse ``argv``, set up logging and run the chosen handler, turning AgentError into the
-    contract's error output; shared by ``doorbell-agent`` and ``doorbell-request``."""
+    contract's error output; shared by ``doorbell-agent`` and ``doorbell-request``.
+
+    Logs at ``quiet_level`` and above, everything with ``-v``: the daemon's operator wants its
+    INFO lines, a requester's successful run wants none.
+    """
     args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     # One printable line per message: requester text in a message cannot forge log lines.
     handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler]
+        level=logging.DEBUG if args.verbose else quiet_level, handlers=[handler]
     )
     try:
         result: int = args.func(args)

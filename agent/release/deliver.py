@@ -192,6 +192,18 @@ def delivery_topic(prefix: str, job: DeliveryJob, leaf: str) -> str:
     return f"{prefix}/{job.device_id}/deliveries/{job.requester_id}/{job.jti}/{leaf}"
 
 
+def new_file_id() -> str:
+    """A fresh opaque id for one released file (22 characters of base64url, 128 bits).
+
+    Never one starting with ``-``: the requester types it as a file name (``ffprobe ID.mkv``),
+    where it would be read as an option.
+    """
+    while True:
+        file_id = secrets.token_urlsafe(16)
+        if not file_id.startswith("-"):
+            return file_id
+
+
 class Deliverer:
     """Publishes approved footage through a :class:`Publisher`, restarting after disconnects."""
 
@@ -207,7 +219,7 @@ class Deliverer:
         reconnect_timeout: float = 60.0,
         now: Callable[[], datetime] = utcnow,
         cutter: Cutter | None = None,
-        new_id: Callable[[], str] = lambda: secrets.token_urlsafe(16),
+        new_id: Callable[[], str] = new_file_id,
     ) -> None:
         if chunk_bytes <= 0:
             raise ValueError("chunk_bytes must be positive")

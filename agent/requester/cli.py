@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``doorbell-request``; returns the process exit status."""
-    return run_program(build_parser(), PROG, argv)
+    return run_program(build_parser(), PROG, argv, quiet_level=logging.WARNING)
 
 
 def entry() -> None:

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Never
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -487,16 +488,9 @@ class DeliveryAssembler:
         self._clips: dict[str, _ClipSpool] = {}
         self.manifest: Manifest | None = None
         self.manifest_token: bytes | None = None
-        self._bar = tqdm(
-            total=None,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=f"receiving {jti}",
-            disable=not progress,
-            file=sys.stderr,
-            leave=True,
-        )
+        self._progress = progress
+        self._total: int | None = None
+        self._bar: tqdm[Never] | None = None
         self._closed = False
 
     # -- intake ------------------------------------------------------------------------------
@@ -524,23 +518,35 @@ class DeliveryAssembler:
                 jti=self.jti,
             )
             self.manifest_token = payload
-            self._bar.total = sum(c.bytes for c in self.manifest.clips)
-            self._bar.refresh()
+            self._total = sum(c.bytes for c in self.manifest.clips)
+            if self._bar is not None:
+                self._bar.total = self._total
+                self._bar.refresh()
             return True
         parts = rest.split("/")
         if len(parts) != 2 or not NAME_RE.match(parts[0]) or not _SEQ_RE.match(parts[1]):
             raise ReceiveError(f"unexpected delivery topic {topic!r}")
         clip_id, seq = parts[0], int(parts[1])
-        if not self._clips:
-            # The bar's clock starts with the first chunk, not while the owner was deciding,
-            # so its rate is the real throughput.
-            self._bar.reset(total=self._bar.total)
+        bar = self._bar
+        if bar is None:
+            # The bar appears with the first chunk, not while the owner was deciding, so its
+            # rate is the real throughput.
+            bar = self._bar = tqdm(
+                total=self._total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=f"receiving {self.jti}",
+                disable=not self._progress,
+                file=sys.stderr,
+                leave=True,
+            )
         spool = self._clips.get(clip_id)
         if spool is None:
             spool = self._clips[clip_id] = _ClipSpool(
                 self._spool, self.out_dir, clip_id, self._identity
             )
-        self._bar.update(spool.add(seq, payload))
+        bar.update(spool.add(seq, payload))
         return True
 
     def check_response(self, payload: bytes) -> None:
@@ -591,7 +597,8 @@ class DeliveryAssembler:
         for clip in self.manifest.clips:
             self._check_age_file(clip)
         written = [self._write(clip) for clip in self.manifest.clips]
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
         return written
 
     def _check_age_file(self, clip: ManifestClip) -> None:
@@ -656,7 +663,8 @@ class DeliveryAssembler:
         if self._closed:
             return
         self._closed = True
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
         for spool in self._clips.values():
             spool.close()
         shutil.rmtree(self._spool, ignore_errors=True)
