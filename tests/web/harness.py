@@ -18,8 +18,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
 from argon2 import PasswordHasher
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pyrage import x25519
@@ -34,9 +32,6 @@ from agent.approval.coordinator import ApprovalCoordinator
 from agent.approval.machine import Policy
 from agent.approval.worker import previewer
 from agent.audit import AuditLog
-from agent.camera.frame import Frame
-from agent.camera.pipeline import FrameEncoder
-from agent.camera.recorder import Recorder, RecordingParams
 from agent.config import Config
 from agent.keys import create_device_keys, kid_for, load_storage_key, write_secret
 from agent.provision import APP_PASSWORD, make_state_dir, make_tls_certificate
@@ -51,6 +46,7 @@ from agent.web.app import WebApp
 from agent.web.auth import LoginLimiter, PasswordFile, SessionStore
 from agent.web.server import build_services
 from agent.web.services import StatusItem
+from tests.clips import record_clip
 
 PASSWORD = "correct horse battery staple"
 DEVICE = "front-door"
@@ -95,17 +91,6 @@ class MemoryPublisher:
 
 async def no_sleep(_seconds: float) -> None:
     return None
-
-
-def jpeg_frame(i: int, width: int = 320, height: int = 240) -> bytes:
-    """A real JPEG of a moving square with the frame number printed on it."""
-    image = np.full((height, width, 3), (40, 60, 90), np.uint8)
-    x = 10 + (i * 12) % (width - 60)
-    cv2.rectangle(image, (x, 80), (x + 50, 130), (60, 200, 255), -1)
-    cv2.putText(image, f"frame {i}", (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (255, 255, 255), 2)
-    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 80])
-    assert ok
-    return bytes(buf.tobytes())
 
 
 @dataclass
@@ -189,21 +174,7 @@ class WebHarness:
 
     def record_clip(self, start: datetime, frames: int = 15, fps: float = 10.0) -> ClipInfo:
         """Record a real clip (camera recorder, MJPEG in Matroska) into the vault."""
-        made: list[object] = []
-        recorder = Recorder(
-            self.vault,
-            RecordingParams(pre_roll=0.0, post_roll=0.5, max_clip=60.0, merge_gap=0.0),
-            FrameEncoder([], 85, codec="mjpeg"),
-            fps=fps,
-            on_clip=made.append,
-        )
-        for i in range(frames):
-            wall = start + timedelta(seconds=i / fps)
-            frame = Frame(seq=i, ts=i / fps, wall=wall, width=320, height=240, jpeg=jpeg_frame(i))
-            recorder.push(frame, motion=True)
-        recorder.close()
-        assert len(made) == 1 and isinstance(made[0], ClipInfo), recorder.last_error
-        return made[0]
+        return record_clip(self.vault, start, frames, fps)
 
     def request(self, jti: str) -> RequestRecord:
         return self.store.get_request(jti)

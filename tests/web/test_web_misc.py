@@ -23,7 +23,8 @@ from agent.errors import AgentError
 from agent.web.auth import PasswordFile
 from agent.web.server import AppServer, app_worker, snapshot_items
 from agent.web.services import StatusItem
-from tests.web.harness import PASSWORD, WebHarness, close_harness, jpeg_frame, make_harness
+from tests.clips import jpeg_frame
+from tests.web.harness import PASSWORD, WebHarness, close_harness, make_harness
 
 if TYPE_CHECKING:
     from agent.daemon import DaemonContext

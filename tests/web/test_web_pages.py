@@ -16,7 +16,8 @@ from pyrage import decrypt
 from agent.audit import read_entries
 from agent.camera.media import iter_jpegs
 from agent.keys import kid_for, public_jwk
-from tests.web.harness import REQUESTER, WebHarness, close_harness, jpeg_frame, make_harness
+from tests.clips import jpeg_frame
+from tests.web.harness import REQUESTER, WebHarness, close_harness, make_harness
 
 MARKUP_REASON = (
     '<script>alert("x")</script><img src=x onerror=alert(1)> & "quotes"\n'
