@@ -54,6 +54,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -73,6 +74,7 @@ from agent.cli import main as agent_main
 from agent.errors import ReceiveError
 from agent.keys import load_device_key, load_storage_key
 from agent.provision import initialise
+from agent.release.cut import WindowCutter
 from agent.release.manifest import RESPONSE_TYP, Manifest, verify_device_jws, verify_manifest
 from agent.requester.build import build_request
 from agent.requester.keyfiles import PUBLIC_JWK, RequesterKeys, generate_keys
@@ -651,6 +653,32 @@ class AgentProcess:
         """Every clip in the vault index (finished or being written)."""
         with self.open_vault() as vault:
             return vault.list_clips()
+
+    def expected_release(self, jti: str) -> dict[str, bytes]:
+        """What releasing request ``jti`` must give, by stored clip id: the cut of its window
+        of every clip in the vault overlapping it (see :meth:`expected_cut`)."""
+        start, end = self._window(jti)
+        with self.open_vault() as vault:
+            plans = WindowCutter(vault).preview(start, end)
+        return {p.clip_id: self.expected_cut(jti, p.clip_id) for p in plans}
+
+    def expected_cut(self, jti: str, clip_id: str) -> bytes:
+        """The file releasing request ``jti`` must give for stored clip ``clip_id``: the cut
+        of the request's window made here by :class:`WindowCutter` on the device's vault (a
+        cut is deterministic, so this is byte for byte what the agent released)."""
+        start, end = self._window(jti)
+        with self.open_vault() as vault:
+            cut = WindowCutter(vault).cut(clip_id, start, end)
+            assert cut is not None, f"no frame of clip {clip_id} in the window of {jti}"
+            try:
+                return b"".join(iter(partial(cut.stream.read, 65536), b""))
+            finally:
+                cut.close()
+
+    def _window(self, jti: str) -> tuple[datetime, datetime]:
+        record = self.request(jti)
+        assert record is not None and record.window_start and record.window_end, jti
+        return record.window_start, record.window_end
 
     def recording(self) -> Path | None:
         """A clip file the camera is writing right now (``vault/*.part`` with data), or None."""

@@ -12,7 +12,8 @@ and one ``delivered`` (the one final answer), no ``rejected`` for a redelivered 
 means one signed response: the contract's QoS 1 is at-least-once, so a response the broker
 took but could not acknowledge before it went down is sent again by the MQTT session and may
 reach the requester twice, byte for byte the same message (counted and printed); every
-delivery checks out end to end (signed manifest, chunk hashes, age decryption, plaintext hash);
+delivery checks out end to end (signed manifest, chunk hashes, age decryption, plaintext hash)
+and is byte for byte the cut of the request's window made again from the device's vault;
 ``request_pending`` is audited once per jti, and the audit log verifies.
 """
 
@@ -27,10 +28,13 @@ import pytest
 
 from agent.timeutil import utcnow
 from tests.mosquitto import Mosquitto
+from tests.realclips import record_clip
 from tests.reliability.harness import AgentProcess, Received, Requester, replay_rng, wait_until
 
 RESTARTS_PER_PHASE = 3
-CLIP_BYTES = 300 * 1024
+CLIP_FRAMES = 96
+"""Ten seconds of real footage (~300 KiB of MJPEG, ~75 chunks of 4 KiB: a delivery is long
+enough for the broker to go down in the middle of it)."""
 
 
 def wait_reconnected(agent: AgentProcess, requester: Requester, mark: int) -> None:
@@ -101,12 +105,11 @@ def test_broker_restarts_answer_every_request_once(tmp_path: Path, mosquitto: Mo
     rng = replay_rng("broker-restarts")
     moments: Counter[str] = Counter()
     with AgentProcess(tmp_path / "agent", mosquitto) as agent:
-        # One clip of footage, ten minutes ago; every request asks for it.
+        # One clip of real footage, ten minutes ago; every request asks for it (the release
+        # is the cut of each request's window).
         now = utcnow()
         with agent.open_vault() as vault:
-            writer = vault.create_clip(now - timedelta(minutes=10), "video/x-matroska")
-            writer.write(rng.randbytes(CLIP_BYTES))
-            clip = writer.finish(now - timedelta(minutes=9), frames=60)
+            clip = record_clip(vault, now - timedelta(minutes=10), frames=CLIP_FRAMES)
         window = (timedelta(minutes=11), timedelta(minutes=8))
         requester = Requester(tmp_path / "requester", agent)
         try:
@@ -143,6 +146,9 @@ def test_broker_restarts_answer_every_request_once(tmp_path: Path, mosquitto: Mo
                 redelivered += len(responses) - len({r.payload for r in responses})
                 clips = requester.check_delivery(jti)
                 assert list(clips) == [clip.id]
+                assert clips == agent.expected_release(jti), f"{jti}: not the window's cut"
+                # The window holds the whole clip: every recorded frame is released.
+                assert [c.frames for c in requester.manifests(jti)[-1].clips] == [clip.frames]
                 assert len(agent.audit_events("request_pending", jti=jti)) == 1
             print(f"responses redelivered by MQTT (same signed message): {redelivered}")
             assert agent.stop() == 0, agent.log_tail()

@@ -13,7 +13,8 @@ Proves, with footage thirty to fifty minutes old and ``storage.retention: 1h``:
   holds and the one whose request expired, but NOT the clip a still-pending request holds;
 - backward jump (to real time - 1 h): the pending request is still pending, a request signed at
   real time is rejected ``not_yet_valid``; approving the pending request then delivers exactly
-  the held clip, intact;
+  the held clip, intact: every frame of it, byte for byte the cut of the request's window made
+  again from the device's vault;
 - nothing is released without approval, and the audit chain verifies although its timestamps
   go backwards (``seq``/``prev`` prove the order).
 """
@@ -21,7 +22,6 @@ Proves, with footage thirty to fifty minutes old and ``storage.retention: 1h``:
 from __future__ import annotations
 
 import itertools
-import random
 import re
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -30,6 +30,7 @@ import pytest
 
 from agent.timeutil import parse_rfc3339, utcnow
 from tests.mosquitto import Mosquitto
+from tests.realclips import record_clip
 from tests.reliability.harness import (
     AgentProcess,
     FakeClock,
@@ -79,12 +80,8 @@ def test_clock_jumps_forward_and_back(tmp_path: Path, mosquitto: Mosquitto) -> N
     footage = {}
     with agent.open_vault() as vault:
         for name, minutes_ago in (("held", 50), ("expiring", 40), ("unheld", 30)):
-            data = random.Random(name).randbytes(40 * 1024)
-            writer = vault.create_clip(now - timedelta(minutes=minutes_ago), "video/x-matroska")
-            writer.write(data)
-            clip = writer.finish(now - timedelta(minutes=minutes_ago - 1), frames=10)
-            footage[name] = (clip.id, data)
-    held_id, held_data = footage["held"]
+            footage[name] = record_clip(vault, now - timedelta(minutes=minutes_ago), frames=20)
+    held = footage["held"]
 
     def window(name: str) -> tuple[datetime, datetime]:
         minutes_ago = {"held": 50, "expiring": 40}[name]
@@ -119,14 +116,14 @@ def test_clock_jumps_forward_and_back(tmp_path: Path, mosquitto: Mosquitto) -> N
             # act on the new wall time.
             assert agent.stop() == 0, agent.log_tail()
             agent.start()
-            shredded = {footage["unheld"][0], footage["expiring"][0]}
+            shredded = {footage["unheld"].id, footage["expiring"].id}
             wait_until(
                 lambda: shredded <= {e["clip"] for e in agent.audit_events("clip_deleted")},
                 "retention to shred the unheld clips",
                 agent=agent,
             )
             clips = {c.id for c in agent.clips()}
-            assert held_id in clips, "retention shredded a clip held by a pending request"
+            assert held.id in clips, "retention shredded a clip held by a pending request"
             assert not shredded & clips
             assert {e["reason"] for e in agent.audit_events("clip_deleted")} == {"retention"}
 
@@ -140,8 +137,11 @@ def test_clock_jumps_forward_and_back(tmp_path: Path, mosquitto: Mosquitto) -> N
             mark = requester.log.mark()
             assert agent.approve(keeper).code == 0
             requester.wait_status(keeper, "delivered")
+            # Exactly the held clip, intact: its window's cut, every recorded frame of it.
             delivered = requester.check_delivery(keeper)
-            assert delivered == {held_id: held_data}
+            assert list(delivered) == [held.id]
+            assert delivered == agent.expected_release(keeper)
+            assert [c.frames for c in requester.manifests(keeper)[-1].clips] == [held.frames]
             assert min(m.index for m in requester.delivery_messages(keeper)) >= mark
             for jti in (short, late, early):
                 assert requester.delivery_messages(jti) == []

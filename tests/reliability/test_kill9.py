@@ -17,7 +17,8 @@ After every kill, while the agent is down, ``clips verify`` and ``audit verify``
 last restart: every request sent was recorded exactly once (the broker redelivers what the agent
 had not acknowledged), undecided requests are still pending, requests approved before a crash
 end ``delivered`` or ``failed``, every delivered request checks out end to end (signed manifest,
-chunk hashes, age decryption, the vault's recorded plaintext hash), no delivery chunk went out
+chunk hashes, age decryption, plaintext hash; each file byte for byte the cut of the request's
+window made again from the device's vault), no delivery chunk went out
 before its approval, ``request_pending`` is audited once per jti, replays of old tokens are
 rejected ``replayed``, no retention hold is left, and the final ``clips verify`` / ``audit
 verify`` (real subprocesses) pass.
@@ -28,7 +29,6 @@ Replay a failure with the printed seed: ``DOORBELL_RELIABILITY_SEED=<seed> pytes
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import random
 import secrets
@@ -267,8 +267,9 @@ def check_after_crashes(
     records = {r.jti: r for r in agent.requests()}
     assert set(ledger.sent) <= set(records)
     with agent.open_vault() as vault:
-        recorded = {c.id: c.sha256 for c in vault.list_clips()}
+        recorded = {c.id for c in vault.list_clips() if c.sha256 is not None}
         assert vault.holds() == [], "a finished request still holds clips"
+    cuts_checked = 0
     for jti in ledger.sent:
         record = records[jti]
         assert record.status == "delivered", f"{jti} ended {record.status}: {record.detail}"
@@ -282,10 +283,14 @@ def check_after_crashes(
         clips = requester.check_delivery(jti)
         assert len(clips) == record.clips
         for clip_id, plain in clips.items():
-            if recorded.get(clip_id) is not None:
-                assert hashlib.sha256(plain).hexdigest() == recorded[clip_id]
+            # A released file is the cut of the window (contract §5.1): byte for byte the
+            # same window of the same stored clip cut again here (cuts are deterministic).
+            if clip_id in recorded:
+                assert plain == agent.expected_cut(jti, clip_id), f"{jti}: not the cut of {clip_id}"
+                cuts_checked += 1
         # Accepted once, however often the broker redelivered it.
         assert len(agent.audit_events("request_pending", jti=jti)) == 1, jti
+    assert cuts_checked, "no released file was checked against its cut"
     # Replays of old tokens, restarts in between, are refused.
     for jti in rng.sample(ledger.sent, 3):
         mark = requester.log.mark()
