@@ -190,7 +190,7 @@ if [ "$MODE" = smoke ]; then
         tests/test_config.py)
 else
     # Everything but the browser tests (no Chromium for arm64 here).
-    tests=(tests --ignore=tests/web/test_web_browser.py)
+    tests=(tests -m "'not browser'")
 fi
 ((${#PYTEST_ARGS[@]} == 0)) || tests=("${PYTEST_ARGS[@]}")
 in_root bash -c "cd /src && exec ${PYTEST[*]} ${tests[*]}" || die "tests failed inside the arm64 root"

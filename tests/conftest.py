@@ -21,6 +21,16 @@ import pytest
 
 from tests.mosquitto import Mosquitto, TestCA
 
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Browser tests fail, never skip, where Debian's Chromium is missing: a CI without it
+    must not pass them silently (``-m "not browser"`` deselects them on purpose)."""
+    if item.get_closest_marker("browser") is not None and not CHROMIUM.exists():
+        pytest.fail(f"the browser tests need Debian's chromium at {CHROMIUM} (apt-get install "
+                    "chromium), or deselect them with -m 'not browser'", pytrace=False)
+
 
 @pytest.fixture(scope="session")
 def test_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:

@@ -55,7 +55,7 @@ WAIT_MS = 30_000
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(180),
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed"),
+    pytest.mark.browser,
 ]
 
 

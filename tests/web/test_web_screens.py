@@ -34,7 +34,7 @@ ZONE = ZoneInfo("Europe/Berlin")
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(300),
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed"),
+    pytest.mark.browser,
 ]
 
 

@@ -23,7 +23,7 @@ from tests.web.agent_harness import RunningAgent, running_agent
 from tests.web.harness import WebHarness
 from tests.web.test_web_browser import CHROMIUM, CHROMIUM_ARGS, wait_js
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.timeout(180)]
 
 
 @pytest.fixture
