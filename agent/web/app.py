@@ -105,6 +105,11 @@ SECURITY_HEADERS: Final = (
 MAX_BODY: Final = 64 * 1024
 ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 AUDIT_PAGE: Final = 100
+AUDIT_LOGS: Final[dict[str, str]] = {
+    "requests": "Requests",
+    "activity": "Camera and owner",
+}
+"""The two logs (CONTRACT §7) the audit page shows, one at a time: ``?log=`` key -> tab label."""
 SSE_KEEPALIVE_S: Final = 15.0
 READ_CHUNK: Final = 64 * 1024
 UNSAFE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -197,7 +202,7 @@ class WebApp:
         self.stopping = threading.Event()
         self._flash: dict[str, tuple[str, str]] = {}
         self._flash_lock = threading.Lock()
-        self._audit_cache: tuple[tuple[int, int], VerifyResult] | None = None
+        self._audit_cache: dict[str, tuple[tuple[int, int], VerifyResult]] = {}
         env = Environment(
             loader=PackageLoader("agent.web", "templates"),
             autoescape=True,
@@ -797,37 +802,46 @@ class WebApp:
 
     # ------------------------------------------------------------------ audit
 
-    def _verify_audit(self) -> VerifyResult:
-        """The chain check, redone only when the log file changed (it reads every entry)."""
+    def _log_port(self, log: str) -> AuditPort:
+        """The request log (``requests``) or the camera and owner log (``activity``)."""
+        return self._activity() if log == "activity" else self.services.audit
+
+    def _verify_audit(self, log: str = "requests") -> VerifyResult:
+        """The chain check of one log, redone only when its file changed (it reads every
+        entry)."""
+        port = self._log_port(log)
         try:
-            stat = self.services.audit.path.stat()
+            stat = port.path.stat()
             key = (stat.st_size, stat.st_mtime_ns)
         except FileNotFoundError:
             key = (0, 0)
-        cached = self._audit_cache
+        cached = self._audit_cache.get(log)
         if cached is not None and cached[0] == key:
             return cached[1]
-        if key == (0, 0):
-            result = VerifyResult(True, 0, None, None, None)
-        else:
-            result = self.services.audit.verify()
-        self._audit_cache = (key, result)
+        result = VerifyResult(True, 0, None, None, None) if key == (0, 0) else port.verify()
+        self._audit_cache[log] = (key, result)
         return result
 
     def _audit_entries(
-        self, where: views.AuditFilter, before: int | None
+        self, log: str, where: views.AuditFilter, before: int | None
     ) -> tuple[list[AuditEntry], bool]:
-        if not self.services.audit.path.exists():
+        path = self._log_port(log).path
+        if not path.exists():
             return [], False
         return views.newest_entries(
-            read_entries(self.services.audit.path),
+            read_entries(path),
             before=before,
             limit=AUDIT_PAGE,
             where=where,
         )
 
-    def _audit_query(self, request: Request) -> tuple[views.AuditFilter, int | None]:
+    def _audit_query(self, request: Request) -> tuple[str, views.AuditFilter, int | None]:
+        """``(log, filter, before)`` from the query: ``log`` is ``requests`` (``audit.jsonl``,
+        the default) or ``activity`` (``activity.jsonl``); each log has its own seq numbers."""
         params = request.query_params
+        log = params.get("log") or "requests"
+        if log not in AUDIT_LOGS:
+            raise RequestError(f"log must be one of {', '.join(AUDIT_LOGS)}")
         requester = params.get("requester") or None
         if requester is not None and not ID_RE.fullmatch(requester):
             raise RequestError("the requester filter is not a valid requester id")
@@ -846,17 +860,18 @@ class WebApp:
             if not before_text.isdigit():
                 raise RequestError("before must be an audit seq number")
             before = int(before_text)
-        return views.AuditFilter(requester, kind, day, self.tz), before
+        return log, views.AuditFilter(requester, kind, day, self.tz), before
 
     async def audit_page(self, request: Request, session: Session) -> Response:
         """The log newest first, as sentences, with the chain check, filters and export."""
-        where, before = self._audit_query(request)
-        verify = await run_in_threadpool(self._verify_audit)
-        entries, more = await run_in_threadpool(self._audit_entries, where, before)
+        log, where, before = self._audit_query(request)
+        verify = await run_in_threadpool(self._verify_audit, log)
+        entries, more = await run_in_threadpool(self._audit_entries, log, where, before)
         requesters = await run_in_threadpool(self.services.requests.list_requesters)
         names = {r.id: r.name for r in requesters}
         query = {
             k: v for k, v in (
+                ("log", log if log != "requests" else None),
                 ("requester", where.requester), ("kind", where.kind),
                 ("date", where.day.isoformat() if where.day else None),
             ) if v
@@ -867,6 +882,8 @@ class WebApp:
             "audit.html",
             {
                 "verify": verify,
+                "log": log,
+                "logs": AUDIT_LOGS,
                 "entries": entries,
                 "more": more,
                 "where": where,
@@ -882,9 +899,9 @@ class WebApp:
     async def api_audit(self, request: Request, session: Session) -> Response:
         """``GET /api/audit[?requester=R][&kind=K][&date=YYYY-MM-DD][&before=SEQ]``:
         verification and 100 entries."""
-        where, before = self._audit_query(request)
-        verify = await run_in_threadpool(self._verify_audit)
-        entries, more = await run_in_threadpool(self._audit_entries, where, before)
+        log, where, before = self._audit_query(request)
+        verify = await run_in_threadpool(self._verify_audit, log)
+        entries, more = await run_in_threadpool(self._audit_entries, log, where, before)
         return JSONResponse(
             {
                 "verify": views.verify_json(verify),
@@ -896,9 +913,9 @@ class WebApp:
     async def api_audit_export(self, request: Request, session: Session) -> Response:
         """``GET /api/audit/export[?requester=R][&kind=K][&date=D]``: every matching entry as a
         JSON array."""
-        where, _ = self._audit_query(request)
+        log, where, _ = self._audit_query(request)
         requester = where.requester
-        path = self.services.audit.path
+        path = self._log_port(log).path
         entries: Iterator[AuditEntry] = (
             iter(read_entries(path)) if path.exists() else iter(())
         )
@@ -914,7 +931,10 @@ class WebApp:
                 first = False
             yield b"\n]\n"
 
-        name = f"audit-{self.services.device_id}" + (f"-{requester}" if requester else "")
+        name = (
+            f"{'activity' if log == 'activity' else 'audit'}-{self.services.device_id}"
+            + (f"-{requester}" if requester else "")
+        )
         return StreamingResponse(
             body(),
             media_type="application/json",

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from agent.approval.machine import Channel
-from agent.audit import read_entries
+from agent.audit import ACTIVITY_FILE, AuditLog, read_entries
 from agent.cli import main
 from agent.timeutil import format_size, parse_rfc3339
 from agent.web import views
@@ -200,3 +200,32 @@ def test_report_cli_text_json_and_since(
     assert later["total"]["received"] == 0 and later["requesters"][0]["received"] == 0
     assert main(["--config", str(cfg), "report", "--since", "last week"]) == 2
     assert "doorbell-agent: error: --since 'last week' is not a date" in capsys.readouterr().err
+
+
+def test_audit_page_shows_each_log_on_its_own_tab(web: WebHarness) -> None:
+    """The camera and owner log (activity.jsonl) is on the audit page too, apart from the
+    request log: each has its own chain check, seq numbers, filters and export."""
+    activity = AuditLog(web.state / ACTIVITY_FILE, web.key, now=web.clock)
+    web.web.services.activity = activity
+    web.login()  # the login goes to the activity log
+    web.submit_request()
+    activity.append("clip_recorded", clip="20261206T120000Z-abc", frames=300)
+    requests_page = web.client.get("/audit").text
+    assert "Camera and owner" in requests_page
+    assert "request_pending" in requests_page and "clip_recorded" not in requests_page
+    camera_page = web.client.get("/audit?log=activity").text
+    assert "clip_recorded" in camera_page and "request_pending" not in camera_page
+    assert "app_login" in camera_page
+    api = web.client.get("/api/audit?log=activity").json()
+    assert api["verify"]["ok"] and api["verify"]["entries"] == 2
+    assert [e["event"] for e in api["entries"]] == ["clip_recorded", "app_login"]
+    export = web.client.get("/api/audit/export?log=activity")
+    assert "activity-" in export.headers["content-disposition"]
+    assert [e["event"] for e in json.loads(export.content)] == ["app_login", "clip_recorded"]
+    assert web.client.get("/api/audit?log=secret").status_code == 400
+    # A changed activity log is reported on its own tab; the request log still checks out.
+    lines = activity.path.read_bytes().splitlines()
+    activity.path.write_bytes(b"\n".join([lines[0].replace(b"app_login", b"app_logon"),
+                                          *lines[1:]]) + b"\n")
+    assert not web.client.get("/api/audit?log=activity").json()["verify"]["ok"]
+    assert web.client.get("/api/audit").json()["verify"]["ok"]
