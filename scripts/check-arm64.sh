@@ -185,9 +185,13 @@ PYTEST=(/opt/doorbell-agent/venv/bin/python -m pytest -p no:cacheprovider -q)
 if [ "$MODE" = smoke ]; then
     # The pure core: request verification, the approval machine, the audit chain, the stream and
     # vault formats, age release files, clocks and the config model.
+    # Plus the Pi camera path as far as an emulator can show it: the rpicam: source's command
+    # line, and a stand-in rpicam-vid piping H.264 that PyAV stream-copies into the vault.
     tests=(tests/test_verify.py tests/test_approval_machine.py tests/test_audit.py
         tests/test_stream.py tests/test_vault.py tests/test_release_age.py tests/test_clock.py
-        tests/test_config.py)
+        tests/test_config.py
+        tests/camera/test_camera_stream.py::test_a_pipe_of_raw_h264_like_rpicam_vid_streams
+        tests/camera/test_camera_stream.py::test_rpicam_source_runs_rpicam_vid_with_h264_to_stdout)
 else
     # Everything but the browser tests (no Chromium for arm64 here).
     tests=(tests -m "'not browser'")
