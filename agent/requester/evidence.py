@@ -30,7 +30,7 @@ from typing import Any, Final
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.errors import AgentError, ReceiveError, StateError
-from agent.keys import b64url_decode, parse_public_key, public_jwk
+from agent.keys import b64url_decode, parse_public_key, public_jwk, write_secret
 from agent.release.manifest import RESPONSE_TYP, Manifest, verify_device_jws, verify_manifest
 from agent.requester.build import verify_receipt
 from agent.requester.receive import AgeDecryptor, extension_for, identity_key
@@ -44,15 +44,6 @@ MANIFEST_FILE: Final = "manifest.jws"
 RECEIPT_FILE: Final = "receipt.jws"
 AGE_SUFFIX: Final = ".age"
 _READ_BYTES: Final = 1 << 20
-
-
-def _write_exclusive(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -127,7 +118,7 @@ class EvidenceDir:
         """Write one file of the set (relative ``name``); raises StateError if it exists."""
         target = self.path / name
         try:
-            _write_exclusive(target, data)
+            write_secret(target, data)
         except FileExistsError:
             raise StateError(f"{target} already exists; evidence is never overwritten") from None
         _fsync_dir(target.parent)
