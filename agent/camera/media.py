@@ -546,38 +546,54 @@ class ClipFacts:
     keyframe_first: bool
 
 
+class _PacketTally:
+    """What :func:`probe` and :func:`remux` learn from a clip's packets as they pass: how many,
+    the span they cover, and whether the first is a keyframe."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.first: float | None = None
+        self.end = 0.0
+        self.last_start = 0.0
+        self.key_first = False
+
+    def add(self, packet: av.Packet) -> None:
+        """Count one packet (its duration as stored, before any is filled in)."""
+        t = _seconds(packet.pts, packet.time_base)
+        if self.first is None:
+            self.key_first = packet.is_keyframe
+        self.first = t if self.first is None else min(self.first, t)
+        self.end = max(self.end, t + _seconds(packet.duration, packet.time_base))
+        self.last_start = max(self.last_start, t)
+        self.frames += 1
+
+    def facts(self, stream: VideoStream) -> ClipFacts:
+        """The clip's facts from what was counted."""
+        return ClipFacts(
+            codec=stream.codec_context.name,
+            width=stream.codec_context.width,
+            height=stream.codec_context.height,
+            frames=self.frames,
+            duration=_span(self.first, self.end, self.last_start, self.frames),
+            keyframe_first=self.key_first,
+        )
+
+
 def probe(raw: Readable) -> ClipFacts:
     """Demux a whole clip (no decode): codec, size, packet count, duration, and whether it
     starts with a keyframe."""
     container, stream, src = _open_input(raw)
     try:
-        frames = 0
-        first: float | None = None
-        end = last_start = 0.0
-        key_first = False
+        tally = _PacketTally()
         try:
             for packet in container.demux(stream):
-                if not packet.size:
-                    continue
-                t = _seconds(packet.pts, packet.time_base)
-                if first is None:
-                    key_first = packet.is_keyframe
-                first = t if first is None else min(first, t)
-                end = max(end, t + _seconds(packet.duration, packet.time_base))
-                last_start = max(last_start, t)
-                frames += 1
+                if packet.size:
+                    tally.add(packet)
         except av.error.FFmpegError as exc:
             src.check()
             raise MediaError(f"the clip does not demux: {exc}") from exc
         src.check()
-        return ClipFacts(
-            codec=stream.codec_context.name,
-            width=stream.codec_context.width,
-            height=stream.codec_context.height,
-            frames=frames,
-            duration=_span(first, end, last_start, frames),
-            keyframe_first=key_first,
-        )
+        return tally.facts(stream)
     finally:
         container.close()
 
@@ -596,10 +612,7 @@ def remux(
         with av.open(str(target), mode="w", format="matroska") as out:
             ostream = out.add_stream_from_template(stream, opaque=True)
             out.metadata["encoder"] = "doorbell-agent"
-            count = 0
-            first: float | None = None
-            end = last_start = 0.0
-            key_first = False
+            tally = _PacketTally()
             # NUMBER_OF_FRAMES goes into the track's tags, which Matroska writes with the
             # header: the count must be known before the first packet, so it is the index's.
             if frames is not None:
@@ -611,32 +624,21 @@ def remux(
                 for packet in container.demux(stream):
                     if not packet.size:
                         continue
-                    t = _seconds(packet.pts, packet.time_base)
-                    if first is None:
-                        key_first = packet.is_keyframe
-                    first = t if first is None else min(first, t)
-                    end = max(end, t + _seconds(packet.duration, packet.time_base))
-                    last_start = max(last_start, t)
+                    tally.add(packet)
                     if not packet.duration and rate and packet.time_base:
                         # Matroska blocks carry no duration: the last frame's sets Duration.
                         packet.duration = round(1 / (rate * packet.time_base))
                     packet.stream = ostream
                     out.mux(packet)
-                    count += 1
             except av.error.FFmpegError as exc:
                 src.check()
                 raise MediaError(f"the clip does not demux: {exc}") from exc
             src.check()
-        if frames is not None and count != frames:
-            raise MediaError(f"the clip holds {count} frames but the index records {frames}")
-        return ClipFacts(
-            codec=stream.codec_context.name,
-            width=stream.codec_context.width,
-            height=stream.codec_context.height,
-            frames=count,
-            duration=_span(first, end, last_start, count),
-            keyframe_first=key_first,
-        )
+        if frames is not None and tally.frames != frames:
+            raise MediaError(
+                f"the clip holds {tally.frames} frames but the index records {frames}"
+            )
+        return tally.facts(stream)
     finally:
         container.close()
 
