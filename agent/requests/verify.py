@@ -502,6 +502,28 @@ def _check_header(header: dict[str, Any], typ: str = REQUEST_TYP) -> None:
         raise _Fail("bad_header", "kid is missing, not a string or too long")
 
 
+def _authenticate(
+    raw: bytes, trust: TrustView, policy: RequestPolicy, typ: str
+) -> tuple[_Token, TrustedKey] | Unverifiable:
+    """Steps 1-6, shared by requests and receipts: the cheap checks (with ``typ``), the kid
+    enrolled, and the signature with the enrolled key only. The token and its key, or why the
+    sender cannot be known."""
+    try:
+        tok = _split(raw, policy, typ)
+    except _Fail as fail:
+        return Unverifiable(fail.reason, fail.detail, len(raw))
+    kid: str = tok.header["kid"]
+    key = trust.key_for_kid(kid)
+    if key is None:
+        return Unverifiable("unknown_kid", "no requester is enrolled with this kid", len(raw), kid)
+    try:
+        # alg is EdDSA or Ed25519 (step 3), both meaning Ed25519 here; the enrolled key only.
+        key.public_key.verify(tok.signature, tok.signing_input)
+    except InvalidSignature:
+        return Unverifiable("bad_signature", "the signature does not verify", len(raw), kid)
+    return tok, key
+
+
 def verify_request(
     raw: bytes,
     trust: TrustView,
@@ -517,19 +539,11 @@ def verify_request(
     ``now``; the window may end at most ``clock_skew`` after it); ``trust`` and ``replay`` are
     read only.
     """
-    try:
-        tok = _split(raw, policy)
-    except _Fail as fail:
-        return Unverifiable(fail.reason, fail.detail, len(raw))
+    signed = _authenticate(raw, trust, policy, REQUEST_TYP)
+    if isinstance(signed, Unverifiable):
+        return signed
+    tok, key = signed
     kid: str = tok.header["kid"]
-    key = trust.key_for_kid(kid)
-    if key is None:
-        return Unverifiable("unknown_kid", "no requester is enrolled with this kid", len(raw), kid)
-    try:
-        # alg is EdDSA or Ed25519 (step 3), both meaning Ed25519 here; the enrolled key only.
-        key.public_key.verify(tok.signature, tok.signing_input)
-    except InvalidSignature:
-        return Unverifiable("bad_signature", "the signature does not verify", len(raw), kid)
     claims = tok.claims
 
     jti = claims.get("jti")
@@ -590,18 +604,11 @@ def verify_receipt(
     The cheap checks and the signature are the request's (steps 1-6 of the module docstring)
     with ``typ`` ``doorbell-receipt+jwt``; ``trust`` is read only.
     """
-    try:
-        tok = _split(raw, policy, RECEIPT_TYP)
-    except _Fail as fail:
-        return Unverifiable(fail.reason, fail.detail, len(raw))
+    signed = _authenticate(raw, trust, policy, RECEIPT_TYP)
+    if isinstance(signed, Unverifiable):
+        return signed
+    tok, key = signed
     kid: str = tok.header["kid"]
-    key = trust.key_for_kid(kid)
-    if key is None:
-        return Unverifiable("unknown_kid", "no requester is enrolled with this kid", len(raw), kid)
-    try:
-        key.public_key.verify(tok.signature, tok.signing_input)
-    except InvalidSignature:
-        return Unverifiable("bad_signature", "the signature does not verify", len(raw), kid)
     claims = tok.claims
 
     def refused(reason: str, detail: str) -> RefusedReceipt:
