@@ -302,6 +302,10 @@ class ReceiptDesk:
                 manifest_sha256=receipt.manifest,
                 receipt=receipt.token,
             )
+            # Kept before the request shows `acknowledged`, so whoever sees that status also
+            # finds the head witnessed (a genuine device head stays valid even if the status
+            # change then failed).
+            self._witness(checked)
 
         try:
             moved = self._store.acknowledge(
@@ -325,15 +329,20 @@ class ReceiptDesk:
             return "refused"
         self.stats["acknowledged"] += 1
         log.info("request %s: delivery acknowledged by %s", receipt.req, receipt.requester_id)
-        head, token = checked.head, receipt.audit_head
-        if head is not None and checked.holds and token is not None:
-            try:
-                if keep_witnessed(self._state_dir, token, head, self._device_key,
-                                  self._policy.device_id):
-                    self.stats["witnessed"] += 1
-            except OSError as exc:
-                log.error("cannot keep the witnessed audit head: %s", exc)
         return "acknowledged"
+
+    def _witness(self, checked: _Checked) -> None:
+        """Keep the receipt's audit head as witnessed when it is the device's and
+        ``audit.jsonl`` holds it; a failure to write it is logged, not fatal."""
+        head, token = checked.head, checked.receipt.audit_head
+        if head is None or not checked.holds or token is None:
+            return
+        try:
+            if keep_witnessed(self._state_dir, token, head, self._device_key,
+                              self._policy.device_id):
+                self.stats["witnessed"] += 1
+        except OSError as exc:
+            log.error("cannot keep the witnessed audit head: %s", exc)
 
 
 @dataclass(frozen=True)
