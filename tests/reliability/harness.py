@@ -629,14 +629,20 @@ class AgentProcess:
         return next((r for r in self.requests() if r.jti == jti), None)
 
     def wait_request(
-        self, jti: str, statuses: Iterable[str], timeout: float = 60.0
+        self, jti: str, statuses: Iterable[str], timeout: float = 60.0, *, answered: bool = False
     ) -> RequestRecord:
-        """Wait until request ``jti`` is stored with one of ``statuses``."""
+        """Wait until request ``jti`` is stored with one of ``statuses``.
+
+        With ``answered``, also until the store records that the broker took the response for
+        that status: the requester can read an answer before the agent marks it sent.
+        """
         wanted = set(statuses)
 
         def found() -> RequestRecord | None:
             record = self.request(jti)
-            return record if record is not None and record.status in wanted else None
+            if record is None or record.status not in wanted:
+                return None
+            return record if not answered or record.responded == record.status else None
 
         return wait_until(
             found,
