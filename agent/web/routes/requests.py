@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any, Final
 
 from starlette.concurrency import run_in_threadpool
@@ -21,6 +22,7 @@ from agent.requests.store import RequestRecord
 from agent.web import views
 from agent.web.auth import Session
 from agent.web.routes.shared import Site, form_field, json_body, valid_id
+from agent.web.services import Decision
 
 SSE_KEEPALIVE_S: Final = 15.0
 
@@ -79,20 +81,24 @@ async def decide_form(site: Site, request: Request, session: Session) -> Respons
     approve = _action(request.path_params["action"])
     # A form without a fingerprint binds to nothing that can match: refused as changed.
     shown = (form_field(await request.form(), "preview") or "") if approve else None
-    try:
-        decision = await run_in_threadpool(site.services.decider.decide, jti, approve, shown)
-    except ApprovalError as exc:
-        site.set_flash(session, "error", exc.message)
-    else:
-        site.set_flash(session, "ok", decision.message)
-    return RedirectResponse("/requests", status_code=303)
+    return await _decide_then_list(
+        site, session, partial(site.services.decider.decide, jti, approve, shown)
+    )
 
 
 async def redeliver_form(site: Site, request: Request, session: Session) -> Response:
     """"Send again" (§5.2, channel ``app``), then back to the list."""
     jti = valid_id(request.path_params["jti"])
+    return await _decide_then_list(site, session, partial(site.services.decider.redeliver, jti))
+
+
+async def _decide_then_list(
+    site: Site, session: Session, decide: Callable[[], Decision]
+) -> Response:
+    """Run ``decide`` (in a worker thread), flash what it did or why it was refused, and go
+    back to the list."""
     try:
-        decision = await run_in_threadpool(site.services.decider.redeliver, jti)
+        decision = await run_in_threadpool(decide)
     except ApprovalError as exc:
         site.set_flash(session, "error", exc.message)
     else:

@@ -178,47 +178,36 @@ class Site:
 
     def page(self, handler: Handler) -> Endpoint:
         """``handler`` as a page: no session redirects to ``/login``, errors show as HTML."""
-
-        @wraps(handler)
-        async def endpoint(request: Request) -> Response:
-            session = self.session(request)
-            if session is None:
-                return RedirectResponse("/login", status_code=303)
-            try:
-                await self._check_csrf(request, session, api=False)
-                return await handler(self, request, session)
-            except Denied as exc:
-                return self.render(
-                    request, session, "error.html", {"message": exc.message}, status=exc.status
-                )
-            except AgentError as exc:
-                status = _error_status(exc)
-                if status == 500:
-                    log.error("app page %s failed: %s", request.url.path, exc)
-                return self.render(
-                    request, session, "error.html", {"message": exc.message}, status=status
-                )
-
-        return endpoint
+        return self._guarded(handler, api=False)
 
     def api(self, handler: Handler) -> Endpoint:
         """``handler`` as an API call: no session is a 401, errors are JSON."""
+        return self._guarded(handler, api=True)
 
+    def _guarded(self, handler: Handler, *, api: bool) -> Endpoint:
         @wraps(handler)
         async def endpoint(request: Request) -> Response:
             session = self.session(request)
             if session is None:
-                return JSONResponse({"error": "not logged in"}, status_code=401)
+                if api:
+                    return JSONResponse({"error": "not logged in"}, status_code=401)
+                return RedirectResponse("/login", status_code=303)
             try:
-                await self._check_csrf(request, session, api=True)
+                await self._check_csrf(request, session, api=api)
                 return await handler(self, request, session)
             except Denied as exc:
-                return JSONResponse({"error": exc.message}, status_code=exc.status)
+                status, message = exc.status, exc.message
             except AgentError as exc:
-                status = _error_status(exc)
+                status, message = _error_status(exc), exc.message
                 if status == 500:
-                    log.error("app API %s failed: %s", request.url.path, exc)
-                return JSONResponse({"error": exc.message}, status_code=status)
+                    log.error(
+                        "app %s %s failed: %s", "API" if api else "page", request.url.path, exc
+                    )
+            if api:
+                return JSONResponse({"error": message}, status_code=status)
+            return self.render(
+                request, session, "error.html", {"message": message}, status=status
+            )
 
         return endpoint
 
