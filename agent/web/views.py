@@ -426,14 +426,15 @@ def entry_sentence(
     if event == "request_rejected":
         why = REJECTION_WORDS.get(str(f.get("error")), str(f.get("error") or "it broke a rule"))
         return f"{asked} — refused automatically because {why}; nothing was sent."
+    footage = f"footage {who} asked for ({span})"
     if event == "request_delivered":
-        return f"The footage {who} asked for ({span}) was sent: {_plural(f.get('clips'), 'clip')}."
+        return f"The {footage} was sent: {_plural(f.get('clips'), 'clip')}."
     if event == "request_redelivered":
-        return f"The footage {who} asked for ({span}) was sent again."
+        return f"The {footage} was sent again."
     if event == "release_started":
-        return f"Sending the footage {who} asked for ({span}) started."
+        return f"Sending the {footage} started."
     if event == "request_failed":
-        return f"Sending the footage {who} asked for ({span}) failed: {f.get('error', 'error')}."
+        return f"Sending the {footage} failed: {f.get('error', 'error')}."
     if event == "delivery_acknowledged":
         return f"{who} confirmed receiving the footage of {span}."
     if event == "request_unverifiable":
@@ -456,16 +457,15 @@ def entry_sentence(
         locked = " Logins from there are locked for a while." if f.get("locked_until") else ""
         client = f.get("client", "an unknown address")
         return f"Someone entered a wrong app password from {client}.{locked}"
-    if event == "button_ignored":
-        return "The button was pressed while no request was waiting; nothing happened."
-    if event == "agent_started":
-        return "The agent started."
-    if event == "agent_stopped":
-        return "The agent stopped."
-    if event == "device_initialized":
-        return "The device was set up and its signing key made."
-    if event == "checkpoint":
-        return "Checkpoint: the request log vouches for the camera log so far."
-    if event == "audit_discontinuity":
-        return "The log was shorter than a copy seen before: entries may be missing."
-    return f"{event_name(event)}."
+    return _FIXED_SENTENCES.get(event) or f"{event_name(event)}."
+
+
+_FIXED_SENTENCES: Final = {
+    "button_ignored": "The button was pressed while no request was waiting; nothing happened.",
+    "agent_started": "The agent started.",
+    "agent_stopped": "The agent stopped.",
+    "device_initialized": "The device was set up and its signing key made.",
+    "checkpoint": "Checkpoint: the request log vouches for the camera log so far.",
+    "audit_discontinuity": "The log was shorter than a copy seen before: entries may be missing.",
+}
+"""Sentences of the events whose entries say nothing more than that they happened."""

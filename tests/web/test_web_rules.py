@@ -9,7 +9,8 @@ from datetime import timedelta
 import pytest
 from starlette.testclient import TestClient
 
-from agent.web.app import CSP, SESSION_COOKIE
+from agent.web.headers import CSP
+from agent.web.routes.shared import SESSION_COOKIE
 from tests.web.harness import PASSWORD, TEST_HASHER, WebHarness
 
 API_GETS = [
