@@ -62,8 +62,8 @@ def vault(tmp_path: Path) -> Iterator[Vault]:
 
 
 def record_h264(vault: Vault, start: datetime, frames: int, first_n: int = 0) -> ClipInfo:
-    """An H.264 clip as the recorder makes it (libx264 with B-frames, keyframe every 2 s)."""
-    encoder = H264Encoder(FPS, hardware=False)
+    """An H.264 clip with B-frames as a camera's own stream brings them (keyframe every 2 s)."""
+    encoder = H264Encoder(FPS, tune=None, hardware=False)
     clip = vault.create_clip(start, CONTENT_TYPE)
     muxer: ClipMuxer | None = None
     t0 = 0.0

@@ -44,7 +44,9 @@ from av.container import InputContainer, OutputContainer
 from av.video.frame import PictureType
 from av.video.stream import VideoStream
 
-from agent.camera.frame import Image
+# OpenCV's own image type, not frame.Image: frame.py refers to this module's packets.
+from cv2.typing import MatLike
+
 from agent.timeutil import utcnow
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,8 @@ DEFAULT_PRESET: Final = "veryfast"
 """libx264 preset: ``bench/storage.py`` measured it at about the CPU of the old JPEG
 pipeline for a quarter to a sixteenth of the bytes (``ultrafast`` costs 3x the bytes)."""
 DEFAULT_CRF: Final = 23
+LIVE_TUNE: Final = "zerolatency"
+"""libx264 tune for frames encoded as they come (see :class:`H264Encoder`)."""
 KEYFRAME_SECONDS: Final = 2.0
 """Longest keyframe interval made here: cuts and pre-roll start at keyframes."""
 _READ_BUFFER: Final = 64 * 1024
@@ -201,11 +205,15 @@ def h264_encoder_names(hardware: bool = True) -> list[str]:
 class H264Encoder:
     """Encodes BGR frames to H.264 packets; keyframe at least every ``KEYFRAME_SECONDS``.
 
-    libx264 keeps its lookahead and B-frames (``bench/storage.py``: zero-latency tuning costs
-    a third more bytes at 2-s keyframes), so packets come out about a second after their
-    frames, in decode order: each packet carries its own frame's times (looked up by
-    presentation time) and its decode time, and :meth:`flush` drains what is held back when a
-    clip ends. A new frame size restarts the encoder (a new :class:`StreamFormat`).
+    libx264 is tuned for a live camera (``tune``, default ``zerolatency``): no lookahead and no
+    B-frames, so each frame's packet comes out at once and a crash loses none held back. Their
+    frame queues were the largest part of the daemon's memory at 720p (``bench/memory.py``:
+    about 50 MiB of a 150 MiB budget); that costs about a third more bytes
+    (``bench/storage.py``: 7.6 against 5.7 MB/min at 2-s keyframes). ``tune=None`` keeps them:
+    packets then come out about a second after their frames, in decode order. Either way each packet
+    carries its own frame's times (looked up by presentation time) and its decode time, and
+    :meth:`flush` drains what is held back when a clip ends. A new frame size restarts the
+    encoder (a new :class:`StreamFormat`).
     """
 
     def __init__(
@@ -214,11 +222,13 @@ class H264Encoder:
         *,
         preset: str = DEFAULT_PRESET,
         crf: int = DEFAULT_CRF,
+        tune: str | None = LIVE_TUNE,
         hardware: bool = True,
     ) -> None:
         self.fps = fps
         self.preset = preset
         self.crf = crf
+        self.tune = tune
         self.hardware = hardware
         self.name: str | None = None
         self.frames = 0
@@ -244,6 +254,8 @@ class H264Encoder:
                     "crf": str(self.crf),
                     "keyint_min": str(min(gop, max(1, int(self.fps)))),
                 }
+                if self.tune is not None:
+                    options["tune"] = self.tune
             else:
                 options = {}
             # No container: without a global header every keyframe carries its SPS/PPS, so
@@ -277,7 +289,7 @@ class H264Encoder:
         raise MediaError(f"no H.264 encoder opens: {'; '.join(errors)}")
 
     def encode(
-        self, image: Image, ts: float, wall: datetime, *, keyframe: bool = False
+        self, image: MatLike, ts: float, wall: datetime, *, keyframe: bool = False
     ) -> list[tuple[float, datetime, EncodedPacket]]:
         """Encode one BGR frame taken at ``ts``/``wall``; returns the packets ready now with
         their frames' times. ``keyframe`` forces an IDR frame (a clip starting after a gap)."""
@@ -481,7 +493,7 @@ def _span(first: float | None, end: float, last_start: float, frames: int) -> fl
 
 def _decoded(
     container: InputContainer, stream: VideoStream, src: _ReadOnly, every: int
-) -> Iterator[tuple[float, Image]]:
+) -> Iterator[tuple[float, MatLike]]:
     stream.thread_type = "AUTO"
     t0: float | None = None
     n = 0
@@ -498,7 +510,7 @@ def _decoded(
     src.check()
 
 
-def iter_images(raw: Readable, *, every: int = 1) -> Iterator[tuple[float, Image]]:
+def iter_images(raw: Readable, *, every: int = 1) -> Iterator[tuple[float, MatLike]]:
     """Decode a clip: (seconds from its first frame, BGR image) for every ``every``-th frame."""
     container, stream, src = _open_input(raw)
     try:
