@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -656,6 +656,14 @@ def _write_hint(exc: OSError) -> str:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "check that the state directory and audit.jsonl are writable by this user"
     return "check the state directory's disk"
+
+
+class AuditSink(Protocol):
+    """What a writer of audit entries needs of a log (:class:`AuditLog` fits)."""
+
+    def append(self, event: str, **fields: object) -> object:
+        """Append one durable entry or raise :class:`agent.errors.AuditWriteError`."""
+        ...
 
 
 class AuditLog:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO, Final, Literal, Protocol, Self
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, Literal, Self
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent import stream
+from agent.audit import AuditSink
 from agent.errors import ClipNotFoundError, HoldRefusedError, TamperError, VaultError
 from agent.keys import load_storage_key
 from agent.timeutil import format_size, rfc3339, utcnow
@@ -111,12 +112,6 @@ CREATE TABLE IF NOT EXISTS holds (
     end_us INTEGER NOT NULL
 );
 """
-
-
-class AuditSink(Protocol):
-    """What the vault needs from the audit log (``agent.audit.AuditLog`` fits)."""
-
-    def append(self, event: str, **fields: object) -> object: ...
 
 
 def _to_us(moment: datetime) -> int:

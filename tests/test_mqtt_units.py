@@ -28,7 +28,8 @@ from agent.requests.service import (
     response_claims,
 )
 from agent.requests.store import RequestStore
-from agent.requests.verify import ERROR_CODES, RequestPolicy, TrustedKey
+from agent.requests.verify import RequestPolicy, TrustedKey
+from agent.requests.vocabulary import REJECTION_CODES
 from agent.status import Coalescer, status_payload
 from tests.test_mqtt_service import TOPIC_REQUESTS, Requester, eventually, request
 
@@ -89,7 +90,7 @@ def test_response_claims_refuse_claims_that_do_not_fit(
 
 
 def test_every_contract_error_code_has_a_fixed_detail() -> None:
-    assert set(REJECTION_DETAIL) == set(ERROR_CODES)
+    assert set(REJECTION_DETAIL) == set(REJECTION_CODES)
 
 
 # --- coalescing and flood accounting --------------------------------------------------------

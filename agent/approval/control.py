@@ -26,7 +26,6 @@ from types import TracebackType
 from typing import Any, Final
 
 from agent.approval.decisions import ACTIONS, Action
-from agent.approval.machine import Channel
 from agent.errors import (
     AgentError,
     ApprovalError,
@@ -34,6 +33,7 @@ from agent.errors import (
     RequestNotFoundError,
     StateError,
 )
+from agent.requests.vocabulary import Channel
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,12 @@ from agent.approval.control import (
     socket_path,
 )
 from agent.approval.decisions import Action, DecisionLog
-from agent.approval.machine import ApprovalState, Channel, Policy, Status
+from agent.approval.machine import ApprovalState, Policy
 from agent.cli.common import load_config, print_json, require_initialised
 from agent.config import Config
 from agent.errors import ApprovalError
 from agent.requests.store import RequestStore
+from agent.requests.vocabulary import Channel, Status
 from agent.timeutil import format_duration, rfc3339, utcnow
 
 

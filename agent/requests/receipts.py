@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent.audit import (
     WITNESSED_FILE,
     AuditHead,
+    AuditSink,
     iter_log_lines,
     parse_entry,
     parse_head_jws,
@@ -74,13 +75,12 @@ EARLY_RETRY = 0.2
 """Seconds between tries of the receipts that wait."""
 
 
-class AuditSink(Protocol):
-    """What receipts need of the request log (:class:`agent.audit.AuditLog`)."""
+class RequestLog(AuditSink, Protocol):
+    """What receipts need of the request log (:class:`agent.audit.AuditLog`): its entries are
+    read back from ``path`` to check a witnessed head."""
 
     @property
     def path(self) -> Path: ...
-
-    def append(self, event: str, **fields: object) -> object: ...
 
 
 def log_holds(path: Path, head: AuditHead) -> bool:
@@ -129,7 +129,7 @@ class ReceiptDesk:
         self,
         *,
         store: RequestStore,
-        audit: AuditSink,
+        audit: RequestLog,
         policy: RequestPolicy,
         device_key: Ed25519PublicKey,
         state_dir: Path,

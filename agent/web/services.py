@@ -20,12 +20,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.approval.coordinator import DecisionResult
 from agent.approval.decisions import Action
-from agent.approval.machine import Channel, Status
 from agent.audit import AuditEntry, VerifyResult
 from agent.camera.media import MediaError
 from agent.errors import AgentError
 from agent.release.preview import Preview
 from agent.requests.store import Requester, RequestRecord, Revocation
+from agent.requests.vocabulary import Channel, Status
 from agent.vault import ClipInfo, Hold
 
 log = logging.getLogger(__name__)
