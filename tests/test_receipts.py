@@ -30,7 +30,7 @@ from agent.keys import (
     load_storage_key,
     sign_jws,
 )
-from agent.mqtt import InboundMessage, Topics
+from agent.mqtt import InboundMessage
 from agent.provision import initialise
 from agent.requester.cli import main as requester_main
 from agent.requester.keyfiles import PUBLIC_JWK, generate_keys, load_keys
@@ -47,6 +47,7 @@ from agent.requests.verify import (
     verify_receipt,
 )
 from agent.timeutil import rfc3339, to_epoch, utcnow
+from agent.topics import Topics
 from agent.vault import Vault
 from tests.mosquitto import Mosquitto
 from tests.realclips import record_clip

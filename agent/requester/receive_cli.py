@@ -17,7 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from agent.errors import UsageError
-from agent.mqtt import InboundMessage, Topics
+from agent.mqtt import InboundMessage
 from agent.requester.evidence import DEVICE_KEY_FILE, REQUEST_FILE, EvidenceDir
 from agent.requester.keyfiles import load_keys, load_request, pin_device_key
 from agent.requester.receive import DeliveryAssembler, receive_delivery
@@ -36,6 +36,7 @@ from agent.requester.session import (
     request_session,
 )
 from agent.timeutil import from_epoch, parse_duration, utcnow
+from agent.topics import Topics
 
 DEFAULT_TIMEOUT = "1d"
 

@@ -40,7 +40,7 @@ from agent.errors import (
     UsageError,
 )
 from agent.keys import b64url_decode, kid_for, parse_public_key
-from agent.mqtt import InboundMessage, MQTTClient, Topics
+from agent.mqtt import InboundMessage, MQTTClient
 from agent.release.manifest import RESPONSE_TYP, verify_device_jws
 from agent.requester.build import build_request
 from agent.requester.evidence import EvidenceDir
@@ -59,6 +59,7 @@ from agent.requester.session import (
     request_session,
 )
 from agent.timeutil import from_epoch, parse_duration, parse_rfc3339, rfc3339, to_epoch, utcnow
+from agent.topics import Topics
 
 TERMINAL_EXIT = {
     "delivered": 0, "acknowledged": 0, "rejected": 1, "denied": 1, "expired": 1, "failed": 1

@@ -116,7 +116,7 @@ from agent.errors import AgentError, AuditWriteError, MQTTError, RequestNotFound
 from agent.headcheck import CheckOutcome, StartupCheck
 from agent.keys import sign_jws
 from agent.logtext import one_line
-from agent.mqtt import BoundedPublisher, InboundMessage, MQTTClient, Topics, message_expiry
+from agent.mqtt import BoundedPublisher, InboundMessage, MQTTClient, message_expiry
 from agent.provision import device_client_id
 from agent.release.manifest import RESPONSE_TYP
 from agent.requests.receipts import ReceiptDesk
@@ -134,6 +134,7 @@ from agent.requests.verify import (
 from agent.requests.vocabulary import REJECTION_CODES, RESPONSE_STATUSES, Channel
 from agent.status import Announcer
 from agent.timeutil import to_epoch, utcnow
+from agent.topics import Topics
 
 if TYPE_CHECKING:
     from agent.daemon import DaemonContext
