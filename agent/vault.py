@@ -56,6 +56,7 @@ from agent import stream
 from agent.audit import AuditSink
 from agent.errors import ClipNotFoundError, HoldRefusedError, TamperError, VaultError
 from agent.keys import load_storage_key
+from agent.paths import StatePaths
 from agent.timeutil import format_size, rfc3339, utcnow
 
 if TYPE_CHECKING:
@@ -586,8 +587,8 @@ class Vault:
                 cpuinfo = _CPUINFO.read_text(errors="replace")
         self.cipher = stream.resolve_cipher(cipher, cpuinfo)
         self.root = Path(root)
-        self.dir = self.root / "vault"
-        self.db_path = self.root / "vault.db"
+        self.dir = StatePaths(self.root).vault_dir
+        self.db_path = StatePaths(self.root).vault_db
         self._wrapper = ChaCha20Poly1305(_hkdf(master_key, _WRAP_INFO))
         self._audit = audit
         self._chunk_size = chunk_size

@@ -17,6 +17,7 @@ from agent.camera.media import MediaError
 from agent.cli.common import add_json_flag, load_config, print_json, require_initialised
 from agent.config import Config
 from agent.errors import AgentError
+from agent.paths import StatePaths
 from agent.release.cut import WindowCutter
 from agent.release.preview import Preview, build_preview, clock_length, sentence, size_text
 from agent.requests.store import RequestRecord, RequestStore
@@ -169,7 +170,7 @@ RELEASE_EVENTS: Final = (
 
 def _released(cfg: Config, jti: str) -> list[dict[str, object]]:
     """The request log's entries about what left for ``jti`` (oldest first)."""
-    path = cfg.state_dir / "audit.jsonl"
+    path = StatePaths(cfg.state_dir).audit_log
     if not path.exists():
         return []
     try:

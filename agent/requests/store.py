@@ -52,6 +52,7 @@ from agent.errors import (
     RequestNotFoundError,
 )
 from agent.keys import kid_for, public_jwk, raw_public_bytes
+from agent.paths import StatePaths
 from agent.requests.verify import (
     RATE_WINDOW,
     REQUESTER_ID_RE,
@@ -65,7 +66,6 @@ from agent.requests.verify import (
 from agent.requests.vocabulary import TRANSITIONS, Status, request_audit_fields
 from agent.timeutil import TIME_MIN, clamp_epoch, parse_rfc3339, rfc3339, utcnow
 
-DB_NAME: Final = "requests.db"
 # Columns set_status may change besides status itself (the rest describe the signed request).
 MUTABLE_FIELDS: Final = frozenset(
     {"error", "detail", "channel", "decided_at", "clips", "finished_at", "responded"}
@@ -379,7 +379,7 @@ class RequestStore:
     @classmethod
     def open(cls, state_dir: Path, *, now: Callable[[], datetime] = utcnow) -> RequestStore:
         """The store at ``state_dir/requests.db``."""
-        return cls(state_dir / DB_NAME, now=now)
+        return cls(StatePaths(state_dir).requests_db, now=now)
 
     def __enter__(self) -> RequestStore:
         return self
