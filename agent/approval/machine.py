@@ -35,7 +35,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Literal
 
-from agent.requests.vocabulary import REDELIVERABLE, Channel, FailureCode, Status
+from agent.requests.vocabulary import REDELIVERABLE, TRANSITIONS, Channel, FailureCode, Status
 from agent.timeutil import rfc3339
 
 OUTCOMES: frozenset[Status] = frozenset(
@@ -209,6 +209,12 @@ class Transition:
     after: ApprovalState
     effects: tuple[Effect, ...] = ()
     refusal: Refusal | None = None
+
+    def __post_init__(self) -> None:
+        # The machine moves only along the contract's transitions (the store enforces the same
+        # table), so a move missing from it is a bug here, not a state to persist.
+        if self.status_changed and self.after.status not in TRANSITIONS[self.before.status]:
+            raise ValueError(f"no transition from {self.before.status} to {self.after.status}")
 
     @property
     def status_changed(self) -> bool:

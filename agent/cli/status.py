@@ -17,6 +17,7 @@ from agent.keys import kid_for, load_device_key, public_jwk
 from agent.paths import StatePaths
 from agent.provision import certificate_fingerprint, configured_client_id
 from agent.requests.store import RequestStore
+from agent.requests.vocabulary import Status
 from agent.timeutil import format_duration, format_size, parse_rfc3339, utcnow
 from agent.vault import Vault, held_cap
 
@@ -77,7 +78,7 @@ def collect(cfg: Config, *, now: datetime) -> dict[str, Any]:
         holds = vault.holds()
         held_bytes = vault.held_bytes(holds)
     with RequestStore.open(state_dir) as store:
-        pending_records = store.list_requests(["pending"])
+        pending_records = store.list_requests([Status.PENDING])
     pending = len(pending_records)
     holders = {h.holder for h in holds}
     unheld = [r.jti for r in pending_records if r.jti not in holders]

@@ -64,6 +64,7 @@ from agent.release.manifest import (
     verify_device_jws,
     verify_manifest,
 )
+from agent.requests.vocabulary import Status
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -564,9 +565,9 @@ class DeliveryAssembler:
         if claims.get("req") != self.jti:
             return
         status = claims.get("status")
-        if status == "failed":
+        if status == Status.FAILED:
             raise ReceiveError(f"the device reports that delivering request {self.jti} failed")
-        if status in ("denied", "expired", "rejected"):
+        if status in (Status.DENIED, Status.EXPIRED, Status.REJECTED):
             raise ReceiveError(f"request {self.jti} was {status}; nothing will be delivered")
 
     def missing(self) -> dict[str, list[int]]:

@@ -35,6 +35,7 @@ from agent.requester.session import (
     known_device_key,
     request_session,
 )
+from agent.requests.vocabulary import Status
 from agent.timeutil import from_epoch, parse_duration, utcnow
 from agent.topics import Topics
 
@@ -156,7 +157,7 @@ def handler(args: argparse.Namespace) -> int:
             # The device publishes `delivered` after the manifest, on another topic: keep it
             # in the evidence too when it is on its way.
             deadline = time.monotonic() + DELIVERY_GRACE
-            while "delivered" not in collector.statuses and time.monotonic() < deadline:
+            while Status.DELIVERED not in collector.statuses and time.monotonic() < deadline:
                 next_message(max(0.0, deadline - time.monotonic()))
             collector.acknowledge(client)
     for clip in clips:

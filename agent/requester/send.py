@@ -58,11 +58,13 @@ from agent.requester.session import (
     known_device_key,
     request_session,
 )
+from agent.requests.vocabulary import Status
 from agent.timeutil import from_epoch, parse_duration, parse_rfc3339, rfc3339, to_epoch, utcnow
 from agent.topics import Topics
 
 TERMINAL_EXIT = {
-    "delivered": 0, "acknowledged": 0, "rejected": 1, "denied": 1, "expired": 1, "failed": 1
+    Status.DELIVERED: 0, Status.ACKNOWLEDGED: 0,
+    Status.REJECTED: 1, Status.DENIED: 1, Status.EXPIRED: 1, Status.FAILED: 1,
 }
 CONNECT_TIMEOUT = 30.0
 STATUS_TIMEOUT = 10.0
@@ -306,7 +308,7 @@ def follow(
             collector.keep_response(message.payload, claims)
         out(describe(claims))
         status = claims["status"]
-        if status == "delivered" and collector is not None and client is not None:
+        if status == Status.DELIVERED and collector is not None and client is not None:
             _complete(collector.assembler, next_message, grace)
             clips = collector.assembler.finish()
             collector.acknowledge(client)

@@ -517,10 +517,10 @@ class RequestStore:
             jtis = [
                 row[0]
                 for row in conn.execute(
-                    "UPDATE requests SET status = 'rejected', error = 'revoked', "
+                    "UPDATE requests SET status = ?, error = 'revoked', "
                     "detail = 'the requester was revoked', decided_at = ?, updated_at = ? "
-                    "WHERE requester = ? AND status = 'pending' RETURNING jti",
-                    (db_time(now), db_time(now), requester_id),
+                    "WHERE requester = ? AND status = ? RETURNING jti",
+                    (Status.REJECTED, db_time(now), db_time(now), requester_id, Status.PENDING),
                 ).fetchall()
             ]
             cancelled = [self.get_request(jti) for jti in sorted(jtis)]
@@ -558,7 +558,7 @@ class RequestStore:
                 raise DeliveryRevokedError(
                     f"the requester of request {jti} was revoked: its delivery stops"
                 )
-            if row[1] != "approved":
+            if row[1] != Status.APPROVED:
                 raise DeliveryError(f"request {jti} is {row[1]}, not approved: nothing is sent")
             yield
 
@@ -828,12 +828,14 @@ class RequestStore:
         when it is in none of those states or its requester is revoked."""
         with self.transaction() as conn:
             changed = conn.execute(
-                "UPDATE requests SET status = 'approved', responded = 'approved', "
+                "UPDATE requests SET status = ?, responded = ?, "
                 "error = NULL, detail = NULL, updated_at = ? WHERE jti = ? AND "
-                "(status IN ('delivered', 'acknowledged') OR "
-                "(status = 'failed' AND error = 'delivery_error')) AND requester IN "
+                "(status IN (?, ?) OR (status = ? AND error = 'delivery_error')) AND requester IN "
                 "(SELECT id FROM requesters WHERE revoked_at IS NULL)",
-                (db_time(now), jti),
+                (
+                    Status.APPROVED, Status.APPROVED, db_time(now), jti,
+                    Status.DELIVERED, Status.ACKNOWLEDGED, Status.FAILED,
+                ),
             ).rowcount
             if changed:
                 conn.execute(
@@ -854,7 +856,7 @@ class RequestStore:
                 (jti,),
             ).fetchone()
         return (
-            row is not None and row[0] == "approved" and row[1] == requester_id
+            row is not None and row[0] == Status.APPROVED and row[1] == requester_id
             and row[2] is not None and hmac.compare_digest(str(row[2]), manifest_sha256)
         )
 
@@ -874,7 +876,7 @@ class RequestStore:
                 "JOIN requesters q ON q.id = r.requester WHERE r.jti = ?",
                 (jti,),
             ).fetchone()
-            if row is None or row[0] != "delivered" or row[1] != requester_id or row[2]:
+            if row is None or row[0] != Status.DELIVERED or row[1] != requester_id or row[2]:
                 return False
             newest = conn.execute(
                 "SELECT manifest_sha256, attempt FROM deliveries WHERE jti = ? AND "
@@ -885,8 +887,8 @@ class RequestStore:
                 return False
             record(int(newest[1]))
             conn.execute(
-                "UPDATE requests SET status = 'acknowledged', updated_at = ? WHERE jti = ?",
-                (db_time(self._now()), jti),
+                "UPDATE requests SET status = ?, updated_at = ? WHERE jti = ?",
+                (Status.ACKNOWLEDGED, db_time(self._now()), jti),
             )
         return True
 

@@ -1,8 +1,9 @@
 """The request vocabulary of the contract (§3, §4, §7), defined once: pure, imports no adapter.
 
-A request's :class:`Status`, the :data:`TRANSITIONS` between statuses (the store enforces them,
-the approval machine follows them), the approval :class:`Channel`, the rejection and failure
-codes a response carries, and the fields every audit entry about a request names.
+A request's :class:`Status`, the :data:`TRANSITIONS` between statuses (the store's
+compare-and-set and the approval machine's transitions both check them), the approval
+:class:`Channel`, the rejection and failure codes a response carries, and the fields every audit
+entry about a request names.
 
 The enums are :class:`~enum.StrEnum`, so a member *is* its contract string: stored, printed and
 serialised to JSON exactly as the contract spells it.
