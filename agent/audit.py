@@ -58,13 +58,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.errors import AuditError, AuditWriteError
 from agent.keys import b64url, b64url_decode, kid_for, sign_jws
+from agent.paths import StatePaths
 from agent.timeutil import from_epoch, parse_rfc3339, rfc3339, to_epoch, utcnow
 
 log = logging.getLogger(__name__)
@@ -81,15 +82,6 @@ RESERVED_KEYS = frozenset({"seq", "ts", "event", "prev", "sig"})
 REPAIRED_EVENT = "audit_repaired"
 """Event recorded when a torn (incomplete) last line from a crash was moved aside."""
 
-AUDIT_FILE = "audit.jsonl"
-"""The request log (contract §7): requests, requesters, agent runs, checkpoints, gaps."""
-ACTIVITY_FILE = "activity.jsonl"
-"""The camera and owner log (contract §7): clips, owner logins, button presses, storage notes."""
-WITNESSED_FILE = "audit-witnessed.jws"
-"""Audit heads witnessed by requesters (from receipts), one JWS a line, kept outside the logs."""
-BROKEN_FILE = "audit-broken.json"
-"""Present once a start-up check found the request log cut short or replaced: status says
-``audit: broken`` from then on."""
 
 INITIALIZED_EVENT = "device_initialized"
 """Entry 1 of a revision-2 request log: the device ``kid`` and ``public_jwk``."""
@@ -658,6 +650,14 @@ def _write_hint(exc: OSError) -> str:
     return "check the state directory's disk"
 
 
+class AuditSink(Protocol):
+    """What a writer of audit entries needs of a log (:class:`AuditLog` fits)."""
+
+    def append(self, event: str, **fields: object) -> object:
+        """Append one durable entry or raise :class:`agent.errors.AuditWriteError`."""
+        ...
+
+
 class AuditLog:
     """Append-only, fsync'd, multi-process-safe writer of ``audit.jsonl``.
 
@@ -1020,7 +1020,7 @@ def newest_head(candidates: Iterable[tuple[AuditHead, str]]) -> tuple[AuditHead,
 
 def mark_broken(state_dir: Path, gap: HeadGap, now: datetime) -> None:
     """Record, durably, that the request log was found broken (status says so from then on)."""
-    path = state_dir / BROKEN_FILE
+    path = StatePaths(state_dir).audit_broken
     record = {"since": rfc3339(now), **gap.fields()}
     if path.exists():
         return  # the first gap found stays the one named; every gap is in the log itself
@@ -1037,7 +1037,7 @@ def mark_broken(state_dir: Path, gap: HeadGap, now: datetime) -> None:
 
 def audit_state(state_dir: Path) -> str:
     """``"broken"`` once a start-up check found a gap in the request log, else ``"ok"``."""
-    return "broken" if (state_dir / BROKEN_FILE).exists() else "ok"
+    return "broken" if StatePaths(state_dir).audit_broken.exists() else "ok"
 
 
 # --------------------------------------------------------------------------- checkpoints

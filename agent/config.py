@@ -28,6 +28,7 @@ from pydantic import (
 
 from agent.errors import ConfigError
 from agent.homeassistant import DEFAULT_DISCOVERY_PREFIX, check_discovery_prefix
+from agent.requests.vocabulary import Channel
 from agent.timeutil import format_duration, parse_duration, parse_size
 
 DEFAULT_CONFIG_PATH = Path("/etc/doorbell-agent/agent.yaml")
@@ -280,14 +281,11 @@ class ButtonConfig(_Strict):
     )
 
 
-Channel = Literal["button", "app", "cli"]
-
-
 class ApprovalConfig(_Strict):
     """How the owner approves (§4)."""
 
     channels: list[Channel] = Field(
-        default_factory=lambda: list[Channel](["button", "app", "cli"]),
+        default_factory=lambda: list(Channel),
         min_length=1,
         description="ways the owner may decide",
     )

@@ -47,13 +47,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import __version__
 from agent.approval.worker import approval_worker
-from agent.audit import ACTIVITY_FILE, AuditLog, Checkpointer
+from agent.audit import AuditLog, Checkpointer
 from agent.camera.frame import SystemClock
 from agent.camera.pipeline import CameraWorker
 from agent.config import Config
 from agent.errors import AgentError, AuditWriteError
 from agent.homeassistant import HomeAssistantPublisher
 from agent.keys import load_device_key
+from agent.paths import StatePaths
 from agent.requests.service import RequestsWorker, requests_worker
 from agent.requests.store import RequestStore
 from agent.sdnotify import Notifier, Watchdog
@@ -64,8 +65,6 @@ from agent.web.server import app_worker
 
 log = logging.getLogger(__name__)
 
-STATUS_FILE = "status.json"
-AUDIT_FILE = "audit.jsonl"
 STATUS_INTERVAL = 5.0
 """Seconds between ``status.json`` snapshots."""
 JOIN_TIMEOUT = 30.0
@@ -638,9 +637,9 @@ def run_daemon(
         resources.enter_context(StateLock(state_dir))
         notifier = resources.enter_context(Notifier.from_env())
         key = load_device_key(state_dir)
-        audit = resources.enter_context(AuditLog(state_dir / AUDIT_FILE, key))
+        audit = resources.enter_context(AuditLog(StatePaths(state_dir).audit_log, key))
         # Clips and owner activity go to their own log: the public head covers requests only.
-        activity = resources.enter_context(AuditLog(state_dir / ACTIVITY_FILE, key))
+        activity = resources.enter_context(AuditLog(StatePaths(state_dir).activity_log, key))
         vault = resources.enter_context(Vault.from_config(cfg, audit=activity))
         report = vault.recover()
         if report.recovered or report.discarded or report.unrecoverable:
@@ -672,7 +671,7 @@ def run_daemon(
         daemon = Daemon(
             workers,
             stop,
-            status_path=state_dir / STATUS_FILE,
+            status_path=StatePaths(state_dir).status,
             info={"device_id": cfg.device_id},
             status_interval=status_interval,
             notifier=notifier,

@@ -23,17 +23,12 @@ from pathlib import Path
 from agent import config as config_mod
 from agent.audit import AuditLog
 from agent.config import Config
-from agent.daemon import AUDIT_FILE, run_daemon
+from agent.daemon import run_daemon
 from agent.errors import AgentError, StateError
 from agent.keys import load_device_key, parse_public_key
-from agent.provision import (
-    APP_PASSWORD,
-    TLS_CERT,
-    TLS_DIR,
-    certificate_fingerprint,
-    initialise,
-)
-from agent.requester.keyfiles import generate_keys
+from agent.paths import StatePaths
+from agent.provision import certificate_fingerprint, initialise
+from agent.requester.keyfiles import AGE_IDENTITY, PUBLIC_JWK, SIGNING_JWK, generate_keys
 from agent.requests.store import RequestStore
 from agent.timeutil import utcnow
 from agent.web.auth import PasswordFile
@@ -154,19 +149,20 @@ app:
 def prepare_state(cfg: Config, demo: Path) -> str:
     """Initialise the device and enrol the demo requester once; return the app password."""
     password_file = demo / DEMO_PASSWORD_FILE
-    if not (cfg.state_dir / "device.key").exists():
+    if not StatePaths(cfg.state_dir).device_key.exists():
         result = initialise(cfg.state_dir, cfg.device_id, now=utcnow())
         # Demo only: a real device prints the password once and keeps only its hash.
         fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(result.app_password + "\n")
     keys_dir = demo / "requester"
-    if not (keys_dir / "signing-key.jwk").exists():
+    if not (keys_dir / SIGNING_JWK).exists():
         generate_keys(keys_dir, REQUESTER_ID, now=utcnow())
     with RequestStore.open(cfg.state_dir) as store:
         if all(r.id != REQUESTER_ID for r in store.list_requesters()):
-            public = parse_public_key(keys_dir / "public-key.jwk")
-            with AuditLog(cfg.state_dir / AUDIT_FILE, load_device_key(cfg.state_dir)) as audit:
+            public = parse_public_key(keys_dir / PUBLIC_JWK)
+            audit_log = StatePaths(cfg.state_dir).audit_log
+            with AuditLog(audit_log, load_device_key(cfg.state_dir)) as audit:
                 store.add_requester(
                     REQUESTER_ID, "Demo Police Department", "law-enforcement", public,
                     "records@police.example", audit=audit,
@@ -177,14 +173,14 @@ def prepare_state(cfg: Config, demo: Path) -> str:
         return "(set one with: doorbell-agent app set-password)"
     # The owner may have changed it since (`app set-password` keeps only a hash): never
     # print a password that no longer works.
-    if PasswordFile(cfg.state_dir / APP_PASSWORD).verify(password) is None:
+    if PasswordFile(StatePaths(cfg.state_dir).app_password).verify(password) is None:
         return "(changed with doorbell-agent app set-password: use the one you set)"
     return password
 
 
 def instructions(cfg: Config, demo: Path, password: str, repo: Path) -> str:
     """What the demo prints: the app, then the exact commands of the whole story."""
-    cert = cfg.state_dir / TLS_DIR / TLS_CERT
+    cert = StatePaths(cfg.state_dir).tls_cert
     venv = repo / ".venv" / "bin"
     return f"""
 doorbell-agent demo is running (camera: {cfg.camera.source}; broker {HOST}:{cfg.mqtt.port}).
@@ -214,7 +210,7 @@ Check a video with the stock tools:  ffprobe {demo / "evidence"}/<time>/<file>.m
 Re-check the whole evidence set offline:
   doorbell-request verify {demo / "evidence"}/<time> --key {demo / "requester"}
 The age files can also be decrypted with the stock age CLI:
-  age -d -i {demo / "requester" / "age-identity.txt"} FILE.age > clip.mkv
+  age -d -i {demo / "requester" / AGE_IDENTITY} FILE.age > clip.mkv
 Audit trail:  doorbell-agent audit show   and   doorbell-agent audit verify
 
 Ctrl-C stops the agent and the broker.

@@ -3,12 +3,12 @@
 Once connected, the device subscribes to its own retained ``P/D/audit/head`` and waits up to
 ``wait`` seconds after the SUBACK for it (none: nothing to compare from the broker). Heads not
 signed by the current device key, or naming another device, are ignored and logged. The newest
-of that and of the witnessed receipt heads kept outside the logs (:data:`WITNESSED_FILE`) is the
-expected head. If ``audit.jsonl`` does not hold that entry (shorter, emptied, deleted, or another
-hash at that seq), the device records the gap in ``audit-broken.json`` (status says ``audit:
-broken`` from then on) and appends ``audit_discontinuity`` (see
-:meth:`agent.audit.AuditLog.append_discontinuity`), whose seq lies past the expected head's, so
-the public head never goes backwards.
+of that and of the witnessed receipt heads kept outside the logs
+(:data:`agent.paths.WITNESSED_FILE`) is the expected head. If ``audit.jsonl`` does not hold that
+entry (shorter, emptied, deleted, or another hash at that seq), the device records the gap in
+``audit-broken.json`` (status says ``audit: broken`` from then on) and appends
+``audit_discontinuity`` (see :meth:`agent.audit.AuditLog.append_discontinuity`), whose seq lies
+past the expected head's, so the public head never goes backwards.
 
 The caller keeps requests and receipts held and publishes no head until :meth:`StartupCheck.run`
 returns; a broker unreachable at start delays it (the camera records meanwhile).
@@ -30,7 +30,6 @@ from typing import Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.audit import (
-    WITNESSED_FILE,
     AuditEntry,
     AuditHead,
     AuditLog,
@@ -44,6 +43,7 @@ from agent.audit import (
 )
 from agent.errors import AuditError, MQTTError
 from agent.mqtt import InboundMessage
+from agent.paths import StatePaths
 from agent.timeutil import utcnow
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class StartupCheck:
         candidates += [
             (head, "witnessed")
             for head in read_witnessed_heads(
-                self.state_dir / WITNESSED_FILE, self.public_key, self.device_id
+                StatePaths(self.state_dir).witnessed_heads, self.public_key, self.device_id
             )
         ]
         best = newest_head(candidates)

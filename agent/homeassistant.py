@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from agent import __version__
 from agent.errors import AgentError
+from agent.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,8 @@ def check_discovery_prefix(prefix: str) -> str:
 
 def state_topics(device_id: str, topic_prefix: str) -> tuple[str, str]:
     """The agent's own state topics: ``(P/D/ha/motion, P/D/ha/pending)``."""
-    base = f"{topic_prefix}/{device_id}/ha"
-    return f"{base}/motion", f"{base}/pending"
+    topics = Topics(topic_prefix, device_id)
+    return topics.home_assistant("motion"), topics.home_assistant("pending")
 
 
 def _device_block(device_id: str, version: str) -> dict[str, Any]:
@@ -97,7 +98,7 @@ def discovery_messages(
 ) -> list[Message]:
     """The retained discovery configs for the motion, pending and online entities."""
     check_discovery_prefix(discovery_prefix)
-    status_topic = f"{topic_prefix}/{device_id}/status"
+    status_topic = Topics(topic_prefix, device_id).status
     motion_topic, pending_topic = state_topics(device_id, topic_prefix)
     device = _device_block(device_id, version)
     origin = {"name": "doorbell-agent", "sw_version": version}

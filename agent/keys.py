@@ -23,9 +23,8 @@ from joserfc.errors import SecurityWarning
 from joserfc.jwk import OKPKey
 
 from agent.errors import InsecurePermissionsError, KeyFileError, StateError
+from agent.paths import StatePaths
 
-DEVICE_KEY = "device.key"
-STORAGE_KEY = "storage.key"
 STORAGE_KEY_BYTES = 32
 SIGNING_ALG = "EdDSA"
 
@@ -106,7 +105,7 @@ def check_secret(path: Path) -> None:
 
 def load_device_key(state_dir: Path) -> Ed25519PrivateKey:
     """The device's Ed25519 signing key, after checking its permissions."""
-    path = state_dir / DEVICE_KEY
+    path = StatePaths(state_dir).device_key
     check_secret(state_dir)
     check_secret(path)
     try:
@@ -120,7 +119,7 @@ def load_device_key(state_dir: Path) -> Ed25519PrivateKey:
 
 def load_storage_key(state_dir: Path) -> bytes:
     """The 32-byte storage master key that wraps every clip key."""
-    path = state_dir / STORAGE_KEY
+    path = StatePaths(state_dir).storage_key
     check_secret(state_dir)
     check_secret(path)
     data = path.read_bytes()
@@ -141,10 +140,11 @@ def write_secret(path: Path, data: bytes) -> None:
 
 def create_device_keys(state_dir: Path) -> Ed25519PrivateKey:
     """Make the device signing key and the storage master key; refuse if either exists."""
-    for name in (DEVICE_KEY, STORAGE_KEY):
-        if (state_dir / name).exists():
+    paths = StatePaths(state_dir)
+    for path in (paths.device_key, paths.storage_key):
+        if path.exists():
             raise StateError(
-                f"{state_dir / name} already exists; refusing to overwrite keys",
+                f"{path} already exists; refusing to overwrite keys",
                 hint="the device is already initialised; "
                 "move the state directory away to start over",
             )
@@ -152,8 +152,8 @@ def create_device_keys(state_dir: Path) -> Ed25519PrivateKey:
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    write_secret(state_dir / DEVICE_KEY, pem)
-    write_secret(state_dir / STORAGE_KEY, secrets.token_bytes(STORAGE_KEY_BYTES))
+    write_secret(paths.device_key, pem)
+    write_secret(paths.storage_key, secrets.token_bytes(STORAGE_KEY_BYTES))
     return key
 
 

@@ -103,51 +103,6 @@ HOLD_QOS0_MAX = 64
 
 
 @dataclass(frozen=True)
-class Topics:
-    """The contract's topics (§2) for one device under one prefix.
-
-    Every level made from an id is one the caller has validated (``[A-Za-z0-9_-]``); response
-    and delivery topics are always built from a verified ``iss``, never from a message.
-    """
-
-    prefix: str
-    device_id: str
-
-    @property
-    def base(self) -> str:
-        """``P/D``."""
-        return f"{self.prefix}/{self.device_id}"
-
-    @property
-    def requests(self) -> str:
-        """``P/D/requests``: requests (the device subscribes to it and ``receipts``)."""
-        return f"{self.base}/requests"
-
-    @property
-    def receipts(self) -> str:
-        """``P/D/receipts``: requesters' receipts for deliveries (§5.2)."""
-        return f"{self.base}/receipts"
-
-    @property
-    def status(self) -> str:
-        """``P/D/status`` (retained)."""
-        return f"{self.base}/status"
-
-    @property
-    def audit_head(self) -> str:
-        """``P/D/audit/head`` (retained)."""
-        return f"{self.base}/audit/head"
-
-    def responses(self, requester_id: str) -> str:
-        """``P/D/responses/R``."""
-        return f"{self.base}/responses/{requester_id}"
-
-    def deliveries(self, requester_id: str, jti: str) -> str:
-        """``P/D/deliveries/R/J`` (chunks at ``/CLIP/SEQ``, the manifest at ``/manifest``)."""
-        return f"{self.base}/deliveries/{requester_id}/{jti}"
-
-
-@dataclass(frozen=True)
 class Will:
     """The message the broker publishes for us if our connection dies uncleanly."""
 

@@ -17,16 +17,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.audit import AUDIT_FILE, INITIALIZED_EVENT, AuditLog
+from agent.audit import INITIALIZED_EVENT, AuditLog
 from agent.errors import StateError
 from agent.keys import create_device_keys, kid_for, public_jwk, write_secret
-
-APP_PASSWORD = "app-password"  # noqa: S105 (a file name, not a password)
-TLS_DIR = "tls"
-TLS_CERT = "cert.pem"
-TLS_KEY = "key.pem"
-CLIENT_ID_SUFFIX = "mqtt-client-id-suffix"
-"""The random part of the device's default MQTT client id (contract §2)."""
+from agent.paths import TLS_CERT, TLS_KEY, StatePaths
 
 
 @dataclass(frozen=True)
@@ -49,22 +43,23 @@ def initialise(state_dir: Path, device_id: str, *, now: datetime) -> InitResult:
     """Create keys, app password and certificate in ``state_dir``; refuse to overwrite keys."""
     make_state_dir(state_dir)
     # An existing log belongs to another key: a second chain in one file would never verify.
-    for name in (APP_PASSWORD, f"{TLS_DIR}/{TLS_KEY}", AUDIT_FILE):
-        if (state_dir / name).exists():
+    paths = StatePaths(state_dir)
+    for path in (paths.app_password, paths.tls_key, paths.audit_log):
+        if path.exists():
             raise StateError(
-                f"{state_dir / name} already exists; refusing to overwrite",
+                f"{path} already exists; refusing to overwrite",
                 hint="the device is already initialised; "
                 "move the state directory away to start over",
             )
     key = create_device_keys(state_dir)
     client_id_suffix(state_dir)
     password = new_app_password()
-    write_secret(state_dir / APP_PASSWORD, hash_password(password).encode("ascii"))
-    fingerprint = make_tls_certificate(state_dir / TLS_DIR, device_id, now=now)
+    write_secret(paths.app_password, hash_password(password).encode("ascii"))
+    fingerprint = make_tls_certificate(paths.tls_dir, device_id, now=now)
     kid = kid_for(key.public_key())
     # Entry 1 ties the log to its key, so a new device's log verifies and every later one can
     # be traced to the key that signed it (contract §7).
-    with AuditLog(state_dir / AUDIT_FILE, key, now=lambda: now) as audit:
+    with AuditLog(paths.audit_log, key, now=lambda: now) as audit:
         audit.append(INITIALIZED_EVENT, kid=kid, public_jwk=public_jwk(key.public_key()))
     return InitResult(state_dir, kid, password, fingerprint)
 
@@ -76,7 +71,7 @@ def client_id_suffix(state_dir: Path, *, create: bool = True) -> str | None:
     then on (O_EXCL: two processes racing to make it end up with the same one). With ``create``
     False a missing suffix is None (for read-only commands such as ``status``).
     """
-    path = state_dir / CLIENT_ID_SUFFIX
+    path = StatePaths(state_dir).client_id_suffix
     if not create and not path.exists():
         return None
     try:

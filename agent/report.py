@@ -15,11 +15,9 @@ from typing import Any, Final
 
 from agent.audit import AuditEntry
 from agent.requests.store import Requester, RequestRecord
+from agent.requests.vocabulary import APPROVED_SINCE, RELEASED, Status
 from agent.timeutil import parse_rfc3339, rfc3339
 
-APPROVED_STATUSES: Final = frozenset({"approved", "delivered", "acknowledged", "failed"})
-"""Statuses a request reaches only after the owner approved it."""
-RELEASED_STATUSES: Final = frozenset({"delivered", "acknowledged"})
 RELEASE_EVENTS: Final = frozenset({"request_delivered", "request_redelivered"})
 
 
@@ -40,11 +38,11 @@ class Tally:
         """Count one request (``released``: seconds of footage it released)."""
         self.received += 1
         status = record.status
-        self.approved += status in APPROVED_STATUSES
-        self.denied += status == "denied"
-        self.expired += status == "expired"
-        self.rejected += status == "rejected"
-        self.pending += status == "pending"
+        self.approved += status in APPROVED_SINCE
+        self.denied += status == Status.DENIED
+        self.expired += status == Status.EXPIRED
+        self.rejected += status == Status.REJECTED
+        self.pending += status == Status.PENDING
         self.seconds_released += released
         if self.last_request is None or record.received_at > self.last_request:
             self.last_request = record.received_at
@@ -129,7 +127,7 @@ def released_seconds(entries: Iterable[AuditEntry]) -> dict[str, float]:
 
 
 def _released(record: RequestRecord, logged: Mapping[str, float]) -> float:
-    if record.status not in RELEASED_STATUSES:
+    if record.status not in RELEASED:
         return 0.0
     if record.jti in logged:
         return logged[record.jti]

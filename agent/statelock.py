@@ -21,8 +21,8 @@ from pathlib import Path
 from types import TracebackType
 
 from agent.errors import AgentError, StateLockedError
+from agent.paths import StatePaths
 
-LOCK_FILE = "run.lock"
 _PID_BYTES = 32
 
 def _holder(fd: int) -> str:
@@ -39,7 +39,7 @@ class StateLock:
     (or process exit). Raises :class:`StateLockedError` naming the holder when it is taken."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / LOCK_FILE
+        self.path = StatePaths(state_dir).run_lock
         self._fd: int | None = None
 
     def acquire(self) -> None:

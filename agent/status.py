@@ -29,8 +29,9 @@ from agent import __version__
 from agent.audit import AuditEntry, build_head_jws
 from agent.errors import AgentError
 from agent.keys import kid_for, public_jwk
-from agent.mqtt import Topics, Will
+from agent.mqtt import Will
 from agent.timeutil import rfc3339, utcnow
+from agent.topics import Topics
 
 log = logging.getLogger(__name__)
 

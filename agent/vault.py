@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO, Final, Literal, Protocol, Self
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, Literal, Self
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -53,8 +53,10 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent import stream
+from agent.audit import AuditSink
 from agent.errors import ClipNotFoundError, HoldRefusedError, TamperError, VaultError
 from agent.keys import load_storage_key
+from agent.paths import StatePaths
 from agent.timeutil import format_size, rfc3339, utcnow
 
 if TYPE_CHECKING:
@@ -111,12 +113,6 @@ CREATE TABLE IF NOT EXISTS holds (
     end_us INTEGER NOT NULL
 );
 """
-
-
-class AuditSink(Protocol):
-    """What the vault needs from the audit log (``agent.audit.AuditLog`` fits)."""
-
-    def append(self, event: str, **fields: object) -> object: ...
 
 
 def _to_us(moment: datetime) -> int:
@@ -591,8 +587,8 @@ class Vault:
                 cpuinfo = _CPUINFO.read_text(errors="replace")
         self.cipher = stream.resolve_cipher(cipher, cpuinfo)
         self.root = Path(root)
-        self.dir = self.root / "vault"
-        self.db_path = self.root / "vault.db"
+        self.dir = StatePaths(self.root).vault_dir
+        self.db_path = StatePaths(self.root).vault_db
         self._wrapper = ChaCha20Poly1305(_hkdf(master_key, _WRAP_INFO))
         self._audit = audit
         self._chunk_size = chunk_size

@@ -60,12 +60,12 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from pyrage import x25519  # noqa: E402
 
 from agent.approval.coordinator import ApprovalCoordinator  # noqa: E402
-from agent.approval.machine import Channel, Policy  # noqa: E402
+from agent.approval.machine import Policy  # noqa: E402
 from agent.audit import AuditLog  # noqa: E402
 from agent.camera.media import CONTENT_TYPE, ClipMuxer, EncodedPacket, H264Encoder  # noqa: E402
 from agent.config import MQTTConfig  # noqa: E402
 from agent.keys import kid_for, sign_jws  # noqa: E402
-from agent.mqtt import BoundedPublisher, InboundMessage, MQTTClient, Topics  # noqa: E402
+from agent.mqtt import BoundedPublisher, InboundMessage, MQTTClient  # noqa: E402
 from agent.release.cut import WindowCutter  # noqa: E402
 from agent.release.deliver import Deliverer  # noqa: E402
 from agent.release.encrypt import encrypt_to_chunks  # noqa: E402
@@ -74,7 +74,9 @@ from agent.requester.receive import DeliveryAssembler, receive_delivery  # noqa:
 from agent.requests.service import response_claims  # noqa: E402
 from agent.requests.store import RequestRecord, RequestStore  # noqa: E402
 from agent.requests.verify import RequestPolicy, VerifiedRequest  # noqa: E402
+from agent.requests.vocabulary import Channel  # noqa: E402
 from agent.timeutil import parse_size  # noqa: E402
+from agent.topics import Topics  # noqa: E402
 from agent.vault import Vault  # noqa: E402
 from tests.mosquitto import Mosquitto  # noqa: E402
 

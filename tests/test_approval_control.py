@@ -21,9 +21,9 @@ from agent.approval.control import (
 )
 from agent.approval.coordinator import ApprovalCoordinator
 from agent.approval.decisions import Action
-from agent.approval.machine import Channel
 from agent.cli import main
 from agent.errors import ApprovalError, RequestNotFoundError, StateError
+from agent.requests.vocabulary import Channel
 from agent.timeutil import utcnow
 from tests.test_approval_coordinator import JTI, JTI2, Harness, close_harness, open_harness
 

@@ -18,13 +18,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pyrage import x25519
 
 from agent.approval.coordinator import ApprovalCoordinator
-from agent.approval.machine import Channel, Policy, Status
+from agent.approval.machine import Policy
 from agent.audit import AuditLog, verify_file
 from agent.errors import ApprovalError, AuditWriteError, RequestNotFoundError
 from agent.keys import kid_for
 from agent.release.deliver import Deliverer
 from agent.requests.store import RequestRecord, RequestStore
 from agent.requests.verify import RequestPolicy, VerifiedRequest
+from agent.requests.vocabulary import Channel, Status
 from agent.vault import Vault
 from tests.test_release_deliver import LoopbackPublisher, age_decrypt_cli, age_files, make_job
 

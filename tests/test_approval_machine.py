@@ -10,11 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.approval.machine import (
-    TERMINAL,
     ApprovalState,
     Approve,
     Audit,
-    Channel,
     DeliveryFailed,
     DeliverySucceeded,
     Deny,
@@ -26,10 +24,10 @@ from agent.approval.machine import (
     ReleaseHold,
     Respond,
     StartDelivery,
-    Status,
     Tick,
     transition,
 )
+from agent.requests.vocabulary import SETTLED, Channel, Status
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 HOUR = timedelta(hours=1)
@@ -90,7 +88,7 @@ def test_every_event_in_every_state(status: Status, event: Event) -> None:
             assert t.refusal is Refusal.NOT_PENDING and t.effects == ()
     else:
         # terminal (acknowledged included): nothing moves, nothing is emitted
-        assert status in TERMINAL | {Status.ACKNOWLEDGED}
+        assert status in SETTLED | {Status.ACKNOWLEDGED}
         assert t.after == s and t.effects == ()
         if isinstance(event, Approve | Deny):
             assert t.refusal is Refusal.NOT_PENDING

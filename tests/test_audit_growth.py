@@ -16,10 +16,11 @@ from pyrage import x25519
 
 from agent.audit import AuditLog, iter_log_lines, verify_file
 from agent.keys import kid_for
-from agent.mqtt import InboundMessage, Topics
+from agent.mqtt import InboundMessage
 from agent.requests.service import RequestService
 from agent.requests.store import RequestStore
 from agent.requests.verify import RequestPolicy
+from agent.topics import Topics
 from tests.test_mqtt_service import TOPIC_REQUESTS, Requester, sign
 from tests.test_mqtt_units import FakeClient
 

@@ -25,8 +25,6 @@ from pyrage import x25519
 
 from agent import config
 from agent.audit import (
-    ACTIVITY_FILE,
-    AUDIT_FILE,
     GENESIS_PREV,
     AuditHead,
     AuditLog,
@@ -39,6 +37,7 @@ from agent.audit import (
 from agent.cli import main
 from agent.keys import kid_for, load_device_key
 from agent.mqtt import InboundMessage, MQTTClient
+from agent.paths import ACTIVITY_FILE, AUDIT_FILE
 from agent.provision import initialise
 from agent.requests.service import RequestsWorker
 from agent.requests.store import RequestStore

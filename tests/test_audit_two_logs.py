@@ -21,11 +21,7 @@ from agent import config
 from agent.approval.coordinator import ApprovalCoordinator, Deliverer
 from agent.approval.machine import Policy
 from agent.audit import (
-    ACTIVITY_FILE,
-    AUDIT_FILE,
-    BROKEN_FILE,
     GENESIS_PREV,
-    WITNESSED_FILE,
     AuditHead,
     AuditLog,
     Checkpointer,
@@ -48,6 +44,7 @@ from agent.errors import ConfigError, StateError
 from agent.headcheck import StartupCheck
 from agent.keys import create_device_keys, kid_for, load_device_key, public_jwk
 from agent.mqtt import InboundMessage
+from agent.paths import ACTIVITY_FILE, AUDIT_FILE, BROKEN_FILE, WITNESSED_FILE
 from agent.provision import initialise
 from agent.requests.store import RequestStore
 from agent.vault import Vault

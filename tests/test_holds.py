@@ -14,12 +14,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.approval.coordinator import ApprovalCoordinator
-from agent.approval.machine import Channel, Policy
+from agent.approval.machine import Policy
 from agent.errors import HoldRefusedError
 from agent.keys import kid_for
 from agent.release.deliver import Deliverer
 from agent.requests.store import RequestRecord, RequestStore
 from agent.requests.verify import RequestPolicy, VerifiedRequest
+from agent.requests.vocabulary import Channel
 from agent.vault import ClipInfo, Vault
 from tests.test_approval_coordinator import T0, Clock
 from tests.test_release_deliver import LoopbackPublisher

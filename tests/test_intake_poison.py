@@ -21,11 +21,12 @@ from agent.audit import AuditLog
 from agent.daemon import Daemon
 from agent.keys import kid_for
 from agent.logtext import OneLineFormatter
-from agent.mqtt import InboundMessage, Topics
+from agent.mqtt import InboundMessage
 from agent.release.manifest import RESPONSE_TYP, verify_device_jws
 from agent.requests.service import RequestService, RequestsWorker
 from agent.requests.store import RequestStore
 from agent.requests.verify import RequestPolicy
+from agent.topics import Topics
 from tests.mosquitto import Mosquitto
 from tests.test_mqtt_service import (
     TOPIC_REQUESTS,

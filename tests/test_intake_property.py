@@ -30,7 +30,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.release.manifest import RESPONSE_TYP, verify_device_jws
-from agent.requests.verify import ERROR_CODES, REQUEST_TYP
+from agent.requests.verify import REQUEST_TYP
+from agent.requests.vocabulary import REJECTION_CODES
 from agent.timeutil import rfc3339, utcnow
 from tests.mosquitto import Collector, Mosquitto
 from tests.reliability.harness import AgentProcess, Requester, wait_until
@@ -216,7 +217,7 @@ def check_property(tmp_path: Path, mosquitto: Mosquitto, examples: int) -> None:
                 statuses[claims["status"]] += 1
                 assert claims["status"] in ("pending", "rejected"), claims
                 if claims["status"] == "rejected":
-                    assert claims["error"] in ERROR_CODES, claims
+                    assert claims["error"] in REJECTION_CODES, claims
         assert agent.running
         assert "Traceback" not in agent.log_text()
         code = agent.stop()

@@ -16,7 +16,8 @@ import pytest
 
 from agent.config import MQTTConfig
 from agent.mqtt import SESSION_TAKEN_OVER, MQTTClient, TakeoverGuard
-from agent.provision import CLIENT_ID_SUFFIX, device_client_id, initialise
+from agent.paths import CLIENT_ID_SUFFIX
+from agent.provision import device_client_id, initialise
 from agent.timeutil import utcnow
 from tests.mosquitto import Mosquitto
 from tests.reliability.harness import AgentProcess, Requester, wait_until

@@ -16,7 +16,7 @@ from pyrage import x25519
 
 from agent.audit import AuditLog, read_entries
 from agent.keys import kid_for, public_jwk
-from agent.mqtt import InboundMessage, Topics
+from agent.mqtt import InboundMessage
 from agent.release.manifest import RESPONSE_TYP, verify_device_jws
 from agent.requests.service import (
     REJECTION_DETAIL,
@@ -28,8 +28,10 @@ from agent.requests.service import (
     response_claims,
 )
 from agent.requests.store import RequestStore
-from agent.requests.verify import ERROR_CODES, RequestPolicy, TrustedKey
+from agent.requests.verify import RequestPolicy, TrustedKey
+from agent.requests.vocabulary import REJECTION_CODES
 from agent.status import Coalescer, status_payload
+from agent.topics import Topics
 from tests.test_mqtt_service import TOPIC_REQUESTS, Requester, eventually, request
 
 NOW = datetime(2026, 1, 31, 12, 0, tzinfo=UTC)
@@ -89,7 +91,7 @@ def test_response_claims_refuse_claims_that_do_not_fit(
 
 
 def test_every_contract_error_code_has_a_fixed_detail() -> None:
-    assert set(REJECTION_DETAIL) == set(ERROR_CODES)
+    assert set(REJECTION_DETAIL) == set(REJECTION_CODES)
 
 
 # --- coalescing and flood accounting --------------------------------------------------------

@@ -20,7 +20,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pyrage import x25519
 
-from agent.audit import WITNESSED_FILE, AuditLog, build_head_jws, read_entries, verify_file
+from agent.audit import AuditLog, build_head_jws, read_entries, verify_file
 from agent.cli import main as agent_main
 from agent.keys import (
     b64url,
@@ -30,7 +30,8 @@ from agent.keys import (
     load_storage_key,
     sign_jws,
 )
-from agent.mqtt import InboundMessage, Topics
+from agent.mqtt import InboundMessage
+from agent.paths import WITNESSED_FILE
 from agent.provision import initialise
 from agent.requester.cli import main as requester_main
 from agent.requester.keyfiles import PUBLIC_JWK, generate_keys, load_keys
@@ -47,6 +48,7 @@ from agent.requests.verify import (
     verify_receipt,
 )
 from agent.timeutil import rfc3339, to_epoch, utcnow
+from agent.topics import Topics
 from agent.vault import Vault
 from tests.mosquitto import Mosquitto
 from tests.realclips import record_clip

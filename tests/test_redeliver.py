@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.approval.machine import Channel, Status
 from agent.audit import verify_file
 from agent.errors import ApprovalError
 from agent.release.manifest import verify_manifest
+from agent.requests.vocabulary import Channel, Status
 from tests.test_approval_coordinator import (
     DEVICE,
     JTI,

@@ -15,13 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.approval.machine import Channel
 from agent.approval.worker import previewer
 from agent.audit import read_entries
 from agent.cli import main
 from agent.errors import ApprovalError, PreviewChangedError
 from agent.release.cut import WindowCutter
 from agent.release.preview import build_preview, clock_length, sentence
+from agent.requests.vocabulary import Channel
 from agent.vault import Vault
 from tests.test_release_cut import record_h264
 from tests.web.harness import WebHarness, close_harness, make_harness

@@ -14,10 +14,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.config import MQTTConfig
 from agent.errors import MQTTError
 from agent.keys import sign_jws
-from agent.mqtt import InboundMessage, MQTTClient, Topics
+from agent.mqtt import InboundMessage, MQTTClient
 from agent.release.manifest import RESPONSE_TYP
 from agent.requester.cli import main
 from agent.requester.send import Exchange, follow
+from agent.topics import Topics
 from tests.mosquitto import Mosquitto, free_port
 
 WINDOW = ["--from", "2026-12-06T13:00:00Z", "--to", "2026-12-06T13:30:00Z"]

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from agent import config
-from agent.approval.machine import Channel
 from agent.mqtt import BoundedPublisher, MQTTClient
 from agent.requests.service import response_expiry
 from agent.requests.store import RequestStore
+from agent.requests.vocabulary import Channel
 from tests.mosquitto import Mosquitto
 from tests.test_approval_coordinator import (
     JTI,

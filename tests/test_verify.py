@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.keys import kid_for, public_jwk, raw_public_bytes
 from agent.requester.build import build_request
 from agent.requests.verify import (
-    ERROR_CODES,
     UNVERIFIABLE_REASONS,
     Rejection,
     RequestPolicy,
@@ -29,6 +28,7 @@ from agent.requests.verify import (
     VerifyResult,
     verify_request,
 )
+from agent.requests.vocabulary import REJECTION_CODES
 
 T0 = datetime(2026, 1, 31, 12, 0, 0, tzinfo=UTC)
 DEVICE = "front-door"
@@ -709,7 +709,7 @@ def test_rate_limited(alice: Party, views: Views) -> None:
 
 def test_every_contract_error_code_is_produced() -> None:
     # The tests above produce each of these; this pins the list to the contract's.
-    assert set(ERROR_CODES) == {
+    assert set(REJECTION_CODES) == {
         "expired",
         "not_yet_valid",
         "lifetime_too_long",

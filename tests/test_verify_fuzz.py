@@ -13,7 +13,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.requests.verify import (
-    ERROR_CODES,
     UNVERIFIABLE_REASONS,
     Rejection,
     Unverifiable,
@@ -21,6 +20,7 @@ from agent.requests.verify import (
     VerifyResult,
     verify_request,
 )
+from agent.requests.vocabulary import REJECTION_CODES
 from tests.test_verify import POLICY, T0, Party, Views, claims, header, sign_raw, token
 
 settings.register_profile(
@@ -65,7 +65,7 @@ def check(raw: bytes) -> VerifyResult:
     if isinstance(result, Unverifiable):
         assert result.reason in UNVERIFIABLE_REASONS
     if isinstance(result, Rejection):
-        assert result.error in ERROR_CODES
+        assert result.error in REJECTION_CODES
     return result
 
 

@@ -26,7 +26,6 @@ from types import TracebackType
 from typing import Any, Final
 
 from agent.approval.decisions import ACTIONS, Action
-from agent.approval.machine import Channel
 from agent.errors import (
     AgentError,
     ApprovalError,
@@ -34,10 +33,11 @@ from agent.errors import (
     RequestNotFoundError,
     StateError,
 )
+from agent.paths import StatePaths
+from agent.requests.vocabulary import Channel
 
 log = logging.getLogger(__name__)
 
-SOCKET_NAME: Final = "agent.sock"
 MAX_LINE: Final = 4096
 _UCRED = struct.Struct("3i")
 
@@ -51,7 +51,7 @@ class DaemonUnavailableError(Exception):
 
 def socket_path(state_dir: Path) -> Path:
     """Where the control socket lives."""
-    return state_dir / SOCKET_NAME
+    return StatePaths(state_dir).control_socket
 
 
 def _peer_uid(conn: socket.socket) -> int:

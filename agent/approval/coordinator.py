@@ -54,12 +54,10 @@ from typing import Any, Protocol
 
 from agent.approval.decisions import Action, DecisionLog
 from agent.approval.machine import (
-    REDELIVERABLE,
-    TERMINAL,
+    OUTCOMES,
     ApprovalState,
     Approve,
     Audit,
-    Channel,
     DeliveryFailed,
     DeliverySucceeded,
     Deny,
@@ -71,11 +69,11 @@ from agent.approval.machine import (
     ReleaseHold,
     Respond,
     StartDelivery,
-    Status,
     Tick,
     Transition,
     transition,
 )
+from agent.audit import AuditSink
 from agent.camera.media import MediaError
 from agent.errors import (
     AgentError,
@@ -91,15 +89,10 @@ from agent.release.deliver import DeliveryJob, DeliveryLedger, Gate, PlannedFile
 from agent.release.manifest import ManifestClip
 from agent.release.preview import Preview, exceeds_message, sentence
 from agent.requests.store import RequestRecord, RequestStore
+from agent.requests.vocabulary import REDELIVERABLE, Channel, Status
 from agent.timeutil import rfc3339, utcnow
 
 log = logging.getLogger(__name__)
-
-
-class AuditSink(Protocol):
-    """What the coordinator needs of :class:`agent.audit.AuditLog`."""
-
-    def append(self, event: str, **fields: object) -> object: ...
 
 
 class Responder(Protocol):
@@ -159,7 +152,7 @@ class AuditedLedger:
         """``release_started`` (file ids and spans), then the attempt's files in the store."""
         self._audit.append(
             "release_started",
-            **request_fields(self._record),
+            **self._record.audit_fields(),
             attempt=attempt,
             files=[f.span() for f in files],
         )
@@ -190,7 +183,7 @@ class AuditedLedger:
         ]
         self._audit.append(
             "request_redelivered" if self._redelivery else "request_delivered",
-            **request_fields(self._record),
+            **self._record.audit_fields(),
             attempt=attempt,
             clips=len(entries),
             files=released,
@@ -216,23 +209,6 @@ class DecisionResult:
             "status": self.status.value,
             "awaiting_confirmation": self.awaiting_confirmation,
         }
-
-
-def request_fields(record: RequestRecord) -> dict[str, object]:
-    """The request's identifying fields for its audit entries (contract §7)."""
-    return {
-        "jti": record.jti,
-        "requester": record.requester_id,
-        "kid": record.kid,
-        "window": {
-            "start": rfc3339(record.window_start) if record.window_start else None,
-            "end": rfc3339(record.window_end) if record.window_end else None,
-        },
-        "reason": record.reason,
-        "legal_basis": record.legal_basis,
-        "legal_ref": record.legal_ref,
-        "case": record.case,
-    }
 
 
 class ApprovalCoordinator:
@@ -591,7 +567,7 @@ class ApprovalCoordinator:
         with self._lock:
             self._apply_queued()
             self._expire_due(self._now())
-            finished = [s.value for s in TERMINAL]
+            finished = [s.value for s in OUTCOMES]
             for record in self._store.list_requests(finished):
                 if record.responded != record.status:
                     self._answer(record, Status(record.status), self._claims_of(record))
@@ -750,7 +726,7 @@ class ApprovalCoordinator:
         for effect in t.effects:
             if isinstance(effect, Audit):
                 self._audit.append(
-                    effect.event, **request_fields(record), **dict(effect.fields), **(extra or {})
+                    effect.event, **record.audit_fields(), **dict(effect.fields), **(extra or {})
                 )
         if t.status_changed:
             updated = self._store.set_status(

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final, Literal
 
-from agent.approval.machine import Channel, Factor
+from agent.approval.machine import Factor
 from agent.requests.store import RequestStore, db_time
+from agent.requests.vocabulary import Channel
 from agent.timeutil import parse_rfc3339
 
 Action = Literal["approve", "deny"]

@@ -35,35 +35,14 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Literal
 
+from agent.requests.vocabulary import REDELIVERABLE, TRANSITIONS, Channel, FailureCode, Status
 from agent.timeutil import rfc3339
 
-
-class Status(StrEnum):
-    """A request's status once it was verified (``rejected`` never reaches this machine)."""
-
-    PENDING = "pending"
-    APPROVED = "approved"
-    DENIED = "denied"
-    EXPIRED = "expired"
-    DELIVERED = "delivered"
-    FAILED = "failed"
-    ACKNOWLEDGED = "acknowledged"
-
-
-REDELIVERABLE: frozenset[Status] = frozenset({Status.DELIVERED, Status.ACKNOWLEDGED, Status.FAILED})
-"""Where the owner's ``redeliver`` may start (``failed`` only after a ``delivery_error``)."""
-
-TERMINAL: frozenset[Status] = frozenset(
+OUTCOMES: frozenset[Status] = frozenset(
     {Status.DENIED, Status.EXPIRED, Status.DELIVERED, Status.FAILED}
 )
-
-
-class Channel(StrEnum):
-    """Where a decision came from."""
-
-    BUTTON = "button"
-    APP = "app"
-    CLI = "cli"
+"""The statuses this machine ends a decision or a delivery in, each answered by a response of
+its own (``rejected`` is the verifier's, ``acknowledged`` a receipt's, neither answered here)."""
 
 
 class Refusal(StrEnum):
@@ -184,7 +163,7 @@ class DeliveryFailed:
     ``delivery_error``) or was stopped because the requester was revoked (``revoked``)."""
 
     reason: str
-    error: Literal["delivery_error", "revoked"] = "delivery_error"
+    error: FailureCode = "delivery_error"
 
 
 Event = Approve | Deny | Redeliver | Tick | DeliverySucceeded | DeliveryFailed
@@ -230,6 +209,12 @@ class Transition:
     after: ApprovalState
     effects: tuple[Effect, ...] = ()
     refusal: Refusal | None = None
+
+    def __post_init__(self) -> None:
+        # The machine moves only along the contract's transitions (the store enforces the same
+        # table), so a move missing from it is a bug here, not a state to persist.
+        if self.status_changed and self.after.status not in TRANSITIONS[self.before.status]:
+            raise ValueError(f"no transition from {self.before.status} to {self.after.status}")
 
     @property
     def status_changed(self) -> bool:

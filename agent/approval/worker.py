@@ -21,12 +21,13 @@ from agent.approval.button import ButtonPanel
 from agent.approval.control import ControlServer, socket_path
 from agent.approval.coordinator import ApprovalCoordinator, DecisionResult
 from agent.approval.decisions import Action
-from agent.approval.machine import Channel, Policy
+from agent.approval.machine import Policy
 from agent.errors import StateError
 from agent.release.cut import WindowCutter
 from agent.release.deliver import Deliverer
 from agent.release.preview import Preview, build_preview
 from agent.requests.store import RequestRecord
+from agent.requests.vocabulary import Channel
 
 if TYPE_CHECKING:
     from agent.config import Config

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from agent.cli.common import load_config, require_initialised
 from agent.errors import UsageError
-from agent.provision import APP_PASSWORD, hash_password
+from agent.paths import APP_PASSWORD, StatePaths
+from agent.provision import hash_password
 
 MIN_PASSWORD = 12
 MAX_PASSWORD = 1024
@@ -77,7 +78,7 @@ def read_password(source: str | None) -> str:
 
 def replace_password_hash(state_dir: Path, password: str) -> Path:
     """Atomically replace ``state_dir/app-password`` with the argon2id hash of ``password``."""
-    target = state_dir / APP_PASSWORD
+    target = StatePaths(state_dir).app_password
     tmp = state_dir / f".{APP_PASSWORD}.{os.getpid()}.tmp"
     data = hash_password(password).encode("ascii")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

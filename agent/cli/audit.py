@@ -17,8 +17,6 @@ import json
 from pathlib import Path
 
 from agent.audit import (
-    ACTIVITY_FILE,
-    AUDIT_FILE,
     AuditEntry,
     AuditHead,
     parse_head_jws,
@@ -30,8 +28,8 @@ from agent.cli.common import add_json_flag, load_config, print_json, require_ini
 from agent.config import Config
 from agent.errors import AuditError, UsageError
 from agent.keys import load_device_key, parse_public_key
+from agent.paths import ACTIVITY_FILE, AUDIT_FILE, StatePaths
 
-LOG_NAME = AUDIT_FILE
 LOGS = ("both", "audit", "activity")
 
 
@@ -99,7 +97,7 @@ def _add_file_option(parser: argparse.ArgumentParser) -> None:
         "--file",
         metavar="PATH",
         type=Path,
-        help=f"an audit log file (default: {LOG_NAME} in the configured state directory)",
+        help=f"an audit log file (default: {AUDIT_FILE} in the configured state directory)",
     )
 
 
@@ -126,7 +124,7 @@ def _log_path(args: argparse.Namespace, cfg: Config | None = None) -> Path:
     if args.file is not None:
         path: Path = args.file
         return path
-    return (cfg or load_config(args)).state_dir / LOG_NAME
+    return StatePaths((cfg or load_config(args)).state_dir).audit_log
 
 
 def _read_head_arg(value: str) -> str:
@@ -185,12 +183,12 @@ def show_handler(args: argparse.Namespace) -> int:
     if args.file is not None:
         logs = [(args.file.name, args.file)]
     else:
-        state_dir = load_config(args).state_dir
+        paths = StatePaths(load_config(args).state_dir)
         logs = []
         if args.log in ("both", "audit"):
-            logs.append((AUDIT_FILE, state_dir / AUDIT_FILE))
+            logs.append((AUDIT_FILE, paths.audit_log))
         if args.log in ("both", "activity"):
-            activity = state_dir / ACTIVITY_FILE
+            activity = paths.activity_log
             # A state from before revision 2 has no activity log: nothing to show there.
             if args.log == "activity" or activity.exists():
                 logs.append((ACTIVITY_FILE, activity))

@@ -13,17 +13,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from agent.audit import ACTIVITY_FILE, AuditLog
+from agent.audit import AuditLog
 from agent.camera.media import CONTENT_TYPE, MediaError, remux
 from agent.cli.common import add_json_flag, load_config, print_json, require_initialised
 from agent.config import Config
 from agent.errors import AgentError, UsageError
 from agent.keys import load_device_key
+from agent.paths import StatePaths
 from agent.timeutil import format_size, rfc3339
 from agent.vault import ClipInfo, Vault
-
-AUDIT_LOG = ACTIVITY_FILE
-"""Clip events go to the camera and owner log (§7), never to the public request log."""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -175,7 +173,8 @@ def delete_handler(args: argparse.Namespace) -> int:
     """Delete one clip (audited as clip_deleted, reason owner)."""
     cfg = _config(args)
     with (
-        AuditLog(cfg.state_dir / AUDIT_LOG, load_device_key(cfg.state_dir)) as audit,
+        # Clip events go to the camera and owner log (§7), never to the public request log.
+        AuditLog(StatePaths(cfg.state_dir).activity_log, load_device_key(cfg.state_dir)) as audit,
         Vault.from_config(cfg, audit=audit) as vault,
     ):
         info = vault.get_clip(args.clip)

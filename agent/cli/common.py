@@ -10,6 +10,7 @@ from typing import Any
 from agent import config as config_mod
 from agent.config import Config
 from agent.errors import StateError
+from agent.paths import StatePaths
 
 
 def load_config(args: argparse.Namespace) -> Config:
@@ -19,7 +20,7 @@ def load_config(args: argparse.Namespace) -> Config:
 
 def require_initialised(cfg: Config) -> None:
     """Fail with a hint when ``init`` has not been run for this state directory."""
-    if not (cfg.state_dir / "device.key").exists():
+    if not StatePaths(cfg.state_dir).device_key.exists():
         raise StateError(
             f"{cfg.state_dir} is not initialised",
             hint="run `doorbell-agent init` first",

@@ -23,11 +23,12 @@ from agent.approval.control import (
     socket_path,
 )
 from agent.approval.decisions import Action, DecisionLog
-from agent.approval.machine import ApprovalState, Channel, Policy, Status
+from agent.approval.machine import ApprovalState, Policy
 from agent.cli.common import load_config, print_json, require_initialised
 from agent.config import Config
 from agent.errors import ApprovalError
 from agent.requests.store import RequestStore
+from agent.requests.vocabulary import Channel, Status
 from agent.timeutil import format_duration, rfc3339, utcnow
 
 
@@ -131,7 +132,7 @@ def _store_for_later(cfg: Config, jti: str, action: Action) -> dict[str, object]
     now = utcnow()
     with RequestStore.open(cfg.state_dir) as store:
         record = store.get_request(jti)
-        if record.status != "pending":
+        if record.status != Status.PENDING:
             raise ApprovalError(f"request {jti} is not pending (it is {record.status})")
         state = ApprovalState(jti, Status.PENDING, record.received_at, record.exp)
         deadline = state.deadline(policy)
@@ -144,7 +145,7 @@ def _store_for_later(cfg: Config, jti: str, action: Action) -> dict[str, object]
             DecisionLog(store).queue(jti, action, Channel.CLI, now)
         except ValueError as exc:
             raise ApprovalError(str(exc)) from None
-    return {"id": jti, "status": "pending", "queued": action, "made_at": rfc3339(now)}
+    return {"id": jti, "status": Status.PENDING.value, "queued": action, "made_at": rfc3339(now)}
 
 
 def _describe(cfg: Config, jti: str, action: Action, result: dict[str, object]) -> str:
@@ -161,6 +162,6 @@ def _describe(cfg: Config, jti: str, action: Action, result: dict[str, object]) 
             "(approval.require is all)."
         )
     status = result.get("status")
-    if status == "approved":
+    if status == Status.APPROVED:
         return f"Request {jti} approved: its footage is being encrypted and sent."
     return f"Request {jti} {status}."

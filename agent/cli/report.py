@@ -10,8 +10,8 @@ from datetime import date, datetime, time
 
 from agent.audit import read_entries
 from agent.cli.common import add_json_flag, load_config, print_json, require_initialised
-from agent.daemon import AUDIT_FILE
 from agent.errors import UsageError
+from agent.paths import StatePaths
 from agent.report import Report, Tally, build_report, released_seconds, seconds_text
 from agent.requests.store import RequestStore
 from agent.timeutil import parse_rfc3339
@@ -99,7 +99,7 @@ def handler(args: argparse.Namespace) -> int:
     with RequestStore.open(cfg.state_dir) as store:
         records = store.list_requests()
         requesters = store.list_requesters()
-    log = cfg.state_dir / AUDIT_FILE
+    log = StatePaths(cfg.state_dir).audit_log
     released = released_seconds(read_entries(log)) if log.exists() else {}
     report = build_report(records, requesters, released, since=since)
     if args.json:

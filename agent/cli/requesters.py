@@ -11,10 +11,10 @@ from agent.cli.common import add_json_flag, load_config, print_json, require_ini
 from agent.config import Config
 from agent.errors import KeyFileError, RequestError, UsageError
 from agent.keys import load_device_key, parse_public_key
+from agent.paths import StatePaths
 from agent.requests.store import RequestStore
 from agent.requests.verify import REQUESTER_KINDS
 
-AUDIT_LOG = "audit.jsonl"
 KEY_HINT = (
     "give the requester's public key as a JWK (file or JSON string), a PEM file, or the raw "
     "32 bytes in base64url; `doorbell-request keygen` writes public-key.jwk"
@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _audit(cfg: Config) -> AuditLog:
-    return AuditLog(cfg.state_dir / AUDIT_LOG, load_device_key(cfg.state_dir))
+    return AuditLog(StatePaths(cfg.state_dir).audit_log, load_device_key(cfg.state_dir))
 
 
 def _names_missing_file(value: str) -> bool:

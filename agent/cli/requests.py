@@ -17,9 +17,11 @@ from agent.camera.media import MediaError
 from agent.cli.common import add_json_flag, load_config, print_json, require_initialised
 from agent.config import Config
 from agent.errors import AgentError
+from agent.paths import StatePaths
 from agent.release.cut import WindowCutter
 from agent.release.preview import Preview, build_preview, clock_length, sentence, size_text
 from agent.requests.store import RequestRecord, RequestStore
+from agent.requests.vocabulary import Status
 from agent.timeutil import format_size, rfc3339
 from agent.vault import Vault
 
@@ -57,7 +59,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def pending_handler(args: argparse.Namespace) -> int:
     """Print the pending requests, saying which ones' footage is not held from retention."""
-    return _show(args, ["pending"], empty="no pending requests")
+    return _show(args, [Status.PENDING], empty="no pending requests")
 
 
 def list_handler(args: argparse.Namespace) -> int:
@@ -72,14 +74,14 @@ def _show(args: argparse.Namespace, statuses: list[str] | None, *, empty: str) -
         records = store.list_requests(statuses)
         # Decisions made with `approve`/`deny` while the agent was stopped wait here.
         stored = {d.jti: d for d in DecisionLog(store).queued()}
-    held = _held(cfg) if statuses == ["pending"] else None
-    previews = _previews(cfg, records) if statuses == ["pending"] else {}
+    held = _held(cfg) if statuses == [Status.PENDING] else None
+    previews = _previews(cfg, records) if statuses == [Status.PENDING] else {}
     if args.json:
         out = [_json(r, stored.get(r.jti)) for r in records]
         if held is not None:
             for entry in out:
                 entry["footage_held"] = entry["id"] in held
-        if statuses == ["pending"]:
+        if statuses == [Status.PENDING]:
             for entry in out:
                 preview = previews.get(str(entry["id"]))
                 entry["preview"] = None if preview is None else preview.to_json()
@@ -106,9 +108,11 @@ def show_handler(args: argparse.Namespace) -> int:
     with RequestStore.open(cfg.state_dir) as store:
         record = store.get_request(args.jti)
         stored = {d.jti: d for d in DecisionLog(store).queued()}.get(record.jti)
-    preview = _previews(cfg, [record]).get(record.jti) if record.status == "pending" else None
+    preview = (
+        _previews(cfg, [record]).get(record.jti) if record.status == Status.PENDING else None
+    )
     released = _released(cfg, record.jti)
-    acknowledged = record.status == "acknowledged" or any(
+    acknowledged = record.status == Status.ACKNOWLEDGED or any(
         e["event"] == "delivery_acknowledged" for e in released
     )
     if args.json:
@@ -119,7 +123,7 @@ def show_handler(args: argparse.Namespace) -> int:
         print_json(out)
         return 0
     print(_format(record, stored))
-    if record.status == "pending":
+    if record.status == Status.PENDING:
         print("\n".join(escape(line) for line in _preview_lines(preview)))
     if released:
         print("\n".join(escape(line) for line in _released_lines(released, acknowledged)))
@@ -169,7 +173,7 @@ RELEASE_EVENTS: Final = (
 
 def _released(cfg: Config, jti: str) -> list[dict[str, object]]:
     """The request log's entries about what left for ``jti`` (oldest first)."""
-    path = cfg.state_dir / "audit.jsonl"
+    path = StatePaths(cfg.state_dir).audit_log
     if not path.exists():
         return []
     try:
@@ -249,7 +253,7 @@ def _format(record: RequestRecord, stored: Decision | None = None) -> str:
         f"  legal basis: {basis}" + (f"  case: {record.case}" if record.case else ""),
         f"  reason:      {record.reason if record.reason is not None else '?'}",
     ]
-    if stored is not None and record.status == "pending":
+    if stored is not None and record.status == Status.PENDING:
         verb = "approval" if stored.action == "approve" else "denial"
         lines.append(
             f"  decision:    your {verb} (made {rfc3339(stored.made_at)}) is stored; the agent "

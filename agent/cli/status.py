@@ -12,10 +12,12 @@ from agent import __version__, clock
 from agent.audit import AuditLog, audit_state
 from agent.cli.common import add_json_flag, load_config, print_json, require_initialised
 from agent.config import Config
-from agent.daemon import AUDIT_FILE, STATUS_FILE, STATUS_INTERVAL
+from agent.daemon import STATUS_INTERVAL
 from agent.keys import kid_for, load_device_key, public_jwk
-from agent.provision import TLS_CERT, TLS_DIR, certificate_fingerprint, configured_client_id
+from agent.paths import StatePaths
+from agent.provision import certificate_fingerprint, configured_client_id
 from agent.requests.store import RequestStore
+from agent.requests.vocabulary import Status
 from agent.timeutil import format_duration, format_size, parse_rfc3339, utcnow
 from agent.vault import Vault, held_cap
 
@@ -60,26 +62,27 @@ def daemon_state(document: dict[str, Any] | None, now: datetime) -> str:
 def collect(cfg: Config, *, now: datetime) -> dict[str, Any]:
     """The whole status document shown by ``status --json``."""
     state_dir = cfg.state_dir
+    paths = StatePaths(state_dir)
     key = load_device_key(state_dir)
     snapshot: dict[str, Any] | None
     try:
-        snapshot = json.loads((state_dir / STATUS_FILE).read_text(encoding="utf-8"))
+        snapshot = json.loads(paths.status.read_text(encoding="utf-8"))
     except FileNotFoundError:
         snapshot = None
     except (OSError, ValueError):
         snapshot = {"state": "unknown"}
-    cert = state_dir / TLS_DIR / TLS_CERT
+    cert = paths.tls_cert
     with Vault.from_config(cfg) as vault:
         clips = vault.list_clips()
         space = vault.space()
         holds = vault.holds()
         held_bytes = vault.held_bytes(holds)
     with RequestStore.open(state_dir) as store:
-        pending_records = store.list_requests(["pending"])
+        pending_records = store.list_requests([Status.PENDING])
     pending = len(pending_records)
     holders = {h.holder for h in holds}
     unheld = [r.jti for r in pending_records if r.jti not in holders]
-    last = AuditLog(state_dir / AUDIT_FILE, key).last_entry()
+    last = AuditLog(paths.audit_log, key).last_entry()
     stored = sum(c.stored_bytes for c in clips)
     return {
         "device_id": cfg.device_id,

@@ -49,6 +49,7 @@ from agent.release.cut_api import ClipVault, CutFile, Cutter, StoredClip, WholeC
 from agent.release.encrypt import encrypt_to_chunks, parse_recipient
 from agent.release.manifest import NAME_RE, ManifestClip, manifest_claims, sign_manifest
 from agent.timeutil import rfc3339, utcnow
+from agent.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +186,6 @@ class MemoryLedger:
 Gate = Callable[[], AbstractContextManager[object]]
 """Entered around each hand-over of a message to the client; raises DeliveryRevokedError once
 the delivery must stop (see the module docstring)."""
-
-
-def delivery_topic(prefix: str, job: DeliveryJob, leaf: str) -> str:
-    """``P/D/deliveries/R/J/<leaf>`` where leaf is ``CLIP/SEQ`` or ``manifest``."""
-    return f"{prefix}/{job.device_id}/deliveries/{job.requester_id}/{job.jti}/{leaf}"
 
 
 def new_file_id() -> str:
@@ -349,7 +345,8 @@ class Deliverer:
             ledger.delivered(attempt, planned, entries, hashlib.sha256(token.encode()).hexdigest())
         except AuditWriteError as exc:
             raise DeliveryError(f"request_delivered cannot be audited: {exc}") from exc
-        self._send(job, delivery_topic(self._prefix, job, "manifest"), token.encode())
+        manifest_topic = Topics(self._prefix, job.device_id).manifest(job.requester_id, job.jti)
+        self._send(job, manifest_topic, token.encode())
         self._publisher.drain()
         return tuple(entries)
 
@@ -362,8 +359,10 @@ class Deliverer:
     def _send_file(
         self, job: DeliveryJob, recipient: x25519.Recipient, plan: PlannedFile, cut: CutFile
     ) -> ManifestClip:
+        topics = Topics(self._prefix, job.device_id)
+
         def sink(seq: int, chunk: bytes) -> None:
-            self._send(job, delivery_topic(self._prefix, job, f"{plan.id}/{seq}"), chunk)
+            self._send(job, topics.delivery_chunk(job.requester_id, job.jti, plan.id, seq), chunk)
 
         try:
             encrypted = encrypt_to_chunks(cut.stream, recipient, self._chunk_bytes, sink)

@@ -64,6 +64,8 @@ from agent.release.manifest import (
     verify_device_jws,
     verify_manifest,
 )
+from agent.requests.vocabulary import Status
+from agent.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -482,8 +484,9 @@ class DeliveryAssembler:
         self._device_id = device_id
         self._requester_id = requester_id
         self.jti = jti
-        self.prefix = f"{topic_prefix}/{device_id}/deliveries/{requester_id}/{jti}/"
-        self.responses_topic = f"{topic_prefix}/{device_id}/responses/{requester_id}"
+        topics = Topics(topic_prefix, device_id)
+        self.prefix = topics.deliveries(requester_id, jti) + "/"
+        self.responses_topic = topics.responses(requester_id)
         self._spool = Path(tempfile.mkdtemp(prefix=f".{jti}.", suffix=".partial", dir=self.out_dir))
         self._clips: dict[str, _ClipSpool] = {}
         self.manifest: Manifest | None = None
@@ -562,9 +565,9 @@ class DeliveryAssembler:
         if claims.get("req") != self.jti:
             return
         status = claims.get("status")
-        if status == "failed":
+        if status == Status.FAILED:
             raise ReceiveError(f"the device reports that delivering request {self.jti} failed")
-        if status in ("denied", "expired", "rejected"):
+        if status in (Status.DENIED, Status.EXPIRED, Status.REJECTED):
             raise ReceiveError(f"request {self.jti} was {status}; nothing will be delivered")
 
     def missing(self) -> dict[str, list[int]]:

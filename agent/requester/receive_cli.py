@@ -17,7 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from agent.errors import UsageError
-from agent.mqtt import InboundMessage, Topics
+from agent.mqtt import InboundMessage
 from agent.requester.evidence import DEVICE_KEY_FILE, REQUEST_FILE, EvidenceDir
 from agent.requester.keyfiles import load_keys, load_request, pin_device_key
 from agent.requester.receive import DeliveryAssembler, receive_delivery
@@ -35,7 +35,9 @@ from agent.requester.session import (
     known_device_key,
     request_session,
 )
+from agent.requests.vocabulary import Status
 from agent.timeutil import from_epoch, parse_duration, utcnow
+from agent.topics import Topics
 
 DEFAULT_TIMEOUT = "1d"
 
@@ -155,7 +157,7 @@ def handler(args: argparse.Namespace) -> int:
             # The device publishes `delivered` after the manifest, on another topic: keep it
             # in the evidence too when it is on its way.
             deadline = time.monotonic() + DELIVERY_GRACE
-            while "delivered" not in collector.statuses and time.monotonic() < deadline:
+            while Status.DELIVERED not in collector.statuses and time.monotonic() < deadline:
                 next_message(max(0.0, deadline - time.monotonic()))
             collector.acknowledge(client)
     for clip in clips:

@@ -40,7 +40,7 @@ from agent.errors import (
     UsageError,
 )
 from agent.keys import b64url_decode, kid_for, parse_public_key
-from agent.mqtt import InboundMessage, MQTTClient, Topics
+from agent.mqtt import InboundMessage, MQTTClient
 from agent.release.manifest import RESPONSE_TYP, verify_device_jws
 from agent.requester.build import build_request
 from agent.requester.evidence import EvidenceDir
@@ -58,10 +58,13 @@ from agent.requester.session import (
     known_device_key,
     request_session,
 )
+from agent.requests.vocabulary import Status
 from agent.timeutil import from_epoch, parse_duration, parse_rfc3339, rfc3339, to_epoch, utcnow
+from agent.topics import Topics
 
 TERMINAL_EXIT = {
-    "delivered": 0, "acknowledged": 0, "rejected": 1, "denied": 1, "expired": 1, "failed": 1
+    Status.DELIVERED: 0, Status.ACKNOWLEDGED: 0,
+    Status.REJECTED: 1, Status.DENIED: 1, Status.EXPIRED: 1, Status.FAILED: 1,
 }
 CONNECT_TIMEOUT = 30.0
 STATUS_TIMEOUT = 10.0
@@ -305,7 +308,7 @@ def follow(
             collector.keep_response(message.payload, claims)
         out(describe(claims))
         status = claims["status"]
-        if status == "delivered" and collector is not None and client is not None:
+        if status == Status.DELIVERED and collector is not None and client is not None:
             _complete(collector.assembler, next_message, grace)
             clips = collector.assembler.finish()
             collector.acknowledge(client)

@@ -27,13 +27,14 @@ from agent.audit import parse_head_jws
 from agent.config import MQTTConfig
 from agent.errors import AgentError, MQTTError, ReceiveError
 from agent.keys import b64url, parse_public_key
-from agent.mqtt import InboundMessage, MQTTClient, Topics
+from agent.mqtt import InboundMessage, MQTTClient
 from agent.release.manifest import RESPONSE_TYP, verify_device_jws
 from agent.requester.build import build_receipt
 from agent.requester.evidence import EvidenceDir
 from agent.requester.keyfiles import RequesterKeys, pin_device_key, pinned_device_key
 from agent.requester.receive import DeliveryAssembler
 from agent.timeutil import utcnow
+from agent.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,6 @@ def session_client_id(requester_id: str, jti: str) -> str:
     """The contract's client id for the request ``jti`` of requester ``requester_id``."""
     digest = hashlib.sha256(f"{requester_id}/{jti}".encode()).digest()
     return SESSION_PREFIX + b64url(digest)[:22]
-
-
-def receipts_topic(topics: Topics) -> str:
-    """``P/D/receipts``, where requesters publish receipts (§2)."""
-    return f"{topics.base}/receipts"
 
 
 def request_session(
@@ -184,7 +180,7 @@ class RequestEvidence:
             utcnow(),
         )
         self.evidence.add_receipt(receipt)
-        future = client.publish(receipts_topic(self._topics), receipt)
+        future = client.publish(self._topics.receipts, receipt)
         try:
             future.result(RECEIPT_TIMEOUT)
         except TimeoutError:

@@ -19,7 +19,7 @@ Handling one, in order (each refusal changes nothing and writes nothing; it is c
    same transaction and before it commits, ``delivery_acknowledged`` (with the receipt) goes to
    the audit log and the request becomes ``acknowledged``. Duplicates and late receipts find it
    acknowledged (or redelivered) and change nothing;
-4. the witnessed head is written to :data:`agent.audit.WITNESSED_FILE` (the start-up check
+4. the witnessed head is written to :data:`agent.paths.WITNESSED_FILE` (the start-up check
    reads it) when it is newer than the one kept there.
 
 Nothing is ever answered.
@@ -42,14 +42,15 @@ from typing import Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.audit import (
-    WITNESSED_FILE,
     AuditHead,
+    AuditSink,
     iter_log_lines,
     parse_entry,
     parse_head_jws,
     read_witnessed_heads,
 )
 from agent.errors import AgentError, AuditError, AuditWriteError
+from agent.paths import StatePaths
 from agent.requests.store import RequestStore
 from agent.requests.verify import (
     RefusedReceipt,
@@ -74,13 +75,12 @@ EARLY_RETRY = 0.2
 """Seconds between tries of the receipts that wait."""
 
 
-class AuditSink(Protocol):
-    """What receipts need of the request log (:class:`agent.audit.AuditLog`)."""
+class RequestLog(AuditSink, Protocol):
+    """What receipts need of the request log (:class:`agent.audit.AuditLog`): its entries are
+    read back from ``path`` to check a witnessed head."""
 
     @property
     def path(self) -> Path: ...
-
-    def append(self, event: str, **fields: object) -> object: ...
 
 
 def log_holds(path: Path, head: AuditHead) -> bool:
@@ -102,7 +102,7 @@ def keep_witnessed(state_dir: Path, token: str, head: AuditHead, public_key: Ed2
     One head is kept (the newest): the start-up check only ever uses the newest. Returns whether
     the file changed.
     """
-    path = state_dir / WITNESSED_FILE
+    path = StatePaths(state_dir).witnessed_heads
     kept = read_witnessed_heads(path, public_key, device_id)
     if any((k.seq, k.iat) >= (head.seq, head.iat) for k in kept):
         return False
@@ -129,7 +129,7 @@ class ReceiptDesk:
         self,
         *,
         store: RequestStore,
-        audit: AuditSink,
+        audit: RequestLog,
         policy: RequestPolicy,
         device_key: Ed25519PublicKey,
         state_dir: Path,

@@ -105,6 +105,7 @@ from agent.audit import (
     GENESIS_PREV,
     AuditEntry,
     AuditLog,
+    AuditSink,
     audit_state,
     build_head_jws,
     iter_log_lines,
@@ -115,13 +116,12 @@ from agent.errors import AgentError, AuditWriteError, MQTTError, RequestNotFound
 from agent.headcheck import CheckOutcome, StartupCheck
 from agent.keys import sign_jws
 from agent.logtext import one_line
-from agent.mqtt import BoundedPublisher, InboundMessage, MQTTClient, Topics, message_expiry
+from agent.mqtt import BoundedPublisher, InboundMessage, MQTTClient, message_expiry
 from agent.provision import device_client_id
 from agent.release.manifest import RESPONSE_TYP
 from agent.requests.receipts import ReceiptDesk
 from agent.requests.store import RequestRecord, RequestStore
 from agent.requests.verify import (
-    ERROR_CODES,
     MAX_HEADER_SEGMENT,
     Rejection,
     RequestPolicy,
@@ -131,18 +131,15 @@ from agent.requests.verify import (
     VerifiedRequest,
     verify_request,
 )
+from agent.requests.vocabulary import REJECTION_CODES, RESPONSE_STATUSES, Channel
 from agent.status import Announcer
 from agent.timeutil import to_epoch, utcnow
+from agent.topics import Topics
 
 if TYPE_CHECKING:
     from agent.daemon import DaemonContext
 
 log = logging.getLogger(__name__)
-
-RESPONSE_STATUSES: Final = (
-    "pending", "rejected", "approved", "denied", "expired", "delivered", "failed"
-)
-CHANNELS: Final = ("button", "app", "cli")
 
 # What a rejected requester is told: one fixed sentence per code. The verifier's precise reason
 # stays on the device (log and audit): remote callers get an opaque rejection.
@@ -244,7 +241,7 @@ def response_claims(
         claims["error"] = error
         claims["detail"] = detail if detail is not None else FAILURE_DETAIL[error]
     elif error is not None:
-        if error not in ERROR_CODES:
+        if error not in REJECTION_CODES:
             raise ValueError(f"{error!r} is not a rejection code of the contract")
         claims["error"] = error
         claims["detail"] = detail if detail is not None else REJECTION_DETAIL[error]
@@ -253,8 +250,8 @@ def response_claims(
             raise ValueError("clips must be a count (a non-negative integer)")
         claims["clips"] = clips
     if channel is not None:
-        if channel not in CHANNELS:
-            raise ValueError(f"channel must be one of {', '.join(CHANNELS)}")
+        if channel not in list(Channel):
+            raise ValueError(f"channel must be one of {', '.join(Channel)}")
         claims["channel"] = channel
     return claims
 
@@ -515,14 +512,6 @@ class ServiceStats:
     responses: int = 0
     audit_failures: int = 0
     failures: int = 0
-
-
-class AuditSink(Protocol):
-    """What the service needs of :class:`agent.audit.AuditLog`."""
-
-    def append(self, event: str, **fields: object) -> object:
-        """Append one durable entry or raise AuditWriteError."""
-        ...
 
 
 class Publisher(Protocol):
@@ -1099,7 +1088,7 @@ def _received_fields(result: VerifiedRequest | Rejection) -> dict[str, Any]:
 
 def _claims_of(record: RequestRecord) -> dict[str, Any]:
     if record.status == "rejected":
-        error = record.error if record.error in ERROR_CODES else "bad_claims"
+        error = record.error if record.error in REJECTION_CODES else "bad_claims"
         return {"error": error}
     return {}
 

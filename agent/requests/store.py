@@ -13,14 +13,8 @@ Tables:
 - ``requests``: one row per recorded request (``jti`` is the id). A jti goes into ``replay`` and
   ``requests`` in the same transaction that decides it, so a crash cannot let it in twice.
 
-Status transitions (``set_status`` enforces them as a compare-and-set)::
-
-    pending      -> approved | denied | expired | rejected (requester revoked)
-    approved     -> delivered | failed
-    delivered    -> acknowledged (a receipt, §5.2) | approved (the owner's redeliver)
-    acknowledged -> approved (redeliver)
-    failed       -> approved (redeliver, only after a delivery_error)
-    rejected, denied, expired: terminal
+Status transitions: ``set_status`` enforces
+:data:`agent.requests.vocabulary.TRANSITIONS` as a compare-and-set.
 
 Deliveries (§5, §5.2): ``release_salts`` keeps each request's random commitment salt;
 ``deliveries`` one row per delivery attempt (numbered from 1 across retries and re-deliveries)
@@ -39,16 +33,17 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from agent.audit import AuditSink
 from agent.errors import (
     DeliveryError,
     DeliveryRevokedError,
@@ -57,6 +52,7 @@ from agent.errors import (
     RequestNotFoundError,
 )
 from agent.keys import kid_for, public_jwk, raw_public_bytes
+from agent.paths import StatePaths
 from agent.requests.verify import (
     RATE_WINDOW,
     REQUESTER_ID_RE,
@@ -67,24 +63,9 @@ from agent.requests.verify import (
     VerifiedRequest,
     VerifyResult,
 )
+from agent.requests.vocabulary import TRANSITIONS, Status, request_audit_fields
 from agent.timeutil import TIME_MIN, clamp_epoch, parse_rfc3339, rfc3339, utcnow
 
-DB_NAME: Final = "requests.db"
-STATUSES: Final = (
-    "pending", "rejected", "approved", "denied", "expired", "delivered", "failed", "acknowledged"
-)
-TRANSITIONS: Final[Mapping[str, frozenset[str]]] = {
-    "pending": frozenset({"approved", "denied", "expired", "rejected"}),
-    "approved": frozenset({"delivered", "failed"}),
-    "rejected": frozenset(),
-    "denied": frozenset(),
-    "expired": frozenset(),
-    "delivered": frozenset({"acknowledged", "approved"}),
-    "failed": frozenset({"approved"}),
-    "acknowledged": frozenset({"approved"}),
-}
-REDELIVERABLE: Final = ("delivered", "acknowledged", "failed")
-"""Statuses ``redeliver`` starts from (``failed`` only with ``delivery_error``)."""
 # Columns set_status may change besides status itself (the rest describe the signed request).
 MUTABLE_FIELDS: Final = frozenset(
     {"error", "detail", "channel", "decided_at", "clips", "finished_at", "responded"}
@@ -186,14 +167,6 @@ def _stored_time(value: object) -> datetime | None:
         return None
 
 
-class AuditSink(Protocol):
-    """What the store needs of :class:`agent.audit.AuditLog`."""
-
-    def append(self, event: str, **fields: object) -> object:
-        """Append one durable entry or raise :class:`agent.errors.AuditWriteError`."""
-        ...
-
-
 @dataclass(frozen=True)
 class Requester:
     """An enrolled requester."""
@@ -255,6 +228,22 @@ class RequestRecord:
     correlation: bytes | None
     responded: str | None
     updated_at: datetime
+
+    def audit_fields(self) -> dict[str, Any]:
+        """The fields naming this request in its audit entries (contract §7)."""
+        return request_audit_fields(
+            jti=self.jti,
+            requester=self.requester_id,
+            kid=self.kid,
+            window=(
+                rfc3339(self.window_start) if self.window_start else None,
+                rfc3339(self.window_end) if self.window_end else None,
+            ),
+            reason=self.reason,
+            legal_basis=self.legal_basis,
+            legal_ref=self.legal_ref,
+            case=self.case,
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The ``pending --json`` / ``requests list --json`` form (id = jti)."""
@@ -390,7 +379,7 @@ class RequestStore:
     @classmethod
     def open(cls, state_dir: Path, *, now: Callable[[], datetime] = utcnow) -> RequestStore:
         """The store at ``state_dir/requests.db``."""
-        return cls(state_dir / DB_NAME, now=now)
+        return cls(StatePaths(state_dir).requests_db, now=now)
 
     def __enter__(self) -> RequestStore:
         return self
@@ -528,10 +517,10 @@ class RequestStore:
             jtis = [
                 row[0]
                 for row in conn.execute(
-                    "UPDATE requests SET status = 'rejected', error = 'revoked', "
+                    "UPDATE requests SET status = ?, error = 'revoked', "
                     "detail = 'the requester was revoked', decided_at = ?, updated_at = ? "
-                    "WHERE requester = ? AND status = 'pending' RETURNING jti",
-                    (db_time(now), db_time(now), requester_id),
+                    "WHERE requester = ? AND status = ? RETURNING jti",
+                    (Status.REJECTED, db_time(now), db_time(now), requester_id, Status.PENDING),
                 ).fetchall()
             ]
             cancelled = [self.get_request(jti) for jti in sorted(jtis)]
@@ -541,7 +530,10 @@ class RequestStore:
                     cancelled=[r.jti for r in cancelled],
                 )
                 for record in cancelled:
-                    audit.append("request_rejected", **_record_audit_fields(record))
+                    audit.append(
+                        "request_rejected", error=record.error, detail=record.detail,
+                        **record.audit_fields(),
+                    )
         return Revocation(self.get_requester(requester_id), cancelled, already_revoked=False)
 
     @contextmanager
@@ -566,7 +558,7 @@ class RequestStore:
                 raise DeliveryRevokedError(
                     f"the requester of request {jti} was revoked: its delivery stops"
                 )
-            if row[1] != "approved":
+            if row[1] != Status.APPROVED:
                 raise DeliveryError(f"request {jti} is {row[1]}, not approved: nothing is sent")
             yield
 
@@ -709,9 +701,9 @@ class RequestStore:
         unknown jti and ValueError for a transition the state machine does not have.
         """
         sources = tuple(_check_status(s) for s in from_statuses)
-        _check_status(to_status)
+        target = _check_status(to_status)
         for source in sources:
-            if to_status not in TRANSITIONS[source]:
+            if target not in TRANSITIONS[source]:
                 raise ValueError(f"no transition from {source} to {to_status}")
         unknown = set(fields) - MUTABLE_FIELDS
         if unknown:
@@ -738,8 +730,8 @@ class RequestStore:
         """
         return [
             r
-            for r in self.list_requests(["rejected"])
-            if r.error == "revoked" and r.responded != "rejected"
+            for r in self.list_requests([Status.REJECTED])
+            if r.error == "revoked" and r.responded != Status.REJECTED
         ]
 
     def mark_responded(self, jti: str, status: str) -> None:
@@ -836,12 +828,14 @@ class RequestStore:
         when it is in none of those states or its requester is revoked."""
         with self.transaction() as conn:
             changed = conn.execute(
-                "UPDATE requests SET status = 'approved', responded = 'approved', "
+                "UPDATE requests SET status = ?, responded = ?, "
                 "error = NULL, detail = NULL, updated_at = ? WHERE jti = ? AND "
-                "(status IN ('delivered', 'acknowledged') OR "
-                "(status = 'failed' AND error = 'delivery_error')) AND requester IN "
+                "(status IN (?, ?) OR (status = ? AND error = 'delivery_error')) AND requester IN "
                 "(SELECT id FROM requesters WHERE revoked_at IS NULL)",
-                (db_time(now), jti),
+                (
+                    Status.APPROVED, Status.APPROVED, db_time(now), jti,
+                    Status.DELIVERED, Status.ACKNOWLEDGED, Status.FAILED,
+                ),
             ).rowcount
             if changed:
                 conn.execute(
@@ -862,7 +856,7 @@ class RequestStore:
                 (jti,),
             ).fetchone()
         return (
-            row is not None and row[0] == "approved" and row[1] == requester_id
+            row is not None and row[0] == Status.APPROVED and row[1] == requester_id
             and row[2] is not None and hmac.compare_digest(str(row[2]), manifest_sha256)
         )
 
@@ -882,7 +876,7 @@ class RequestStore:
                 "JOIN requesters q ON q.id = r.requester WHERE r.jti = ?",
                 (jti,),
             ).fetchone()
-            if row is None or row[0] != "delivered" or row[1] != requester_id or row[2]:
+            if row is None or row[0] != Status.DELIVERED or row[1] != requester_id or row[2]:
                 return False
             newest = conn.execute(
                 "SELECT manifest_sha256, attempt FROM deliveries WHERE jti = ? AND "
@@ -893,8 +887,8 @@ class RequestStore:
                 return False
             record(int(newest[1]))
             conn.execute(
-                "UPDATE requests SET status = 'acknowledged', updated_at = ? WHERE jti = ?",
-                (db_time(self._now()), jti),
+                "UPDATE requests SET status = ?, updated_at = ? WHERE jti = ?",
+                (Status.ACKNOWLEDGED, db_time(self._now()), jti),
             )
         return True
 
@@ -902,10 +896,11 @@ class RequestStore:
 # --- row helpers ------------------------------------------------------------------------------
 
 
-def _check_status(status: str) -> str:
-    if status not in STATUSES:
-        raise ValueError(f"unknown request status {status!r}")
-    return status
+def _check_status(status: str) -> Status:
+    try:
+        return Status(status)
+    except ValueError:
+        raise ValueError(f"unknown request status {status!r}") from None
 
 
 def _jti_seen(conn: sqlite3.Connection, jti: str) -> bool:
@@ -952,7 +947,7 @@ def _verified_row(req: VerifiedRequest) -> dict[str, Any]:
         "recipient": req.recipient,
         "iat": int(req.iat.timestamp()),
         "exp": int(req.exp.timestamp()),
-        "status": "pending",
+        "status": Status.PENDING.value,
         "error": None,
         "detail": None,
     }
@@ -988,7 +983,7 @@ def _rejected_row(rej: Rejection, now: datetime, max_lifetime: timedelta) -> dic
         "recipient": text("recipient", 100),
         "iat": iat,
         "exp": exp,
-        "status": "rejected",
+        "status": Status.REJECTED.value,
         "error": rej.error,
         "detail": rej.detail,
     }
@@ -1012,7 +1007,7 @@ def _insert_request(
 ) -> None:
     stamp = db_time(now)
     row = {**row, "received_at": stamp, "updated_at": stamp, "correlation": correlation}
-    if row["status"] == "rejected":
+    if row["status"] == Status.REJECTED:
         row["decided_at"] = db_time(now)
     conn.execute(
         "INSERT INTO replay (jti, keep_until) VALUES (?, ?)",
@@ -1073,21 +1068,3 @@ def _record(row: tuple[Any, ...]) -> RequestRecord:
         responded=row[23],
         updated_at=updated or TIME_MIN,
     )
-
-
-def _record_audit_fields(record: RequestRecord) -> dict[str, Any]:
-    return {
-        "error": record.error,
-        "detail": record.detail,
-        "requester": record.requester_id,
-        "kid": record.kid,
-        "jti": record.jti,
-        "window": {
-            "start": rfc3339(record.window_start) if record.window_start else None,
-            "end": rfc3339(record.window_end) if record.window_end else None,
-        },
-        "reason": record.reason,
-        "legal_basis": record.legal_basis,
-        "legal_ref": record.legal_ref,
-        "case": record.case,
-    }

@@ -79,6 +79,7 @@ from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwa import JWSAlgModel
 
+from agent.requests.vocabulary import RejectionCode, request_audit_fields
 from agent.timeutil import TIME_MAX, TIME_MIN, epoch_in_range, from_epoch, parse_rfc3339, rfc3339
 
 if TYPE_CHECKING:
@@ -106,20 +107,6 @@ MAX_JSON_CONTAINERS: Final = 16
 ED25519_SIG_SEGMENT: Final = 86  # 64 bytes in unpadded base64url
 _CANONICAL_LAST_SIG_CHARS: Final = (b"A", b"Q", b"g", b"w")  # base64url 0, 16, 32, 48
 
-ErrorCode = Literal[
-    "expired",
-    "not_yet_valid",
-    "lifetime_too_long",
-    "wrong_audience",
-    "replayed",
-    "window_too_long",
-    "window_outside_retention",
-    "window_in_future",
-    "bad_claims",
-    "rate_limited",
-    "revoked",
-]
-ERROR_CODES: Final[tuple[ErrorCode, ...]] = get_args(ErrorCode)
 UnverifiableReason = Literal[
     "oversize",
     "not_ascii",
@@ -241,16 +228,16 @@ class VerifiedRequest:
 
     def audit_fields(self) -> dict[str, Any]:
         """Fields for the request audit events (contract §7)."""
-        return {
-            "jti": self.jti,
-            "requester": self.requester_id,
-            "kid": self.kid,
-            "window": {"start": rfc3339(self.window_start), "end": rfc3339(self.window_end)},
-            "reason": self.reason,
-            "legal_basis": self.legal_basis,
-            "legal_ref": self.legal_ref,
-            "case": self.case,
-        }
+        return request_audit_fields(
+            jti=self.jti,
+            requester=self.requester_id,
+            kid=self.kid,
+            window=(rfc3339(self.window_start), rfc3339(self.window_end)),
+            reason=self.reason,
+            legal_basis=self.legal_basis,
+            legal_ref=self.legal_ref,
+            case=self.case,
+        )
 
 
 @dataclass(frozen=True)
@@ -264,7 +251,7 @@ class Rejection:
     ``claims`` is the whole verified payload, for recording and audit.
     """
 
-    error: ErrorCode
+    error: RejectionCode
     detail: str
     requester_id: str
     kind: str
@@ -291,26 +278,25 @@ class Rejection:
 
     def audit_fields(self) -> dict[str, Any]:
         """Fields for the ``request_rejected`` audit event: well-typed claims, cut to size."""
-        fields: dict[str, Any] = {
+        window = self.claims.get("window")
+        return {
             "error": self.error,
             "detail": self.detail,
-            "requester": self.requester_id,
-            "kid": self.kid,
-            "jti": _cut(self.jti, 128),
+            **request_audit_fields(
+                jti=_cut(self.jti, 128),
+                requester=self.requester_id,
+                kid=self.kid,
+                window=(
+                    (_cut(window.get("start"), 64), _cut(window.get("end"), 64))
+                    if isinstance(window, dict)
+                    else None
+                ),
+                reason=_cut(self.claims.get("reason"), MAX_REASON),
+                legal_basis=_cut(self.claims.get("legal_basis"), 32),
+                legal_ref=_cut(self.claims.get("legal_ref"), MAX_LEGAL_REF),
+                case=_cut(self.claims.get("case"), MAX_CASE),
+            ),
         }
-        window = self.claims.get("window")
-        if isinstance(window, dict):
-            fields["window"] = {
-                "start": _cut(window.get("start"), 64),
-                "end": _cut(window.get("end"), 64),
-            }
-        limits = (
-            ("reason", MAX_REASON), ("legal_basis", 32), ("legal_ref", MAX_LEGAL_REF),
-            ("case", MAX_CASE),
-        )
-        for name, limit in limits:
-            fields[name] = _cut(self.claims.get(name), limit)
-        return fields
 
 
 VerifyResult = VerifiedRequest | Rejection | Unverifiable
@@ -380,7 +366,7 @@ class _Fail(Exception):
 
 
 class _Claim(Exception):
-    def __init__(self, error: ErrorCode, detail: str) -> None:
+    def __init__(self, error: RejectionCode, detail: str) -> None:
         super().__init__(detail)
         self.error = error
         self.detail = detail

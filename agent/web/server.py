@@ -25,7 +25,8 @@ from agent.approval.coordinator import ApprovalCoordinator
 from agent.config import Config
 from agent.errors import AgentError
 from agent.keys import check_secret
-from agent.provision import APP_PASSWORD, TLS_CERT, TLS_DIR, TLS_KEY, certificate_fingerprint
+from agent.paths import StatePaths
+from agent.provision import certificate_fingerprint
 from agent.requests.store import RequestStore
 from agent.timeutil import format_size, utcnow
 from agent.web.app import WebApp
@@ -230,9 +231,9 @@ def build_server(
 
     Raises InsecurePermissionsError when the TLS key or password hash is readable by others.
     """
-    state = cfg.state_dir
-    password_path = state / APP_PASSWORD
-    certfile, keyfile = state / TLS_DIR / TLS_CERT, state / TLS_DIR / TLS_KEY
+    state = StatePaths(cfg.state_dir)
+    password_path = state.app_password
+    certfile, keyfile = state.tls_cert, state.tls_key
     check_secret(password_path)
     check_secret(keyfile)
     web = WebApp(

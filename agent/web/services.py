@@ -20,25 +20,21 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.approval.coordinator import DecisionResult
 from agent.approval.decisions import Action
-from agent.approval.machine import Channel, Status
-from agent.audit import AuditEntry, VerifyResult
+from agent.audit import AuditEntry, AuditSink, VerifyResult
 from agent.camera.media import MediaError
 from agent.errors import AgentError
 from agent.release.preview import Preview
 from agent.requests.store import Requester, RequestRecord, Revocation
+from agent.requests.vocabulary import Channel, Status
 from agent.vault import ClipInfo, Hold
 
 log = logging.getLogger(__name__)
 
 
-class AuditPort(Protocol):
+class AuditPort(AuditSink, Protocol):
     """The audit log (:class:`agent.audit.AuditLog`)."""
 
     path: Path
-
-    def append(self, event: str, **fields: object) -> object:
-        """Append one durable entry or raise :class:`agent.errors.AuditWriteError`."""
-        ...
 
     def verify(self) -> VerifyResult:
         """Verify the whole chain with the device key."""

@@ -46,7 +46,7 @@ from agent import config
 from agent.audit import AuditLog
 from agent.errors import RequestNotFoundError
 from agent.keys import load_device_key
-from agent.mqtt import InboundMessage, Topics
+from agent.mqtt import InboundMessage
 from agent.provision import initialise
 from agent.requester.build import build_request, new_jti
 from agent.requester.keyfiles import generate_keys
@@ -54,6 +54,7 @@ from agent.requests.service import RequestService, admission_audited
 from agent.requests.store import RequestRecord, RequestStore
 from agent.requests.verify import RequestPolicy, VerifiedRequest, verify_request
 from agent.timeutil import utcnow
+from agent.topics import Topics
 from agent.vault import ClipInfo
 from tests.mosquitto import Mosquitto
 from tests.reliability.harness import (

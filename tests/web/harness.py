@@ -34,7 +34,8 @@ from agent.approval.worker import previewer
 from agent.audit import AuditLog
 from agent.config import Config
 from agent.keys import create_device_keys, kid_for, load_storage_key, write_secret
-from agent.provision import APP_PASSWORD, make_state_dir, make_tls_certificate
+from agent.paths import APP_PASSWORD
+from agent.provision import make_state_dir, make_tls_certificate
 from agent.release.cut import WindowCutter
 from agent.release.deliver import Deliverer
 from agent.requester.build import build_request

@@ -12,9 +12,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from agent.approval.machine import Channel
-from agent.audit import ACTIVITY_FILE, AuditLog, read_entries
+from agent.audit import AuditLog, read_entries
 from agent.cli import main
+from agent.paths import ACTIVITY_FILE
+from agent.requests.vocabulary import Channel
 from agent.timeutil import format_size, parse_rfc3339
 from agent.web import views
 from agent.web.server import AppServer
