@@ -78,6 +78,19 @@ def test_every_length_and_write_size_gives_the_same_chunks() -> None:
             assert seal(data, write_size) == first, (length, write_size)
 
 
+def test_a_mutable_buffer_may_be_reused_after_each_write() -> None:
+    data = random.Random(9).randbytes(2 * N + 5)
+    for write_size in (N, N + 1, 2 * N + 5):
+        chunks: list[bytes] = []
+        writer = StreamWriter(aead(), chunks.append)
+        for at in range(0, len(data), write_size):
+            buffer = bytearray(data[at : at + write_size])
+            writer.write(buffer)
+            buffer[:] = bytes(len(buffer))
+        writer.close()
+        assert chunks == seal(data, write_size), write_size
+
+
 def test_reader_gets_every_length_back_however_it_is_fed() -> None:
     for length in LENGTHS:
         data = random.Random(length).randbytes(length)

@@ -47,18 +47,24 @@ class StreamWriter:
         self._aead = aead
         self._dst = dst
         self._buffer = bytearray()
+        self._held: memoryview | None = None
         self._counter = 0
         self._closed = False
 
-    def write(self, data: bytes) -> None:
-        """Take the next plaintext bytes."""
+    def write(self, data: bytes | bytearray) -> None:
+        """Take the next plaintext bytes (a bytearray may be reused once this returns)."""
         if self._closed:
             raise ValueError("the age stream is closed")
         view = memoryview(data)
         while view:
-            if len(self._buffer) == PAYLOAD_CHUNK:
+            if self._held is not None or len(self._buffer) == PAYLOAD_CHUNK:
                 # Bytes follow a full chunk, so it is not the last one.
                 self._seal(last=False)
+            if not self._buffer and len(view) >= PAYLOAD_CHUNK and isinstance(data, bytes):
+                # bytes cannot change, so a whole chunk of them waits for its flag uncopied.
+                self._held = view[:PAYLOAD_CHUNK]
+                view = view[PAYLOAD_CHUNK:]
+                continue
             room = PAYLOAD_CHUNK - len(self._buffer)
             self._buffer += view[:room]
             view = view[room:]
@@ -70,7 +76,9 @@ class StreamWriter:
             self._closed = True
 
     def _seal(self, *, last: bool) -> None:
-        self._dst(self._aead.encrypt(chunk_nonce(self._counter, last), self._buffer, None))
+        plaintext = self._buffer if self._held is None else self._held
+        self._dst(self._aead.encrypt(chunk_nonce(self._counter, last), plaintext, None))
+        self._held = None
         self._buffer.clear()
         self._counter += 1
 
