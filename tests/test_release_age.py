@@ -18,17 +18,14 @@ import pyrage
 import pytest
 from pyrage import x25519
 
+from agent.age import AgeDecryptor
+from agent.age.bech32 import bech32_decode
+from agent.age.format import b64_decode
+from agent.age.primitives import payload_aead
+from agent.age.stream import PAYLOAD_CHUNK, SEALED_CHUNK, chunk_nonce
+from agent.age.x25519 import identity_key
 from agent.errors import DeliveryError, ReceiveError
-from agent.release.encrypt import (
-    PAYLOAD_CHUNK,
-    SEALED_CHUNK,
-    b64_decode,
-    bech32_decode,
-    chunk_nonce,
-    encrypt_to_chunks,
-    payload_aead,
-)
-from agent.requester.receive import AgeDecryptor, identity_key
+from agent.release.encrypt import encrypt_to_chunks
 
 AGE = shutil.which("age")
 SIZES = [0, 1, PAYLOAD_CHUNK - 1, PAYLOAD_CHUNK, PAYLOAD_CHUNK + 1, 2 * PAYLOAD_CHUNK, 200_000]

@@ -43,10 +43,11 @@ from typing import Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pyrage import x25519
 
+from agent.age.x25519 import parse_recipient
 from agent.errors import AuditWriteError, DeliveryError, MQTTError, VaultError
 from agent.mqtt import message_expiry
 from agent.release.cut_api import ClipVault, CutFile, Cutter, StoredClip, WholeClipCutter
-from agent.release.encrypt import encrypt_to_chunks, parse_recipient
+from agent.release.encrypt import encrypt_to_chunks
 from agent.release.manifest import NAME_RE, ManifestClip, manifest_claims, sign_manifest
 from agent.timeutil import rfc3339, utcnow
 from agent.topics import Topics

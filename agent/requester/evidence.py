@@ -29,11 +29,13 @@ from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from agent.age import AgeDecryptor
+from agent.age.x25519 import identity_key
 from agent.errors import AgentError, ReceiveError, StateError
 from agent.keys import b64url_decode, parse_public_key, public_jwk, write_secret
 from agent.release.manifest import RESPONSE_TYP, Manifest, verify_device_jws, verify_manifest
 from agent.requester.build import verify_receipt
-from agent.requester.receive import AgeDecryptor, extension_for, identity_key
+from agent.requester.receive import extension_for
 from agent.requests.verify import REQUEST_TYP
 from agent.timeutil import parse_rfc3339
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import hmac
 import logging
 import mimetypes
 import os
@@ -34,28 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Never
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pyrage import x25519
 from tqdm import tqdm
 
+from agent.age import AgeDecryptor
+from agent.age.x25519 import identity_key
 from agent.errors import ReceiveError
-from agent.release.encrypt import (
-    AGE_VERSION_LINE,
-    FILE_KEY_BYTES,
-    PAYLOAD_NONCE_BYTES,
-    SEALED_CHUNK,
-    STANZA_COLUMNS,
-    TAG_BYTES,
-    b64_decode,
-    bech32_decode,
-    chunk_nonce,
-    header_mac,
-    payload_aead,
-    x25519_wrap_key,
-)
 from agent.release.manifest import (
     NAME_RE,
     RESPONSE_TYP,
@@ -72,9 +57,6 @@ log = logging.getLogger(__name__)
 _SEQ_RE = re.compile(r"^(0|[1-9][0-9]{0,8})$")
 _READ_BYTES = 256 * 1024
 _EXTENSIONS = {"video/x-msvideo": ".avi", "video/mp4": ".mp4", "video/x-matroska": ".mkv"}
-_MAX_HEADER = 64 * 1024
-"""An age header longer than this is refused (ours is about 200 bytes)."""
-_ZERO_NONCE = bytes(12)
 _SYNC_BYTES = 8 * 1024 * 1024
 """Decrypted bytes between background syncs, so the final fsync has little left to write."""
 
@@ -95,197 +77,10 @@ def extension_for(content_type: str) -> str:
     return _EXTENSIONS.get(content_type) or mimetypes.guess_extension(content_type) or ".bin"
 
 
-def identity_key(identity: x25519.Identity) -> X25519PrivateKey:
-    """The X25519 private key inside an age identity (``AGE-SECRET-KEY-1...``)."""
-    try:
-        secret = bech32_decode(str(identity), "age-secret-key-")
-    except ValueError as exc:
-        raise ReceiveError(f"the age identity is malformed: {exc}") from None
-    if len(secret) != 32:
-        raise ReceiveError("the age identity does not hold a 32-byte X25519 key")
-    return X25519PrivateKey.from_private_bytes(secret)
-
-
 def _sync_quietly(fd: int) -> None:
     # A failing disk is reported by the fsync before the rename.
     with contextlib.suppress(OSError):
         os.fdatasync(fd)
-
-
-def _parse_stanzas(lines: list[bytes]) -> list[tuple[list[bytes], bytes]]:
-    """The recipient stanzas between the version line and ``---``, strictly as age writes them."""
-    stanzas: list[tuple[list[bytes], bytes]] = []
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        if not line.startswith(b"-> "):
-            raise ReceiveError("the age header has a malformed line")
-        args = line[3:].split(b" ")
-        if any(not a or any(c < 33 or c > 126 for c in a) for a in args):
-            raise ReceiveError("the age header has a malformed stanza")
-        body: list[bytes] = []
-        i += 1
-        while True:
-            if i >= len(lines):
-                raise ReceiveError("the age header has an unterminated stanza")
-            body.append(lines[i])
-            i += 1
-            if len(body[-1]) > STANZA_COLUMNS:
-                raise ReceiveError("the age header has an over-long stanza line")
-            if len(body[-1]) < STANZA_COLUMNS:
-                break
-        try:
-            stanzas.append((args, b64_decode(b"".join(body))))
-        except ValueError:
-            raise ReceiveError("the age header has a stanza body that is not base64") from None
-    if not stanzas:
-        raise ReceiveError("the age header has no recipient stanza")
-    return stanzas
-
-
-class AgeDecryptor:
-    """Decrypts an age v1 file for one X25519 identity as its bytes are pushed in, in order.
-
-    :meth:`feed` returns the plaintext of every payload chunk that has authenticated so far (a
-    chunk is released only once the next bytes show whether it is the last); :meth:`finish`
-    authenticates the last chunk. Every failure raises ReceiveError saying what is wrong: not
-    an age file, no stanza for this identity, a header or a chunk that fails authentication,
-    a truncated file. Memory stays at about one payload chunk plus the bytes fed at once.
-    """
-
-    def __init__(self, identity: X25519PrivateKey) -> None:
-        self._identity = identity
-        self._recipient = identity.public_key().public_bytes_raw()
-        self._buffer = bytearray()
-        self._file_key: bytes | None = None
-        self._aead: ChaCha20Poly1305 | None = None
-        self._counter = 0
-        self._finished = False
-
-    def feed(self, data: bytes) -> list[bytes]:
-        """Take the next bytes of the file; returns the plaintext they complete."""
-        if self._finished:
-            raise ReceiveError("the age file has data after its end")
-        if self._aead is None:
-            self._buffer += data
-            if not self._read_header():
-                return []
-            data = bytes(self._buffer)
-            self._buffer.clear()
-        # The buffer holds at most one sealed chunk; whole chunks are opened straight from
-        # ``data``. A chunk is opened as non-final only when at least one byte follows it.
-        out: list[bytes] = []
-        view = memoryview(data)
-        pos = 0
-        if self._buffer:
-            need = SEALED_CHUNK - len(self._buffer)
-            if len(view) <= need:
-                self._buffer += view
-                return out
-            self._buffer += view[:need]
-            pos = need
-            with memoryview(self._buffer) as sealed:
-                out.append(self._open(sealed, last=False))
-            self._buffer.clear()
-        while len(view) - pos > SEALED_CHUNK:
-            out.append(self._open(view[pos : pos + SEALED_CHUNK], last=False))
-            pos += SEALED_CHUNK
-        self._buffer += view[pos:]
-        return out
-
-    def finish(self) -> bytes:
-        """Authenticate the end of the file; returns the last chunk's plaintext."""
-        if self._finished:
-            return b""
-        if self._aead is None:
-            raise ReceiveError("the age file is truncated inside its header")
-        if not self._buffer:
-            raise ReceiveError("the age file is truncated: it has no payload")
-        if len(self._buffer) < TAG_BYTES:
-            raise ReceiveError("the age file is truncated inside its last payload chunk")
-        with memoryview(self._buffer) as sealed:
-            if len(sealed) == SEALED_CHUNK and self._authentic(sealed, last=False):
-                raise ReceiveError(
-                    f"the age file is truncated: it ends after payload chunk {self._counter} "
-                    "without a final chunk"
-                )
-            last = self._open(sealed, last=True)
-        if not last and self._counter > 1:
-            raise ReceiveError("the age file ends with an empty final chunk: tampered with")
-        self._buffer.clear()
-        self._finished = True
-        return last
-
-    def _authentic(self, sealed: memoryview, *, last: bool) -> bool:
-        assert self._aead is not None
-        try:
-            self._aead.decrypt(chunk_nonce(self._counter, last), sealed, None)
-        except InvalidTag:
-            return False
-        return True
-
-    def _open(self, sealed: memoryview, *, last: bool) -> bytes:
-        assert self._aead is not None
-        try:
-            plain = self._aead.decrypt(chunk_nonce(self._counter, last), sealed, None)
-        except InvalidTag:
-            raise ReceiveError(
-                f"age payload chunk {self._counter} failed authentication: "
-                "file corrupted or tampered with"
-            ) from None
-        self._counter += 1
-        return plain
-
-    def _read_header(self) -> bool:
-        """Parse and authenticate the header once it is complete; False while it is not."""
-        if not AGE_VERSION_LINE.startswith(self._buffer[: len(AGE_VERSION_LINE)]):
-            raise ReceiveError("not an age v1 file")
-        end = self._buffer.find(b"\n---")
-        if end < 0:
-            if len(self._buffer) > _MAX_HEADER:
-                raise ReceiveError("the age header is too long")
-            return False
-        eol = self._buffer.find(b"\n", end + 1)
-        if eol < 0 or eol + 1 + PAYLOAD_NONCE_BYTES > len(self._buffer):
-            if len(self._buffer) > _MAX_HEADER:
-                raise ReceiveError("the age header is too long")
-            return False
-        header = bytes(self._buffer[: end + 4])
-        mac_line = bytes(self._buffer[end + 4 : eol])
-        lines = header.split(b"\n")
-        if lines[0] != AGE_VERSION_LINE or not mac_line.startswith(b" "):
-            raise ReceiveError("not an age v1 file")
-        file_key = self._unwrap(_parse_stanzas(lines[1:-1]))
-        try:
-            mac = b64_decode(mac_line[1:])
-        except ValueError:
-            raise ReceiveError("the age header MAC is not base64") from None
-        if not hmac.compare_digest(mac, header_mac(file_key, header)):
-            raise ReceiveError("the age header failed authentication: tampered with")
-        nonce = bytes(self._buffer[eol + 1 : eol + 1 + PAYLOAD_NONCE_BYTES])
-        self._aead = payload_aead(file_key, nonce)
-        del self._buffer[: eol + 1 + PAYLOAD_NONCE_BYTES]
-        return True
-
-    def _unwrap(self, stanzas: list[tuple[list[bytes], bytes]]) -> bytes:
-        for args, body in stanzas:
-            if args[0] != b"X25519":
-                continue  # another recipient type, or age's random "grease" stanza
-            try:
-                if len(args) != 2 or len(body) != FILE_KEY_BYTES + TAG_BYTES:
-                    raise ValueError
-                share = b64_decode(args[1])
-                shared = self._identity.exchange(X25519PublicKey.from_public_bytes(share))
-            except ValueError:
-                # Malformed, or a low-order share (all-zero secret): the spec says fail.
-                raise ReceiveError("the age header has a malformed X25519 stanza") from None
-            try:
-                return x25519_wrap_key(shared, share, self._recipient).decrypt(
-                    _ZERO_NONCE, body, None
-                )
-            except InvalidTag:
-                continue
-        raise ReceiveError("no recipient stanza in the age header is for this identity")
 
 
 class _ClipSpool:
