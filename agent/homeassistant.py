@@ -30,11 +30,9 @@ from typing import Any, Protocol
 
 from agent import __version__
 from agent.errors import AgentError
-from agent.topics import Topics
+from agent.topics import DEFAULT_DISCOVERY_PREFIX, Topics, check_discovery_prefix
 
 log = logging.getLogger(__name__)
-
-DEFAULT_DISCOVERY_PREFIX = "homeassistant"
 
 # Home Assistant renders an availability topic through this template; our status is JSON.
 AVAILABILITY_TEMPLATE = "{{ 'online' if value_json.online else 'offline' }}"
@@ -55,19 +53,6 @@ class Message:
     topic: str
     payload: bytes
     retain: bool
-
-
-def check_discovery_prefix(prefix: str) -> str:
-    """Return ``prefix`` if it is a usable topic prefix; raise ValueError saying what is wrong."""
-    if not prefix or len(prefix) > 128:
-        raise ValueError("must be 1-128 characters")
-    if any(c in prefix for c in "+#\0"):
-        raise ValueError("must not contain the MQTT wildcards + or #, or a NUL character")
-    if any(level == "" for level in prefix.split("/")):
-        raise ValueError("must not start or end with / or contain an empty level (//)")
-    if prefix.startswith("$"):
-        raise ValueError("must not start with $ (reserved for the broker's own topics)")
-    return prefix
 
 
 def state_topics(device_id: str, topic_prefix: str) -> tuple[str, str]:

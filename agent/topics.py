@@ -60,3 +60,20 @@ class Topics:
     def home_assistant(self, entity: str) -> str:
         """``P/D/ha/ENTITY``: the agent's own Home Assistant state topics (not the contract's)."""
         return f"{self.base}/ha/{entity}"
+
+
+DEFAULT_DISCOVERY_PREFIX = "homeassistant"
+"""Home Assistant's own default MQTT discovery prefix."""
+
+
+def check_discovery_prefix(prefix: str) -> str:
+    """Return ``prefix`` if it is a usable topic prefix; raise ValueError saying what is wrong."""
+    if not prefix or len(prefix) > 128:
+        raise ValueError("must be 1-128 characters")
+    if any(c in prefix for c in "+#\0"):
+        raise ValueError("must not contain the MQTT wildcards + or #, or a NUL character")
+    if any(level == "" for level in prefix.split("/")):
+        raise ValueError("must not start or end with / or contain an empty level (//)")
+    if prefix.startswith("$"):
+        raise ValueError("must not start with $ (reserved for the broker's own topics)")
+    return prefix

@@ -16,12 +16,12 @@ from agent.homeassistant import (
     ONLINE_TEMPLATE,
     HomeAssistantPublisher,
     Message,
-    check_discovery_prefix,
     discovery_messages,
     motion_message,
     pending_message,
 )
 from agent.mqtt import MQTTClient
+from agent.topics import check_discovery_prefix
 from tests.mosquitto import HOST, Collector, Mosquitto
 
 D = "front-door"

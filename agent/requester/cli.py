@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from agent import __version__
-from agent.cli import run_program
+from agent.program import run_program
 
 PROG = "doorbell-request"
 
