@@ -7,5 +7,7 @@ echo "== ruff"
 .venv/bin/ruff check agent tests bench
 echo "== mypy"
 .venv/bin/mypy
+echo "== import layers"
+.venv/bin/lint-imports
 echo "== pytest"
 exec .venv/bin/python -m pytest "$@"
