@@ -23,7 +23,7 @@ from pathlib import Path
 from agent import config as config_mod
 from agent.audit import AuditLog
 from agent.config import Config
-from agent.daemon import AUDIT_FILE, run_daemon
+from agent.daemon import AUDIT_FILE
 from agent.errors import AgentError, StateError
 from agent.keys import load_device_key, parse_public_key
 from agent.provision import (
@@ -37,6 +37,7 @@ from agent.requester.keyfiles import generate_keys
 from agent.requests.store import RequestStore
 from agent.timeutil import utcnow
 from agent.web.auth import PasswordFile
+from agent.wiring import run_daemon
 
 DEVICE_ID = "demo-door"
 REQUESTER_ID = "demo-police"

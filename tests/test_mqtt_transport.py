@@ -400,8 +400,7 @@ def test_bounded_publisher_publishes_in_order_and_fails_when_the_connection_drop
 def test_daemon_runs_the_requests_worker(harness: AgentHarness) -> None:
     import threading
 
-    from agent.daemon import run_daemon
-    from agent.requests.service import requests_worker
+    from agent.wiring import requests_worker, run_daemon
 
     alice = harness.enroll("alice")
     stop = threading.Event()

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from agent import config as config_mod
-from agent.daemon import run_daemon
 from agent.errors import StateLockedError
 from agent.provision import initialise
 from agent.statelock import LOCK_FILE, StateLock
 from agent.timeutil import utcnow
+from agent.wiring import run_daemon
 from tests.mosquitto import Mosquitto
 from tests.reliability.harness import AgentProcess, Requester, wait_until
 

@@ -97,7 +97,7 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -133,9 +133,6 @@ from agent.requests.verify import (
 )
 from agent.status import Announcer
 from agent.timeutil import to_epoch, utcnow
-
-if TYPE_CHECKING:
-    from agent.daemon import DaemonContext
 
 log = logging.getLogger(__name__)
 
@@ -732,7 +729,7 @@ class RequestService:
 
     # -- responses -------------------------------------------------------------------------
 
-    def respond(self, request: ResponseTarget, status: str, **claims: Any) -> Future[None]:
+    def respond(self, request: ResponseTarget, status: str, /, **claims: Any) -> Future[None]:
         """Sign a response and queue it for ``P/D/responses/R`` (R = ``request.requester_id``).
 
         ``claims`` are the status's extra claims (``error``/``detail``, ``clips``, ``channel``,
@@ -1251,7 +1248,7 @@ class RequestsWorker:
         self.checked.set()
 
     def run(self, stop: threading.Event) -> None:
-        """Daemon worker entry (``agent.daemon``): start, then wait for ``stop``.
+        """Daemon worker entry (:mod:`agent.daemon`): start, then wait for ``stop``.
 
         Raises what the start-up audit check raised (the agent must not run on a log whose gap
         it could not record), and AgentError if the service thread has died meanwhile (it
@@ -1317,19 +1314,3 @@ class RequestsWorker:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def requests_worker(ctx: DaemonContext) -> RequestsWorker:
-    """Daemon worker factory: MQTT + request service on the daemon's key and audit log.
-
-    Shares ``ctx.services["request_store"]`` (opened here unless an earlier factory did) and
-    ``ctx.services["requests"]`` (this worker: ``.service.respond`` and
-    ``.delivery_publisher()`` for the approval coordinator).
-    """
-    store = ctx.services.get("request_store")
-    if not isinstance(store, RequestStore):
-        store = ctx.resources.enter_context(RequestStore.open(ctx.config.state_dir))
-        ctx.services["request_store"] = store
-    worker = RequestsWorker(ctx.config, signing_key=ctx.device_key, store=store, audit=ctx.audit)
-    ctx.services["requests"] = worker
-    return worker
