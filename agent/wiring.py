@@ -139,7 +139,7 @@ def approval_worker(ctx: DaemonContext) -> Worker | None:
         activity=ctx.activity,
         vault=ctx.vault,
         device_key=ctx.device_key,
-        respond=requests.service.respond,
+        respond=requests.service.responder.respond,
         publisher=requests.delivery_publisher,
         cutter=ctx.cutter,
         ready=requests.wait_checked,

@@ -17,7 +17,7 @@ import pytest
 from agent import config
 from agent.approval.machine import Channel
 from agent.mqtt import BoundedPublisher, MQTTClient
-from agent.requests.service import response_expiry
+from agent.requests.responder import response_expiry
 from agent.requests.store import RequestStore
 from tests.mosquitto import Mosquitto
 from tests.test_approval_coordinator import (

@@ -50,7 +50,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Protocol
 
 from agent.approval.decisions import Action, DecisionLog
 from agent.approval.machine import (
@@ -90,6 +90,7 @@ from agent.errors import (
 from agent.release.deliver import DeliveryJob, DeliveryLedger, Gate, PlannedFile, new_salt
 from agent.release.manifest import ManifestClip
 from agent.release.preview import Preview, exceeds_message, sentence
+from agent.requests.responder import RespondFn, answer_unanswered
 from agent.requests.store import RequestRecord, RequestStore
 from agent.timeutil import rfc3339, utcnow
 
@@ -100,12 +101,6 @@ class AuditSink(Protocol):
     """What the coordinator needs of :class:`agent.audit.AuditLog`."""
 
     def append(self, event: str, **fields: object) -> object: ...
-
-
-class Responder(Protocol):
-    """Signs and queues a response (``RequestService.respond``)."""
-
-    def __call__(self, request: RequestRecord, status: str, /, **claims: Any) -> object: ...
 
 
 class HoldingVault(Protocol):
@@ -245,7 +240,7 @@ class ApprovalCoordinator:
         audit: AuditSink,
         policy: Policy,
         vault: HoldingVault,
-        respond: Responder,
+        respond: RespondFn,
         deliverer_factory: Callable[[], Deliverer],
         device_id: str,
         previewer: Callable[[RequestRecord], Preview] | None = None,
@@ -592,15 +587,13 @@ class ApprovalCoordinator:
             self._apply_queued()
             self._expire_due(self._now())
             finished = [s.value for s in TERMINAL]
-            for record in self._store.list_requests(finished):
-                if record.responded != record.status:
-                    self._answer(record, Status(record.status), self._claims_of(record))
+            answer_unanswered(self._store.list_requests(finished), self._respond, self._now())
             self._fail_revoked()
             self.sync_holds()
-            for record in self._store.list_requests(["approved"]):
+            approved = self._store.list_requests(["approved"])
+            answer_unanswered(approved, self._respond, self._now())
+            for record in approved:
                 log.info("request %s was approved but not delivered: delivering again", record.jti)
-                if record.responded != "approved":
-                    self._answer(record, Status.APPROVED, self._claims_of(record))
                 self._schedule(record.jti)
             self._refresh_indicator()
 
@@ -803,19 +796,6 @@ class ApprovalCoordinator:
     def _clip_count(self, record: RequestRecord) -> int:
         assert record.window_start is not None and record.window_end is not None
         return len(self._vault.clips_overlapping(record.window_start, record.window_end))
-
-    def _claims_of(self, record: RequestRecord) -> dict[str, object]:
-        status = Status(record.status)
-        if status in (Status.APPROVED, Status.DENIED):
-            claims: dict[str, object] = {"channel": record.channel}
-            if status is Status.APPROVED:
-                claims["clips"] = record.clips if record.clips is not None else 0
-            return claims
-        if status is Status.DELIVERED:
-            return {"clips": record.clips if record.clips is not None else 0}
-        if status is Status.FAILED:
-            return {"error": "revoked" if record.error == "revoked" else "delivery_error"}
-        return {}
 
     def _answer(self, record: RequestRecord, status: Status, claims: dict[str, object]) -> None:
         if status is Status.APPROVED and "clips" not in claims:

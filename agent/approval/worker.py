@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING
 
 from agent.approval.button import ButtonPanel
 from agent.approval.control import ControlServer, socket_path
-from agent.approval.coordinator import ApprovalCoordinator, DecisionResult, Responder
+from agent.approval.coordinator import ApprovalCoordinator, DecisionResult
 from agent.approval.decisions import Action
 from agent.approval.machine import Channel, Policy
 from agent.release.cut import WindowCutter
 from agent.release.deliver import Deliverer, Publisher
 from agent.release.preview import Preview, build_preview
+from agent.requests.responder import RespondFn
 from agent.requests.store import RequestRecord, RequestStore
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ def build_approval_worker(
     activity: AuditLog | None,
     vault: Vault,
     device_key: Ed25519PrivateKey,
-    respond: Responder,
+    respond: RespondFn,
     publisher: Callable[[], Publisher],
     cutter: WindowCutter,
     ready: Callable[[threading.Event], bool] | None = None,

@@ -69,9 +69,7 @@ So one requester accounts for < 448 + 144 + 144 KiB (736 KiB) < 1 MiB a day; wha
 accepted requests add beyond that is bounded by ``requests.rate_limit``, not by this budget
 (``tests/test_audit_growth.py`` measures it over a simulated day).
 
-Responses never say anything about footage before approval: ``pending`` and ``rejected`` carry
-only ``iss``, ``aud``, ``iat``, ``req``, ``status`` (and ``error``/``detail``). ``detail`` is a
-fixed text per error code; the verifier's precise reason goes to the local log and the audit log.
+Responses are built, signed, sent and recorded by :class:`agent.requests.responder.Responder`.
 
 :class:`RequestsWorker` wires the MQTT client, the announcer (status and audit head) and this
 service together for ``doorbell-agent run``.
@@ -81,7 +79,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import dataclasses
 import json
 import logging
@@ -91,7 +88,6 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -111,17 +107,14 @@ from agent.audit import (
     parse_entry,
 )
 from agent.config import Config
-from agent.errors import AgentError, AuditWriteError, MQTTError, RequestNotFoundError
+from agent.errors import AgentError, AuditWriteError, MQTTError
 from agent.headcheck import CheckOutcome, StartupCheck
-from agent.keys import sign_jws
-from agent.logtext import one_line
-from agent.mqtt import BoundedPublisher, InboundMessage, MQTTClient, Topics, message_expiry
+from agent.mqtt import BoundedPublisher, InboundMessage, MQTTClient, Topics
 from agent.provision import device_client_id
-from agent.release.manifest import RESPONSE_TYP
 from agent.requests.receipts import ReceiptDesk
-from agent.requests.store import RequestRecord, RequestStore
+from agent.requests.responder import Responder, ResponsePublisher, Target, shown
+from agent.requests.store import RequestStore
 from agent.requests.verify import (
-    ERROR_CODES,
     MAX_HEADER_SEGMENT,
     Rejection,
     RequestPolicy,
@@ -132,31 +125,9 @@ from agent.requests.verify import (
     verify_request,
 )
 from agent.status import Announcer
-from agent.timeutil import to_epoch, utcnow
+from agent.timeutil import utcnow
 
 log = logging.getLogger(__name__)
-
-RESPONSE_STATUSES: Final = (
-    "pending", "rejected", "approved", "denied", "expired", "delivered", "failed"
-)
-CHANNELS: Final = ("button", "app", "cli")
-
-# What a rejected requester is told: one fixed sentence per code. The verifier's precise reason
-# stays on the device (log and audit): remote callers get an opaque rejection.
-REJECTION_DETAIL: Final[Mapping[str, str]] = {
-    "expired": "the request has expired",
-    "not_yet_valid": "the request is not valid yet (iat is in the future)",
-    "lifetime_too_long": "exp - iat is longer than the device accepts",
-    "wrong_audience": "the request is not addressed to this device",
-    "replayed": "this jti has been used before",
-    "window_too_long": "the footage window is longer than the device accepts",
-    "window_outside_retention": "the footage window starts before the storage retention",
-    "window_in_future": "the footage window ends in the future; ask for recorded footage only",
-    "bad_claims": "a claim is missing or malformed",
-    "rate_limited": "too many requests from this requester; try again later",
-    "revoked": "the requester's key has been revoked",
-}
-
 
 SUMMARY_INTERVAL: Final = 600.0
 """Seconds: at most one ``request_unverifiable`` entry, and one ``request_rejected`` summary per
@@ -171,11 +142,6 @@ MAX_CORRELATION: Final = 256
 """Bytes of MQTT v5 Correlation Data a request may carry (CONTRACT §3); longer: unverifiable."""
 
 
-def shown(value: object, limit: int = 200) -> str:
-    """Requester text made safe for one log line (:func:`agent.logtext.one_line`), cut to
-    ``limit`` characters."""
-    return one_line(value, limit)
-
 
 def audit_cost(result: VerifiedRequest | Rejection) -> int:
     """The bytes ``request_received`` plus ``request_pending``/``request_rejected`` add to the
@@ -185,119 +151,6 @@ def audit_cost(result: VerifiedRequest | Rejection) -> int:
         + ENTRY_OVERHEAD
         for fields in (_received_fields(result), result.audit_fields())
     )
-FAILURE_DETAIL: Final[dict[str, str]] = {
-    "revoked": "the requester was revoked; the delivery was stopped",
-    "delivery_error": "the delivery could not be completed",
-}
-"""The ``error`` codes of a ``failed`` response (§4) and their fixed ``detail`` texts."""
-
-
-# --- responses (pure) -------------------------------------------------------------------------
-
-
-def response_claims(
-    *,
-    device_id: str,
-    requester_id: str,
-    jti: str | None,
-    status: str,
-    now: datetime,
-    error: str | None = None,
-    detail: str | None = None,
-    clips: int | None = None,
-    channel: str | None = None,
-) -> dict[str, Any]:
-    """The claims of a §4 response, with exactly the claims its status carries.
-
-    ``rejected`` needs ``error`` (a contract code; ``detail`` defaults to its fixed text),
-    ``failed`` needs ``error`` ``revoked`` or ``delivery_error`` (``detail`` its fixed text),
-    ``approved`` needs ``clips`` and ``channel``, ``delivered`` needs ``clips``, ``denied`` needs
-    ``channel``; every other combination raises ValueError. ``req`` is null only for a rejected
-    request whose ``jti`` claim was not a string.
-    """
-    if status not in RESPONSE_STATUSES:
-        raise ValueError(f"unknown response status {status!r}")
-    wants_error = status in ("rejected", "failed")
-    wants_clips = status in ("approved", "delivered")
-    wants_channel = status in ("approved", "denied")
-    if wants_error != (error is not None) or (detail is not None and not wants_error):
-        raise ValueError(f"error/detail go with status rejected and failed only ({status})")
-    if wants_clips != (clips is not None):
-        raise ValueError(f"clips go with approved and delivered only (status {status})")
-    if wants_channel != (channel is not None):
-        raise ValueError(f"channel goes with approved and denied only (status {status})")
-    if jti is None and status != "rejected":
-        raise ValueError("only a rejected response may lack req")
-    claims: dict[str, Any] = {
-        "iss": device_id,
-        "aud": requester_id,
-        "iat": to_epoch(now),
-        "req": jti,
-        "status": status,
-    }
-    if error is not None and status == "failed":
-        if error not in FAILURE_DETAIL:
-            raise ValueError(f"{error!r} is not a failure code of the contract")
-        claims["error"] = error
-        claims["detail"] = detail if detail is not None else FAILURE_DETAIL[error]
-    elif error is not None:
-        if error not in ERROR_CODES:
-            raise ValueError(f"{error!r} is not a rejection code of the contract")
-        claims["error"] = error
-        claims["detail"] = detail if detail is not None else REJECTION_DETAIL[error]
-    if clips is not None:
-        if isinstance(clips, bool) or not isinstance(clips, int) or clips < 0:
-            raise ValueError("clips must be a count (a non-negative integer)")
-        claims["clips"] = clips
-    if channel is not None:
-        if channel not in CHANNELS:
-            raise ValueError(f"channel must be one of {', '.join(CHANNELS)}")
-        claims["channel"] = channel
-    return claims
-
-
-class ResponseTarget(Protocol):
-    """Whom a response answers: a stored :class:`RequestRecord` fits."""
-
-    @property
-    def jti(self) -> str | None:
-        """The request's jti (``req``)."""
-        ...
-
-    @property
-    def requester_id(self) -> str:
-        """The verified requester id (the topic level and ``aud``)."""
-        ...
-
-    @property
-    def correlation(self) -> bytes | None:
-        """MQTT v5 Correlation Data of the request, echoed on every response."""
-        ...
-
-
-@dataclass(frozen=True)
-class Target:
-    """A :class:`ResponseTarget` made from a message being handled."""
-
-    jti: str | None
-    requester_id: str
-    correlation: bytes | None
-    exp: datetime | int | None = None
-
-
-def response_expiry(exp: object, now: datetime, cap: timedelta) -> int:
-    """The Message Expiry Interval of a response to a request with claim ``exp`` (a datetime,
-    or the raw integer claim of a rejected request): its remaining lifetime, 1 s at least,
-    ``cap`` (the longest lifetime a request may have) at most or when ``exp`` is unknown."""
-    if isinstance(exp, datetime):
-        return message_expiry(exp, now, cap)
-    limit = max(1, math.ceil(cap.total_seconds()))
-    if isinstance(exp, int) and not isinstance(exp, bool):
-        # Integer arithmetic: a rejected request's exp may be far outside datetime's range.
-        return max(1, min(exp - to_epoch(now), limit))
-    return limit
-
-
 # --- flood accounting (pure) ------------------------------------------------------------------
 
 
@@ -509,7 +362,6 @@ class ServiceStats:
     pending: int = 0
     duplicates: int = 0
     suppressed: int = 0
-    responses: int = 0
     audit_failures: int = 0
     failures: int = 0
 
@@ -522,21 +374,8 @@ class AuditSink(Protocol):
         ...
 
 
-class Publisher(Protocol):
+class Publisher(ResponsePublisher, Protocol):
     """What the service needs of :class:`agent.mqtt.MQTTClient`."""
-
-    def publish(
-        self,
-        topic: str,
-        payload: bytes | str,
-        *,
-        retain: bool = False,
-        correlation_data: bytes | None = None,
-        expiry: int | None = None,
-        timeout: float | None = None,
-    ) -> Future[None]:
-        """Queue a QoS 1 message."""
-        ...
 
     def ack(self, message: InboundMessage) -> None:
         """Acknowledge a handled QoS 1 message."""
@@ -547,8 +386,9 @@ class RequestService:
     """The worker thread between the MQTT client and the request store.
 
     ``on_message`` is the MQTT client's message handler; ``attach`` gives it the client to
-    publish and acknowledge through. ``respond`` is the one way to answer a request, for this
-    service and for the approval coordinator alike.
+    publish and acknowledge through. Its ``responder`` answers every request, for this service
+    and for the approval coordinator alike; this service's thread records the answers the broker
+    acknowledged and answers revocations (:class:`agent.requests.responder.Responder`).
     """
 
     def __init__(
@@ -574,7 +414,6 @@ class RequestService:
     ) -> None:
         self.topics = topics
         self.receipts = receipts
-        self._audit_head = audit_head
         self.policy = policy
         self.stats = ServiceStats()
         self._store = store
@@ -605,9 +444,15 @@ class RequestService:
         )
         self._revocation_poll = revocation_poll
         self._client: Publisher | None = None
-        self._answering: set[str] = set()
-        self._sent: deque[tuple[Future[None], str, str]] = deque()
-        self._sent_lock = threading.Lock()
+        self.responder = Responder(
+            topics=topics,
+            store=store,
+            signing_key=signing_key,
+            max_lifetime=policy.max_lifetime,
+            audit_head=audit_head,
+            now=now,
+            clock=clock,
+        )
         self._thread = threading.Thread(target=self._run, name="request-service", daemon=True)
         # Known before the first message can arrive (the client may connect before start()).
         self._refresh_kids()
@@ -619,6 +464,7 @@ class RequestService:
     def attach(self, client: Publisher) -> None:
         """Publish responses and acknowledge messages through ``client``."""
         self._client = client
+        self.responder.attach(client)
 
     def start(self) -> None:
         """Answer what was left unanswered by the last run, then start the worker thread."""
@@ -626,7 +472,7 @@ class RequestService:
             return
         if self._client is None:
             raise MQTTError("the request service has no MQTT client attached")
-        self._resend_unanswered()
+        self.responder.resend_unanswered()
         # Marked started only once the thread runs: the supervisor (``alive``) must not take
         # the moments before for a dead thread.
         self._thread.start()
@@ -653,7 +499,7 @@ class RequestService:
         if self.receipts is not None:
             self.receipts.close(timeout)
         self._write_summaries(force=True)
-        self._mark_sent(wait=timeout)
+        self.responder.mark_sent(wait=timeout)
 
     @property
     def alive(self) -> bool:
@@ -727,47 +573,6 @@ class RequestService:
     def _dropped(self) -> None:
         self.stats.dropped += 1
 
-    # -- responses -------------------------------------------------------------------------
-
-    def respond(self, request: ResponseTarget, status: str, /, **claims: Any) -> Future[None]:
-        """Sign a response and queue it for ``P/D/responses/R`` (R = ``request.requester_id``).
-
-        ``claims`` are the status's extra claims (``error``/``detail``, ``clips``, ``channel``,
-        see :func:`response_claims`). The request's Correlation Data is echoed. When the broker
-        acknowledges it, the store records that ``status`` was answered. The future completes
-        on that acknowledgement (or fails with MQTTError). Raises ValueError for claims that do
-        not fit the status and MQTTError when the client is closing.
-        """
-        if self._client is None:
-            raise MQTTError("the request service has no MQTT client attached")
-        body = response_claims(
-            device_id=self.topics.device_id,
-            requester_id=request.requester_id,
-            jti=request.jti,
-            status=status,
-            now=self._now(),
-            **claims,
-        )
-        if self._audit_head is not None:
-            # §4: a head freshly signed over the newest request-log entry, to be witnessed.
-            body["audit"] = self._audit_head()
-        token = sign_jws(self._key, RESPONSE_TYP, body)
-        future = self._client.publish(
-            self.topics.responses(request.requester_id),
-            token,
-            correlation_data=request.correlation,
-            expiry=response_expiry(
-                getattr(request, "exp", None), self._now(), self.policy.max_lifetime
-            ),
-        )
-        self.stats.responses += 1
-        if request.jti is not None:
-            with self._sent_lock:
-                self._sent.append((future, request.jti, status))
-        return future
-
-    # -- worker thread ---------------------------------------------------------------------
-
     def _run(self) -> None:
         next_poll = next_kids = self._clock()
         while not self._stopping.is_set():
@@ -786,12 +591,12 @@ class RequestService:
             # logged and the loop goes on (the next turn tries again), never ends the worker.
             steps: list[tuple[str, Callable[[], None]]] = [
                 ("summaries", lambda: self._write_summaries(force=False)),
-                ("sent responses", lambda: self._mark_sent(wait=0.0)),
+                ("sent responses", lambda: self.responder.mark_sent(wait=0.0)),
             ]
             if due_kids:
                 steps.append(("enrolled keys", self._refresh_kids))
             if due_poll:
-                steps.append(("revocations", self._answer_revocations))
+                steps.append(("revocations", self.responder.answer_revocations))
             for what, step in steps:
                 try:
                     step()
@@ -925,7 +730,7 @@ class RequestService:
         if isinstance(final, VerifiedRequest):
             self.stats.pending += 1
             log.info("request %s from %s is pending", shown(final.jti), final.requester_id)
-            self._respond_logged(target, "pending")
+            self.responder.respond_logged(target, "pending")
         elif final.error == "replayed" and message.dup:
             self._duplicate(final)
         else:
@@ -934,7 +739,7 @@ class RequestService:
                 "request %s from %s rejected (%s): %s",
                 shown(final.jti), final.requester_id, final.error, shown(final.detail),
             )
-            self._respond_logged(target, "rejected", error=final.error)
+            self.responder.respond_logged(target, "rejected", error=final.error)
 
     def _admission_sink(self, message: InboundMessage) -> AuditSink:
         """Where ``admit`` writes ``request_pending``/``request_rejected`` for ``message``.
@@ -951,14 +756,6 @@ class RequestService:
     def _duplicate(self, rejection: Rejection) -> None:
         self.stats.duplicates += 1
         log.info("dropped a redelivered copy of request %s", shown(rejection.jti))
-
-    def _respond_logged(self, target: ResponseTarget, status: str, **claims: Any) -> None:
-        try:
-            self.respond(target, status, **claims)
-        except MQTTError as exc:
-            log.warning(
-                "could not queue the %s response for %s: %s", status, shown(target.jti), exc
-            )
 
     def _write_summaries(self, *, force: bool) -> None:
         now = self._clock()
@@ -983,63 +780,6 @@ class RequestService:
         except AuditWriteError as exc:
             self.stats.audit_failures += 1
             log.error("could not audit %s %s: %s", event, fields, exc)
-
-    def _mark_sent(self, *, wait: float) -> None:
-        """Record in the store the responses the broker has acknowledged, oldest first."""
-        deadline = self._clock() + wait
-        while True:
-            with self._sent_lock:
-                if not self._sent:
-                    return
-                future, jti, status = self._sent[0]
-            if not future.done():
-                remaining = deadline - self._clock()
-                if remaining <= 0:
-                    return
-                try:
-                    future.exception(timeout=remaining)
-                except TimeoutError:
-                    return
-            with self._sent_lock:
-                self._sent.popleft()
-            self._answering.discard(jti)
-            if future.exception() is not None:
-                continue
-            # An unrecorded rejection (rate limited, revoked key) has no row to mark.
-            with contextlib.suppress(RequestNotFoundError):
-                self._store.mark_responded(jti, status)
-
-    def _answer_revocations(self) -> None:
-        try:
-            records = self._store.unanswered_revocations()
-        except AgentError as exc:
-            log.warning("cannot poll the store for revocations: %s", exc)
-            return
-        for record in records:
-            if record.jti in self._answering:
-                continue
-            self._answering.add(record.jti)
-            log.info("answering request %s: its requester was revoked", shown(record.jti))
-            self._respond_logged(record, "rejected", error="revoked")
-
-    def _resend_unanswered(self) -> None:
-        now = self._now()
-        for record in self._store.list_requests(["pending", "rejected"]):
-            if record.responded == record.status:
-                continue
-            if record.status == "rejected" and record.error == "revoked":
-                continue  # the revocation poll answers these
-            if record.status == "pending" and record.exp <= now:
-                continue  # the approval coordinator expires it and answers that instead
-            log.info("answering request %s again (%s): last answer unconfirmed",
-                     shown(record.jti), record.status)
-            self._answering.add(record.jti)
-            try:
-                self._respond_logged(record, record.status, **_claims_of(record))
-            except Exception:
-                # One odd stored record must not keep the agent from starting.
-                log.exception("cannot answer request %s again", shown(record.jti))
-
 
 ADMISSION_EVENTS: Final = ("request_pending", "request_rejected")
 
@@ -1094,13 +834,6 @@ def _received_fields(result: VerifiedRequest | Rejection) -> dict[str, Any]:
     return fields
 
 
-def _claims_of(record: RequestRecord) -> dict[str, Any]:
-    if record.status == "rejected":
-        error = record.error if record.error in ERROR_CODES else "bad_claims"
-        return {"error": error}
-    return {}
-
-
 # --- wiring for `doorbell-agent run` ----------------------------------------------------------
 
 
@@ -1109,7 +842,7 @@ class RequestsWorker:
 
     ``start()`` connects in the background and starts every thread; ``close()`` stops the
     service, publishes ``online: false`` and disconnects. The approval coordinator answers
-    through ``service.respond`` and delivers through ``delivery_publisher()``.
+    through ``service.responder`` and delivers through ``delivery_publisher()``.
     """
 
     name = "requests"
@@ -1277,7 +1010,7 @@ class RequestsWorker:
             "admitted": s.pending,
             "duplicates": s.duplicates,
             "suppressed": s.suppressed,
-            "responses": s.responses,
+            "responses": self.service.responder.responses,
             "audit_failures": s.audit_failures,
             "failures": s.failures,
             "receipts": dict(self.service.receipts.stats) if self.service.receipts else {},
