@@ -55,8 +55,8 @@ from agent.errors import AgentError, AuditWriteError, StateError
 from agent.homeassistant import HomeAssistantPublisher
 from agent.keys import load_device_key
 from agent.release.cut import WindowCutter
-from agent.requests.service import RequestsWorker
 from agent.requests.store import RequestStore
+from agent.requests.worker import RequestsWorker
 from agent.sdnotify import Notifier
 from agent.statelock import StateLock
 from agent.vault import Vault

@@ -177,7 +177,7 @@ import json, sys, time
 from agent import config
 from agent.audit import AuditLog
 from agent.keys import load_device_key
-from agent.requests.service import RequestsWorker
+from agent.requests.worker import RequestsWorker
 from agent.requests.store import RequestStore
 cfg = config.parse(json.loads(sys.argv[1]))
 key = load_device_key(cfg.state_dir)

@@ -18,14 +18,9 @@ from agent.audit import AuditLog, read_entries
 from agent.keys import kid_for, public_jwk
 from agent.mqtt import InboundMessage, Topics
 from agent.release.manifest import RESPONSE_TYP, verify_device_jws
+from agent.requests.intake import Budget, FairQueue, Tally, peek_kid
 from agent.requests.responder import REJECTION_DETAIL, response_claims
-from agent.requests.service import (
-    Budget,
-    FairQueue,
-    RequestService,
-    Tally,
-    peek_kid,
-)
+from agent.requests.service import RequestService
 from agent.requests.store import RequestStore
 from agent.requests.verify import ERROR_CODES, RequestPolicy, TrustedKey
 from agent.status import Coalescer, status_payload

@@ -45,40 +45,14 @@ Flow of one message on ``P/D/requests``:
 The worker also polls the store for requests cancelled by ``doorbell-agent requesters revoke``
 while the daemon runs and answers each ``rejected``/``revoked``.
 
-Audit growth. Whatever one requester sends, at any rate the broker passes, it adds at most about
-1 MiB a day to the audit log, because every per-message entry is paid for from a per-requester
-budget and everything past the budget is aggregated:
+Audit growth is bounded by per-requester budgets (see :mod:`agent.requests.intake`).
 
-- a signed request that is rejected is audited individually (``request_received`` +
-  ``request_rejected``, and answered) only while its requester has audit budget left: a token
-  bucket in bytes per requester, ``AUDIT_BUDGET_BURST`` (64 KiB) deep, refilled at
-  ``AUDIT_BUDGET_PER_DAY`` (384 KiB) a day, charged :func:`audit_cost` (the entries' size);
-  so at most 448 KiB of individual entries in any 24 h. Accepted requests are always audited
-  (``requests.rate_limit`` bounds them) and are charged too, so they leave less room for
-  rejections rather than adding to it. (The per-minute ``rejection_burst`` still caps answers.)
-- past the budget a rejection is only counted: one ``request_rejected`` summary entry per
-  requester per ``SUMMARY_INTERVAL`` (600 s: 144 a day, each under 1 KiB, < 144 KiB)
-  with ``suppressed`` (how many) and ``errors`` (how many per code). Revoked requesters,
-  replays and rate-limited floods all land here. These entries are ordinary chain entries.
-- unverifiable messages (anyone's, a requester's forgeries included) are never audited one by
-  one: one ``request_unverifiable`` entry per ``SUMMARY_INTERVAL`` with a count and a reasons
-  histogram (< 144 KiB a day for all senders together). The first summary after a quiet
-  interval is written at once, so the owner still hears of trouble when it starts.
-
-So one requester accounts for < 448 + 144 + 144 KiB (736 KiB) < 1 MiB a day; what its
-accepted requests add beyond that is bounded by ``requests.rate_limit``, not by this budget
-(``tests/test_audit_growth.py`` measures it over a simulated day).
-
-Responses are built, signed, sent and recorded by :class:`agent.requests.responder.Responder`.
-
-:class:`RequestsWorker` wires the MQTT client, the announcer (status and audit head) and this
-service together for ``doorbell-agent run``.
+Responses are built, signed, sent and recorded by :class:`agent.requests.responder.Responder`;
+:class:`agent.requests.worker.RequestsWorker` wires the MQTT client, the announcer (status and
+audit head) and this service together for ``doorbell-agent run``.
 """
-
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import json
 import logging
@@ -86,270 +60,49 @@ import math
 import queue
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Generic, Protocol, TypeVar
+from typing import Final, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.audit import (
-    GENESIS_PREV,
-    AuditEntry,
-    AuditLog,
-    audit_state,
-    build_head_jws,
     iter_log_lines,
     parse_entry,
 )
-from agent.config import Config
 from agent.errors import AgentError, AuditWriteError, MQTTError
-from agent.headcheck import CheckOutcome, StartupCheck
-from agent.mqtt import BoundedPublisher, InboundMessage, MQTTClient, Topics
-from agent.provision import device_client_id
+from agent.mqtt import InboundMessage, Topics
+from agent.requests.intake import (
+    AUDIT_BUDGET_BURST,
+    AUDIT_BUDGET_PER_DAY,
+    MAX_CORRELATION,
+    SNAPSHOT_MIN_AGE,
+    SUMMARY_INTERVAL,
+    Budget,
+    FairQueue,
+    Tally,
+    TrustSnapshot,
+    audit_cost,
+    peek_kid,
+    received_fields,
+)
 from agent.requests.receipts import ReceiptDesk
 from agent.requests.responder import Responder, ResponsePublisher, Target, shown
 from agent.requests.store import RequestStore
 from agent.requests.verify import (
-    MAX_HEADER_SEGMENT,
     Rejection,
     RequestPolicy,
-    TrustedKey,
-    TrustView,
     Unverifiable,
     VerifiedRequest,
     verify_request,
 )
-from agent.status import Announcer
 from agent.timeutil import utcnow
 
 log = logging.getLogger(__name__)
-
-SUMMARY_INTERVAL: Final = 600.0
-"""Seconds: at most one ``request_unverifiable`` entry, and one ``request_rejected`` summary per
-requester, per interval (144 a day each; see "Audit growth" in the module docstring)."""
-AUDIT_BUDGET_PER_DAY: Final = 384 * 1024
-"""Bytes of individual request entries a requester's rejections may add to the log per day."""
-AUDIT_BUDGET_BURST: Final = 64 * 1024
-"""How much of that a requester may use at once."""
-ENTRY_OVERHEAD: Final = 320
-"""Bytes an audit line adds around its event fields (seq, ts, event, prev, sig), rounded up."""
-MAX_CORRELATION: Final = 256
-"""Bytes of MQTT v5 Correlation Data a request may carry (CONTRACT §3); longer: unverifiable."""
-
-
-
-def audit_cost(result: VerifiedRequest | Rejection) -> int:
-    """The bytes ``request_received`` plus ``request_pending``/``request_rejected`` add to the
-    audit log for ``result`` (fields as the log serialises them, plus ENTRY_OVERHEAD each)."""
-    return sum(
-        len(json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode())
-        + ENTRY_OVERHEAD
-        for fields in (_received_fields(result), result.audit_fields())
-    )
-# --- flood accounting (pure) ------------------------------------------------------------------
-
-
-def peek_kid(payload: bytes) -> str | None:
-    """The ``kid`` a compact JWS header names, or None when there is no readable header.
-
-    Cheap enough for paho's network thread (at most 1 KiB decoded); it decides only which lane a
-    message waits in, never whether it is valid.
-    """
-    head, dot, _ = payload.partition(b".")
-    if not dot or len(head) > MAX_HEADER_SEGMENT:
-        return None
-    return _kid_of_header(head)
-
-
-T = TypeVar("T")
-
-SNAPSHOT_MIN_AGE: Final = 0.02
-"""Seconds: the enrolled-key snapshot is renewed for suspects at most this often."""
-
-
-@lru_cache(maxsize=256)
-def _kid_of_header(head: bytes) -> str | None:
-    # Cached: a requester's messages, and a flood under an enrolled kid, repeat one header.
-    try:
-        header = json.loads(base64.urlsafe_b64decode(head + b"=" * (-len(head) % 4)))
-    except (ValueError, binascii.Error):
-        return None
-    kid = header.get("kid") if isinstance(header, dict) else None
-    return kid if isinstance(kid, str) else None
-
-
-class FairQueue(Generic[T]):
-    """A bounded queue of items filed by key, served round robin by key (thread-safe).
-
-    Each key keeps its own arrival order; ``get`` takes the oldest item of the key whose turn it
-    is, so a key with a thousand items waiting delays another key's next item by at most one.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError("a queue needs room for at least one item")
-        self.capacity = capacity
-        self._items: dict[str, deque[T]] = {}
-        self._turns: deque[str] = deque()
-        self._size = 0
-        self._cond = threading.Condition()
-
-    def qsize(self) -> int:
-        """How many items wait."""
-        return self._size
-
-    def put_nowait(self, key: str, item: T) -> bool:
-        """File ``item`` under ``key``; False (nothing stored) when the queue is full."""
-        with self._cond:
-            if self._size >= self.capacity:
-                return False
-            waiting = self._items.get(key)
-            if waiting is None:
-                waiting = self._items[key] = deque()
-                self._turns.append(key)
-            waiting.append(item)
-            self._size += 1
-            self._cond.notify()
-            return True
-
-    def get(self, timeout: float = 0.0) -> T | None:
-        """The next item in round-robin order, waiting up to ``timeout`` s; None if none came."""
-        with self._cond:
-            if not self._size and timeout > 0:
-                self._cond.wait(timeout)
-            if not self._size:
-                return None
-            key = self._turns.popleft()
-            waiting = self._items[key]
-            item = waiting.popleft()
-            self._size -= 1
-            if waiting:
-                self._turns.append(key)
-            else:
-                del self._items[key]
-            return item
-
-    def clear(self) -> None:
-        """Forget every waiting item."""
-        with self._cond:
-            self._items.clear()
-            self._turns.clear()
-            self._size = 0
-
-    def wake(self) -> None:
-        """Wake a waiting ``get`` (it returns None unless an item came)."""
-        with self._cond:
-            self._cond.notify_all()
-
-
-class TrustSnapshot:
-    """Enrolled keys as of one read of the store, as a :class:`TrustView` per message.
-
-    A kid is the RFC 7638 thumbprint of its key, so a kid found here names the right key for
-    ever: a signature checked with it is checked correctly. What can change about its requester
-    (revoked, id, kind) may be stale; the service reads it fresh once a signature verified. A
-    kid not found here is unknown to a message that arrived before the snapshot was taken (it
-    was not enrolled then); for a younger message the store is asked.
-    """
-
-    def __init__(self, keys: Mapping[str, TrustedKey], taken: float, store: TrustView) -> None:
-        self.keys = keys
-        self.taken = taken
-        self._store = store
-
-    @classmethod
-    def read(cls, store: RequestStore, taken: float) -> TrustSnapshot:
-        """The enrolled keys now (revoked ones included); ``taken`` is the caller's clock."""
-        keys = {
-            r.kid: TrustedKey(r.id, r.kind, r.kid, r.public_key, r.revoked)
-            for r in store.list_requesters()
-        }
-        return cls(keys, taken, store)
-
-    def view(self, arrived: float) -> TrustView:
-        """The trust view for a message that arrived at ``arrived`` (the same clock)."""
-        return _SnapshotView(self, arrived)
-
-    def lookup(self, kid: str, arrived: float) -> TrustedKey | None:
-        """The key enrolled for ``kid`` as far as a message that arrived then can tell."""
-        key = self.keys.get(kid)
-        if key is not None or arrived <= self.taken:
-            return key
-        return self._store.key_for_kid(kid)
-
-
-@dataclass(frozen=True)
-class _SnapshotView:
-    snapshot: TrustSnapshot
-    arrived: float
-
-    def key_for_kid(self, kid: str) -> TrustedKey | None:
-        return self.snapshot.lookup(kid, self.arrived)
-
-
-class Tally:
-    """Counts things by kind and releases the counts at most once per ``interval`` seconds.
-
-    The first thing counted after a quiet interval is released at once (the owner hears about
-    the start of trouble quickly); later ones are summed until the interval has passed.
-    Thread-safe: paho's network thread counts oversize messages, the worker the rest.
-    """
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._counts: Counter[str] = Counter()
-        self._last = -math.inf
-        self._lock = threading.Lock()
-
-    def add(self, kind: str, n: int = 1) -> None:
-        """Count ``n`` more of ``kind``."""
-        with self._lock:
-            self._counts[kind] += n
-
-    def take(self, now: float, *, force: bool = False) -> dict[str, int] | None:
-        """The counts since the last release if one is due at ``now`` (or ``force``), else None."""
-        with self._lock:
-            if not self._counts or (not force and now - self._last < self.interval):
-                return None
-            counts, self._counts = dict(self._counts), Counter()
-            self._last = now
-            return counts
-
-
-class Budget:
-    """A token bucket per key: ``burst`` tokens, refilled at ``burst`` per ``period`` seconds."""
-
-    def __init__(self, burst: float, period: float) -> None:
-        self.burst = burst
-        self.rate = burst / period
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def _tokens(self, key: str, now: float) -> float:
-        tokens, last = self._buckets.get(key, (float(self.burst), now))
-        return min(float(self.burst), tokens + (now - last) * self.rate)
-
-    def allow(self, key: str, now: float, cost: float = 1.0) -> bool:
-        """Take ``cost`` tokens for ``key`` if that many are left at ``now``."""
-        tokens = self._tokens(key, now)
-        if tokens < cost:
-            self._buckets[key] = (tokens, now)
-            return False
-        self._buckets[key] = (tokens - cost, now)
-        if len(self._buckets) > 4096:
-            # Full buckets carry no state worth keeping; this bounds memory per requester id.
-            self._buckets = {k: v for k, v in self._buckets.items() if v[0] < self.burst - 1}
-        return True
-
-    def charge(self, key: str, now: float, cost: float) -> None:
-        """Take ``cost`` tokens for ``key`` unconditionally (the bucket may go down to
-        ``-burst``: what must happen anyway still delays what may be dropped)."""
-        self._buckets[key] = (max(-float(self.burst), self._tokens(key, now) - cost), now)
-
 
 @dataclass
 class ServiceStats:
@@ -709,7 +462,7 @@ class RequestService:
             # the requester's audit budget, leaving less room for its rejections.
             self._audit_budget.charge(result.requester_id, self._clock(), audit_cost(result))
         try:
-            self._audit.append("request_received", **_received_fields(result))
+            self._audit.append("request_received", **received_fields(result))
             final = self._store.admit(
                 result,
                 self.policy,
@@ -825,225 +578,3 @@ class _AdmissionAudit:
                     "cannot check the audit log for %s of %s: %s", event, shown(jti), exc
                 )
         return self._audit.append(event, **fields)
-
-
-def _received_fields(result: VerifiedRequest | Rejection) -> dict[str, Any]:
-    fields = dict(result.audit_fields())
-    fields.pop("error", None)
-    fields.pop("detail", None)
-    return fields
-
-
-# --- wiring for `doorbell-agent run` ----------------------------------------------------------
-
-
-class RequestsWorker:
-    """MQTT client + announcer (status, audit head) + request service, as one daemon worker.
-
-    ``start()`` connects in the background and starts every thread; ``close()`` stops the
-    service, publishes ``online: false`` and disconnects. The approval coordinator answers
-    through ``service.responder`` and delivers through ``delivery_publisher()``.
-    """
-
-    name = "requests"
-
-    def __init__(
-        self,
-        cfg: Config,
-        *,
-        signing_key: Ed25519PrivateKey,
-        store: RequestStore,
-        audit: AuditLog,
-        now: Callable[[], datetime] = utcnow,
-        summary_interval: float = SUMMARY_INTERVAL,
-        revocation_poll: float = 2.0,
-        head_interval: float = 1.0,
-        head_wait: float | None = None,
-    ) -> None:
-        self.cfg = cfg
-        self.topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id)
-        self._audit = audit
-        self._key = signing_key
-        self._now = now
-        self.announcer = Announcer(
-            topics=self.topics,
-            signing_key=signing_key,
-            last_entry=audit.last_entry,
-            head_interval=head_interval,
-            now=now,
-            audit_state=lambda: audit_state(cfg.state_dir),
-        )
-        self.checked = threading.Event()
-        """Set once the start-up audit check is done and requests are being taken."""
-        self.check_error: BaseException | None = None
-        self.check_outcome: CheckOutcome | None = None
-        self._head_wait = (
-            cfg.audit.head_wait.total_seconds() if head_wait is None else head_wait
-        )
-        self._stopping = threading.Event()
-        self._gate = threading.Thread(target=self._check_then_open, name="audit-check", daemon=True)
-        self.service = RequestService(
-            topics=self.topics,
-            policy=RequestPolicy.from_config(cfg),
-            store=store,
-            audit=audit,
-            signing_key=signing_key,
-            queue_size=cfg.requests.queue_size,
-            summary_interval=summary_interval,
-            revocation_poll=revocation_poll,
-            admission_audited=lambda event, jti: admission_audited(audit.path, event, jti),
-            audit_head=self.current_head,
-            receipts=ReceiptDesk(
-                store=store,
-                audit=audit,
-                policy=RequestPolicy.from_config(cfg),
-                device_key=signing_key.public_key(),
-                state_dir=cfg.state_dir,
-                now=now,
-            ),
-            now=now,
-        )
-        self.client = MQTTClient(
-            cfg.mqtt,
-            client_id=cfg.mqtt.client_id or device_client_id(cfg.state_dir, cfg.device_id),
-            subscriptions=[self.topics.requests, self.topics.receipts],
-            on_message=self.service.on_message,
-            on_connect=self.announcer.connected,
-            will_factory=self.announcer.will,
-            persistent=True,
-            manual_ack=True,
-            receive_maximum=self.service.receive_maximum,
-            maximum_packet_size=cfg.requests.max_bytes + 1024,
-            # Room for a full delivery window plus responses and announcements.
-            max_inflight=cfg.delivery.max_inflight + 8,
-            # Nothing is taken from the broker before the start-up audit check (§7).
-            hold_inbound=True,
-        )
-        self.service.attach(self.client)
-        self.supervise_interval = 1.0
-        self._previous_hook = audit.on_append
-        self._closed = False
-
-    def delivery_publisher(self) -> BoundedPublisher:
-        """A publisher for one delivery (``agent.release.deliver.Publisher``)."""
-        return BoundedPublisher(self.client, self.cfg.delivery.max_inflight)
-
-    def _on_append(self, entry: AuditEntry) -> None:
-        if self._previous_hook is not None:
-            self._previous_hook(entry)
-        self.announcer.audit_appended(entry)
-
-    def current_head(self) -> str:
-        """An audit-head JWS freshly signed over the newest request-log entry (§4, §7)."""
-        last = self._audit.last_entry()
-        seq, hsh = (0, GENESIS_PREV) if last is None else (last.seq, last.hash)
-        return build_head_jws(self._key, self.topics.device_id, seq, hsh, self._now())
-
-    def start(self) -> None:
-        """Connect (in the background); once the start-up audit check is done (§7), start the
-        announcer and the service and take the messages held meanwhile."""
-        self._audit.on_append = self._on_append
-        self.client.start()
-        self._gate.start()
-
-    def wait_checked(self, stop: threading.Event) -> bool:
-        """Wait until the start-up audit check is done (True) or ``stop`` is set (False)."""
-        while not self.checked.wait(0.2):
-            if stop.is_set() or self.check_error is not None:
-                return False
-        return True
-
-    def _check_then_open(self) -> None:
-        check = StartupCheck(
-            client=self.client,
-            topic=self.topics.audit_head,
-            device_id=self.topics.device_id,
-            public_key=self._key.public_key(),
-            audit=self._audit,
-            state_dir=self.cfg.state_dir,
-            wait=self._head_wait,
-        )
-        try:
-            outcome = check.run(self._stopping)
-            if outcome is None:
-                return
-            self.check_outcome = outcome
-            self.announcer.set_floor(outcome.floor)
-            self.announcer.start(self.client)
-            self.service.start()
-            self.client.release_inbound()
-            # QoS 0 messages past what the hold keeps were dropped: count them as the lanes do.
-            self.service.stats.dropped += self.client.held_dropped
-        except Exception as exc:
-            self.check_error = exc
-            log.exception("the start-up audit check failed")
-            return
-        self.checked.set()
-
-    def run(self, stop: threading.Event) -> None:
-        """Daemon worker entry (:mod:`agent.daemon`): start, then wait for ``stop``.
-
-        Raises what the start-up audit check raised (the agent must not run on a log whose gap
-        it could not record), and AgentError if the service thread has died meanwhile (it
-        catches every failure of a message or of housekeeping, so that means a bug): the daemon
-        then stops with exit status 1 and systemd starts it again, rather than running on
-        without answering.
-        """
-        self.start()
-        while not stop.wait(self.supervise_interval):
-            if self.check_error is not None:
-                raise self.check_error
-            if not self.service.alive:
-                raise AgentError("the request service thread died; no request would be answered")
-
-    def stats(self) -> dict[str, Any]:
-        """Counters for ``status.json``."""
-        s, c = self.service.stats, self.client.stats
-        return {
-            "connected": self.client.connected,
-            "connects": c.connects,
-            "disconnects": c.disconnects,
-            "received": s.received,
-            "dropped": s.dropped,
-            "unverifiable": dict(s.unverifiable),
-            "rejected": dict(s.rejected),
-            "admitted": s.pending,
-            "duplicates": s.duplicates,
-            "suppressed": s.suppressed,
-            "responses": self.service.responder.responses,
-            "audit_failures": s.audit_failures,
-            "failures": s.failures,
-            "receipts": dict(self.service.receipts.stats) if self.service.receipts else {},
-            "client_id": self.client.client_id,
-            "client_id_conflict": self.client.client_id_conflict(),
-            # Requests wait at the broker until the start-up audit check is done (§7).
-            "audit_check": "failed" if self.check_error is not None
-            else "done" if self.checked.is_set() else "waiting for the broker",
-        }
-
-    def close(self) -> None:
-        """Stop the service, announce ``online: false``, disconnect. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._stopping.set()
-        if self._gate.is_alive():
-            self._gate.join(self._head_wait + 2.0)
-        if not self.checked.is_set():
-            self.announcer.attach(self.client)  # a clean stop still says offline
-        self.service.close()
-        self.announcer.close()
-        self.client.close()
-        self._audit.on_append = self._previous_hook
-
-    def __enter__(self) -> RequestsWorker:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
