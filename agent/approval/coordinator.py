@@ -49,7 +49,6 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from types import TracebackType
 from typing import Protocol
 
 from agent.approval.decisions import Action, DecisionLog
@@ -87,6 +86,7 @@ from agent.errors import (
     PreviewChangedError,
     RequestNotFoundError,
 )
+from agent.lifecycle import StartStop
 from agent.release.deliver import DeliveryJob, DeliveryLedger, Gate, PlannedFile, new_salt
 from agent.release.manifest import ManifestClip
 from agent.release.preview import Preview, exceeds_message, sentence
@@ -230,7 +230,7 @@ def request_fields(record: RequestRecord) -> dict[str, object]:
     }
 
 
-class ApprovalCoordinator:
+class ApprovalCoordinator(StartStop):
     """Applies owner decisions, expiry and delivery outcomes; see the module docstring."""
 
     def __init__(
@@ -303,18 +303,6 @@ class ApprovalCoordinator:
         for thread in self._threads:
             thread.join(timeout)
         self._set_indicator(False)
-
-    def __enter__(self) -> ApprovalCoordinator:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no delivery is scheduled or running; says whether that happened."""

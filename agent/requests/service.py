@@ -65,7 +65,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from types import TracebackType
 from typing import Final, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -75,6 +74,7 @@ from agent.audit import (
     parse_entry,
 )
 from agent.errors import AgentError, AuditWriteError, MQTTError
+from agent.lifecycle import StartStop
 from agent.mqtt import InboundMessage, Topics
 from agent.requests.intake import (
     AUDIT_BUDGET_BURST,
@@ -135,7 +135,7 @@ class Publisher(ResponsePublisher, Protocol):
         ...
 
 
-class RequestService:
+class RequestService(StartStop):
     """The worker thread between the MQTT client and the request store.
 
     ``on_message`` is the MQTT client's message handler; ``attach`` gives it the client to
@@ -258,18 +258,6 @@ class RequestService:
     def alive(self) -> bool:
         """Whether the worker thread runs (or was never started / was stopped on purpose)."""
         return not self._started or self._stopping.is_set() or self._thread.is_alive()
-
-    def __enter__(self) -> RequestService:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- network thread --------------------------------------------------------------------
 

@@ -12,8 +12,6 @@ import logging
 import threading
 from collections.abc import Callable
 from datetime import datetime
-from types import TracebackType
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -21,6 +19,7 @@ from agent.audit import GENESIS_PREV, AuditEntry, AuditLog, audit_state, build_h
 from agent.config import Config
 from agent.errors import AgentError
 from agent.headcheck import CheckOutcome, StartupCheck
+from agent.lifecycle import StartStop
 from agent.mqtt import BoundedPublisher, MQTTClient, Topics
 from agent.provision import device_client_id
 from agent.requests.intake import SUMMARY_INTERVAL
@@ -34,7 +33,7 @@ from agent.timeutil import utcnow
 log = logging.getLogger(__name__)
 
 
-class RequestsWorker:
+class RequestsWorker(StartStop):
     """MQTT client + announcer (status, audit head) + request service, as one daemon worker.
 
     ``start()`` connects in the background and starts every thread; ``close()`` stops the
@@ -193,7 +192,7 @@ class RequestsWorker:
             if not self.service.alive:
                 raise AgentError("the request service thread died; no request would be answered")
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, object]:
         """Counters for ``status.json``."""
         s, c = self.service.stats, self.client.stats
         return {
@@ -233,14 +232,3 @@ class RequestsWorker:
         self.client.close()
         self._audit.on_append = self._previous_hook
 
-    def __enter__(self) -> RequestsWorker:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
