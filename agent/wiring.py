@@ -35,7 +35,7 @@ from agent import __version__
 from agent.approval.coordinator import ApprovalCoordinator
 from agent.approval.worker import build_approval_worker
 from agent.audit import ACTIVITY_FILE, AuditLog, Checkpointer
-from agent.camera.frame import SystemClock
+from agent.camera.frame import Clock, SystemClock
 from agent.camera.pipeline import CameraWorker
 from agent.config import Config
 from agent.daemon import (
@@ -79,7 +79,7 @@ class DaemonContext:
 
     config: Config
     stop: threading.Event
-    clock: SystemClock
+    clock: Clock
     device_key: Ed25519PrivateKey
     audit: AuditLog
     """The request log (``audit.jsonl``): requests, requesters, agent runs, checkpoints."""
@@ -111,7 +111,7 @@ def camera_worker(ctx: DaemonContext) -> Worker | None:
 
 def retention_worker(ctx: DaemonContext) -> Worker | None:
     """Retention and quota enforcement (storage warnings go to the activity log)."""
-    return RetentionWorker(ctx.vault, activity=ctx.activity)
+    return RetentionWorker(ctx.vault, now=ctx.clock.now, activity=ctx.activity)
 
 
 def requests_worker(ctx: DaemonContext) -> Worker | None:
@@ -121,7 +121,11 @@ def requests_worker(ctx: DaemonContext) -> Worker | None:
     if ctx.request_store is None:
         ctx.request_store = ctx.resources.enter_context(RequestStore.open(ctx.config.state_dir))
     ctx.requests = RequestsWorker(
-        ctx.config, signing_key=ctx.device_key, store=ctx.request_store, audit=ctx.audit
+        ctx.config,
+        signing_key=ctx.device_key,
+        store=ctx.request_store,
+        audit=ctx.audit,
+        now=ctx.clock.now,
     )
     return ctx.requests
 
@@ -144,6 +148,7 @@ def approval_worker(ctx: DaemonContext) -> Worker | None:
         cutter=ctx.cutter,
         ready=requests.wait_checked,
         pin_factory=ctx.pin_factory,
+        now=ctx.clock.now,
     )
     ctx.approval = worker.coordinator
     return worker
@@ -207,7 +212,7 @@ def checkpoint_worker(ctx: DaemonContext) -> Worker | None:
     if ctx.activity is None:
         return None
     interval = int(ctx.config.audit.head_interval.total_seconds())
-    worker = CheckpointWorker(Checkpointer(ctx.audit, ctx.activity, interval))
+    worker = CheckpointWorker(Checkpointer(ctx.audit, ctx.activity, interval), now=ctx.clock.now)
     if ctx.requests is not None:
         return AfterCheck(worker, ctx.requests.wait_checked)
     return worker
@@ -232,17 +237,17 @@ def run_daemon(
     stop: threading.Event | None = None,
     status_interval: float = STATUS_INTERVAL,
     handle_signals: bool = True,
-    clock: SystemClock | None = None,
+    clock: Clock | None = None,
     pin_factory: Factory | None = None,
 ) -> int:
     """Open the state, build the workers, run until SIGTERM/SIGINT (or ``stop``).
 
     ``clock`` (default: the real one, its sleeps cut short by ``stop``) paces the camera and
-    stamps ``status.json``; ``pin_factory`` drives the button and LED (default: gpiozero's
-    choice). Audits ``agent_started`` before any worker runs and ``agent_stopped`` after all
-    have finished. Raises AgentError when the state cannot be opened or a worker cannot be
-    built, and StateLockedError, before anything is touched, while another run holds
-    ``state_dir``.
+    is every worker's wall clock (retention, requests, approvals, checkpoints, ``status.json``);
+    ``pin_factory`` drives the button and LED (default: gpiozero's choice). Audits
+    ``agent_started`` before any worker runs and ``agent_stopped`` after all have finished.
+    Raises AgentError when the state cannot be opened or a worker cannot be built, and
+    StateLockedError, before anything is touched, while another run holds ``state_dir``.
     """
     stop = stop or threading.Event()
     clock = clock or SystemClock(stop)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from agent.approval.button import ButtonPanel
@@ -26,6 +27,7 @@ from agent.release.deliver import Deliverer, Publisher
 from agent.release.preview import Preview, build_preview
 from agent.requests.responder import RespondFn
 from agent.requests.store import RequestRecord, RequestStore
+from agent.timeutil import utcnow
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -128,11 +130,13 @@ def build_approval_worker(
     cutter: WindowCutter,
     ready: Callable[[threading.Event], bool] | None = None,
     pin_factory: Factory | None = None,
+    now: Callable[[], datetime] = utcnow,
 ) -> ApprovalWorker:
     """The approval part: a coordinator answering through ``respond`` and delivering through a
     fresh ``publisher()`` per release, its control socket and, when enabled, the button panel
-    (on ``pin_factory``, gpiozero's default when None). ``cutter`` plans both the preview and the
-    release, so the file released is the one the owner was shown."""
+    (on ``pin_factory``, gpiozero's default when None); ``now`` is the coordinator's clock.
+    ``cutter`` plans both the preview and the release, so the file released is the one the
+    owner was shown."""
     policy = policy_of(cfg)
 
     def deliverer() -> Deliverer:
@@ -164,6 +168,7 @@ def build_approval_worker(
         previewer=previewer(vault, cfg.delivery.max_bytes, cutter),
         indicator=indicate,
         max_bytes=cfg.delivery.max_bytes,
+        now=now,
     )
     button_error: str | None = None
     if Channel.BUTTON in policy.channels and cfg.approval.button.enabled:
