@@ -6,11 +6,9 @@ Structure
   then return once its in-flight work is finished) and an idempotent ``close()``. Optional:
   a ``name`` attribute (default: the class name) and ``stats() -> dict`` (shown in
   ``status.json``). Each worker's ``run`` gets its own thread.
-- A **factory** builds one worker from the :class:`DaemonContext` (config, stop event, clock,
-  device key, audit log, vault, and ``services``: a registry where a factory can leave an
-  object for the factories after it, e.g. ``ctx.services["mqtt"] = client``). It returns None
-  when its part is switched off. :data:`WORKER_FACTORIES` lists them in start order; a new
-  part of the agent plugs in by adding its factory there.
+- Workers are built by :mod:`agent.wiring` (the composition root): one factory per part, in
+  the start order its ``WORKER_FACTORIES`` lists, from a typed context. This module knows no
+  feature: it runs whatever workers it is given.
 - :class:`Daemon` starts every worker, turns SIGTERM/SIGINT into the stop event, writes
   ``status.json`` every few seconds, tells systemd (``READY=1``, ``STOPPING=1``, watchdog),
   and on stop joins the workers (the camera worker finishes its open clip) and closes them in
@@ -37,31 +35,18 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from agent import __version__
-from agent.approval.worker import approval_worker
 from agent.audit import AuditLog, Checkpointer
-from agent.camera.frame import SystemClock
-from agent.camera.pipeline import CameraWorker
-from agent.config import Config
-from agent.errors import AgentError, AuditWriteError
+from agent.errors import AgentError
 from agent.homeassistant import HomeAssistantPublisher
-from agent.keys import load_device_key
-from agent.paths import StatePaths
-from agent.requests.service import RequestsWorker, requests_worker
-from agent.requests.store import RequestStore
 from agent.sdnotify import Notifier, Watchdog
-from agent.statelock import StateLock
 from agent.timeutil import rfc3339, utcnow
 from agent.vault import Space, Vault
-from agent.web.server import app_worker
 
 log = logging.getLogger(__name__)
 
@@ -89,37 +74,6 @@ class Worker(Protocol):
     def close(self) -> None:
         """Release resources; idempotent."""
         ...
-
-
-@dataclass
-class DaemonContext:
-    """What worker factories build from; owned and closed by :func:`run_daemon`."""
-
-    config: Config
-    stop: threading.Event
-    clock: SystemClock
-    device_key: Ed25519PrivateKey
-    audit: AuditLog
-    """The request log (``audit.jsonl``): requests, requesters, agent runs, checkpoints."""
-    vault: Vault
-    resources: contextlib.ExitStack
-    """Factories register cleanups for objects they create (closed after every worker)."""
-    services: dict[str, object] = field(default_factory=dict)
-    """Objects one factory shares with the factories after it."""
-    snapshot: Callable[[], dict[str, Any]] = field(default=dict)
-    """The daemon's latest status document (``status.json``), for the app and MQTT."""
-    activity: AuditLog | None = None
-    """The camera and owner log (``activity.jsonl``): clips, logins, button presses, storage."""
-
-
-WorkerFactory = Callable[[DaemonContext], Worker | None]
-
-
-def camera_worker(ctx: DaemonContext) -> Worker | None:
-    """camera → motion → recorder → vault; shared as ``ctx.services["camera"]``."""
-    worker = CameraWorker.from_config(ctx.config, ctx.vault, ctx.clock)
-    ctx.services["camera"] = worker
-    return worker
 
 
 class RetentionWorker:
@@ -262,29 +216,20 @@ class CheckpointWorker:
         """Nothing to release (both logs belong to the daemon)."""
 
 
-def checkpoint_worker(ctx: DaemonContext) -> Worker | None:
-    """Checkpoints of ``activity.jsonl`` in ``audit.jsonl``, once the start-up check is done."""
-    if ctx.activity is None:
-        return None
-    interval = int(ctx.config.audit.head_interval.total_seconds())
-    worker = CheckpointWorker(Checkpointer(ctx.audit, ctx.activity, interval))
-    requests = ctx.services.get("requests")
-    if isinstance(requests, RequestsWorker):
-        return _AfterCheck(worker, requests)
-    return worker
+class AfterCheck:
+    """Runs ``worker`` only once ``ready`` (the requests worker's ``wait_checked``) says the
+    start-up audit check is done: nothing is added to the request log before a gap in it has
+    been recorded."""
 
-
-class _AfterCheck:
-    """Runs ``worker`` only once the requests worker's start-up audit check is done: nothing
-    is added to the request log before a gap in it has been recorded."""
-
-    def __init__(self, worker: CheckpointWorker, requests: RequestsWorker) -> None:
+    def __init__(
+        self, worker: CheckpointWorker, ready: Callable[[threading.Event], bool]
+    ) -> None:
         self.worker = worker
-        self.requests = requests
+        self.ready = ready
         self.name = worker.name
 
     def run(self, stop: threading.Event) -> None:
-        if self.requests.wait_checked(stop):
+        if self.ready(stop):
             self.worker.run(stop)
 
     def stats(self) -> dict[str, Any]:
@@ -292,11 +237,6 @@ class _AfterCheck:
 
     def close(self) -> None:
         self.worker.close()
-
-
-def retention_worker(ctx: DaemonContext) -> Worker | None:
-    """Retention and quota enforcement (storage warnings go to the activity log)."""
-    return RetentionWorker(ctx.vault, activity=ctx.activity)
 
 
 class HomeAssistantWorker:
@@ -378,52 +318,6 @@ class HomeAssistantWorker:
 
     def close(self) -> None:
         """Nothing to release (the MQTT client belongs to the requests worker)."""
-
-
-def homeassistant_worker(ctx: DaemonContext) -> Worker | None:
-    """Home Assistant discovery over the requests worker's MQTT connection, when
-    ``homeassistant.enabled``: motion from the camera worker, the pending count from the
-    request store."""
-    cfg = ctx.config
-    if not cfg.homeassistant.enabled:
-        return None
-    requests = ctx.services.get("requests")
-    store = ctx.services.get("request_store")
-    if not isinstance(requests, RequestsWorker) or not isinstance(store, RequestStore):
-        log.warning("homeassistant.enabled is set but the agent runs no MQTT requests worker")
-        return None
-    client = requests.client
-
-    def publish(topic: str, payload: bytes, *, retain: bool) -> object:
-        return client.publish(topic, payload, retain=retain, timeout=HA_PUBLISH_TIMEOUT)
-
-    def connection() -> int | None:
-        return client.generation if client.connected else None
-
-    camera = ctx.services.get("camera")
-
-    def motion() -> bool:
-        return isinstance(camera, CameraWorker) and camera.motion_active
-
-    def pending() -> int:
-        return len(store.list_requests(["pending"]))
-
-    publisher = HomeAssistantPublisher(
-        publish, cfg.device_id, cfg.mqtt.topic_prefix, cfg.homeassistant.discovery_prefix
-    )
-    return HomeAssistantWorker(publisher, connection=connection, motion=motion, pending=pending)
-
-
-WORKER_FACTORIES: tuple[WorkerFactory, ...] = (
-    camera_worker,
-    retention_worker,
-    requests_worker,
-    approval_worker,
-    app_worker,
-    homeassistant_worker,
-    checkpoint_worker,
-)
-"""Every part of the running agent, in start order (closed in reverse)."""
 
 
 def worker_name(worker: Worker) -> str:
@@ -614,77 +508,3 @@ def signals_set_stop(daemon: Daemon) -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-def run_daemon(
-    cfg: Config,
-    *,
-    factories: Sequence[WorkerFactory] = WORKER_FACTORIES,
-    stop: threading.Event | None = None,
-    status_interval: float = STATUS_INTERVAL,
-    handle_signals: bool = True,
-) -> int:
-    """Open the state, build the workers, run until SIGTERM/SIGINT (or ``stop``).
-
-    Audits ``agent_started`` before any worker runs and ``agent_stopped`` after all have
-    finished. Raises AgentError when the state cannot be opened or a worker cannot be built,
-    and StateLockedError, before anything is touched, while another run holds ``state_dir``.
-    """
-    stop = stop or threading.Event()
-    state_dir = cfg.state_dir
-    with contextlib.ExitStack() as resources:
-        # First of all: a second agent must not touch the broker, camera, app or logs.
-        resources.enter_context(StateLock(state_dir))
-        notifier = resources.enter_context(Notifier.from_env())
-        key = load_device_key(state_dir)
-        audit = resources.enter_context(AuditLog(StatePaths(state_dir).audit_log, key))
-        # Clips and owner activity go to their own log: the public head covers requests only.
-        activity = resources.enter_context(AuditLog(StatePaths(state_dir).activity_log, key))
-        vault = resources.enter_context(Vault.from_config(cfg, audit=activity))
-        report = vault.recover()
-        if report.recovered or report.discarded or report.unrecoverable:
-            log.warning(
-                "vault recovery: %d clip(s) recovered, %d discarded, %d unrecoverable",
-                len(report.recovered), len(report.discarded), len(report.unrecoverable),
-            )
-        ctx = DaemonContext(
-            config=cfg,
-            stop=stop,
-            clock=SystemClock(stop),
-            device_key=key,
-            audit=audit,
-            vault=vault,
-            resources=resources.enter_context(contextlib.ExitStack()),
-            activity=activity,
-        )
-        workers: list[Worker] = []
-        try:
-            for factory in factories:
-                worker = factory(ctx)
-                if worker is not None:
-                    workers.append(worker)
-        except BaseException:
-            for built in reversed(workers):
-                with contextlib.suppress(Exception):
-                    built.close()
-            raise
-        daemon = Daemon(
-            workers,
-            stop,
-            status_path=StatePaths(state_dir).status,
-            info={"device_id": cfg.device_id},
-            status_interval=status_interval,
-            notifier=notifier,
-        )
-        ctx.snapshot = daemon.snapshot
-        names = [worker_name(w) for w in workers]
-        audit.append("agent_started", version=__version__, workers=names)
-        with signals_set_stop(daemon) if handle_signals else contextlib.nullcontext():
-            code = daemon.run()
-        try:
-            audit.append(
-                "agent_stopped", reason=daemon.stop_reason or "shutdown", clean=code == 0
-            )
-        except AuditWriteError as exc:
-            log.error("could not record agent_stopped: %s", exc)
-        return code

@@ -23,7 +23,6 @@ from pathlib import Path
 from agent import config as config_mod
 from agent.audit import AuditLog
 from agent.config import Config
-from agent.daemon import run_daemon
 from agent.errors import AgentError, StateError
 from agent.keys import load_device_key, parse_public_key
 from agent.paths import StatePaths
@@ -32,6 +31,7 @@ from agent.requester.keyfiles import AGE_IDENTITY, PUBLIC_JWK, SIGNING_JWK, gene
 from agent.requests.store import RequestStore
 from agent.timeutil import utcnow
 from agent.web.auth import PasswordFile
+from agent.wiring import run_daemon
 
 DEVICE_ID = "demo-door"
 REQUESTER_ID = "demo-police"

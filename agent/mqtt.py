@@ -36,7 +36,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
 import paho.mqtt.client as paho
@@ -48,6 +47,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.config import MQTTConfig
 from agent.errors import ConfigError, MQTTError
 from agent.keys import check_secret
+from agent.lifecycle import StartStop
 from agent.timeutil import rfc3339, utcnow
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ def read_password_file(path: Path) -> str:
     return lines[0]
 
 
-class MQTTClient:
+class MQTTClient(StartStop):
     """One MQTT v5 connection with reconnects, a publisher thread and bounded in-flight QoS 1.
 
     ``on_message`` runs on paho's network thread and must not block. ``on_connect`` (also on the
@@ -453,18 +453,6 @@ class MQTTClient:
                 out.future.set_exception(
                     MQTTError(f"closed before the broker acknowledged a message to {out.topic}")
                 )
-
-    def __enter__(self) -> MQTTClient:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- extra subscriptions and held messages ----------------------------------------------
 

@@ -71,7 +71,7 @@ from agent.release.deliver import Deliverer  # noqa: E402
 from agent.release.encrypt import encrypt_to_chunks  # noqa: E402
 from agent.release.manifest import RESPONSE_TYP  # noqa: E402
 from agent.requester.receive import DeliveryAssembler, receive_delivery  # noqa: E402
-from agent.requests.service import response_claims  # noqa: E402
+from agent.requests.responder import response_claims  # noqa: E402
 from agent.requests.store import RequestRecord, RequestStore  # noqa: E402
 from agent.requests.verify import RequestPolicy, VerifiedRequest  # noqa: E402
 from agent.requests.vocabulary import Channel  # noqa: E402

@@ -120,7 +120,7 @@ print(json.dumps({"sent": sent, "acked": acked, "elapsed": elapsed}), flush=True
 AGENT = """
 import logging, sys
 from agent import config
-from agent.daemon import run_daemon
+from agent.wiring import run_daemon
 logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                     format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 sys.exit(run_daemon(config.load(sys.argv[1]), status_interval=0.5))

@@ -39,8 +39,8 @@ from agent.keys import kid_for, load_device_key
 from agent.mqtt import InboundMessage, MQTTClient
 from agent.paths import ACTIVITY_FILE, AUDIT_FILE
 from agent.provision import initialise
-from agent.requests.service import RequestsWorker
 from agent.requests.store import RequestStore
+from agent.requests.worker import RequestsWorker
 from agent.timeutil import utcnow
 from agent.vault import Vault
 from tests.mosquitto import Collector, Mosquitto

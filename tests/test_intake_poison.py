@@ -23,9 +23,10 @@ from agent.keys import kid_for
 from agent.logtext import OneLineFormatter
 from agent.mqtt import InboundMessage
 from agent.release.manifest import RESPONSE_TYP, verify_device_jws
-from agent.requests.service import RequestService, RequestsWorker
+from agent.requests.service import RequestService
 from agent.requests.store import RequestStore
 from agent.requests.verify import RequestPolicy
+from agent.requests.worker import RequestsWorker
 from agent.topics import Topics
 from tests.mosquitto import Mosquitto
 from tests.test_mqtt_service import (

@@ -25,9 +25,10 @@ from agent import config
 from agent.audit import AuditLog, parse_head_jws, read_entries
 from agent.keys import create_device_keys, kid_for, okp_private
 from agent.release.manifest import RESPONSE_TYP, verify_device_jws
-from agent.requests.service import REJECTION_DETAIL, RequestsWorker
+from agent.requests.responder import REJECTION_DETAIL
 from agent.requests.store import RequestStore
 from agent.requests.verify import JWS_REGISTRY, REQUEST_TYP
+from agent.requests.worker import RequestsWorker
 from agent.timeutil import rfc3339, utcnow
 from tests.mosquitto import Collector, Mosquitto
 

@@ -177,7 +177,7 @@ import json, sys, time
 from agent import config
 from agent.audit import AuditLog
 from agent.keys import load_device_key
-from agent.requests.service import RequestsWorker
+from agent.requests.worker import RequestsWorker
 from agent.requests.store import RequestStore
 cfg = config.parse(json.loads(sys.argv[1]))
 key = load_device_key(cfg.state_dir)
@@ -400,8 +400,7 @@ def test_bounded_publisher_publishes_in_order_and_fails_when_the_connection_drop
 def test_daemon_runs_the_requests_worker(harness: AgentHarness) -> None:
     import threading
 
-    from agent.daemon import run_daemon
-    from agent.requests.service import requests_worker
+    from agent.wiring import requests_worker, run_daemon
 
     alice = harness.enroll("alice")
     stop = threading.Event()

@@ -18,15 +18,9 @@ from agent.audit import AuditLog, read_entries
 from agent.keys import kid_for, public_jwk
 from agent.mqtt import InboundMessage
 from agent.release.manifest import RESPONSE_TYP, verify_device_jws
-from agent.requests.service import (
-    REJECTION_DETAIL,
-    Budget,
-    FairQueue,
-    RequestService,
-    Tally,
-    peek_kid,
-    response_claims,
-)
+from agent.requests.intake import Budget, FairQueue, Tally, peek_kid
+from agent.requests.responder import REJECTION_DETAIL, response_claims
+from agent.requests.service import RequestService
 from agent.requests.store import RequestStore
 from agent.requests.verify import RequestPolicy, TrustedKey
 from agent.requests.vocabulary import REJECTION_CODES
@@ -479,7 +473,7 @@ def test_the_service_counts_as_alive_while_it_is_starting(
         )
         svc.attach(FakeClient())
         seen: list[bool] = []
-        monkeypatch.setattr(svc, "_resend_unanswered", lambda: seen.append(svc.alive))
+        monkeypatch.setattr(svc.responder, "resend_unanswered", lambda: seen.append(svc.alive))
         svc.start()
         assert seen == [True] and svc.alive
         svc.close()

@@ -38,9 +38,7 @@ REQUESTER = "city-police"
 DAEMON = (
     "import sys\n"
     "from agent import config\n"
-    "from agent.approval.worker import approval_worker\n"
-    "from agent.daemon import run_daemon\n"
-    "from agent.requests.service import requests_worker\n"
+    "from agent.wiring import approval_worker, requests_worker, run_daemon\n"
     "sys.exit(run_daemon(config.load(sys.argv[1]), factories=(requests_worker, approval_worker)))\n"
 )
 

@@ -16,7 +16,7 @@ import pytest
 
 from agent import config
 from agent.mqtt import BoundedPublisher, MQTTClient
-from agent.requests.service import response_expiry
+from agent.requests.responder import response_expiry
 from agent.requests.store import RequestStore
 from agent.requests.vocabulary import Channel
 from tests.mosquitto import Mosquitto

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from agent import config as config_mod
-from agent.daemon import run_daemon
 from agent.errors import StateLockedError
 from agent.paths import LOCK_FILE
 from agent.provision import initialise
 from agent.statelock import StateLock
 from agent.timeutil import utcnow
+from agent.wiring import run_daemon
 from tests.mosquitto import Mosquitto
 from tests.reliability.harness import AgentProcess, Requester, wait_until
 

@@ -25,9 +25,9 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from types import TracebackType
-from typing import Any
 
 from gpiozero import LED, Button
+from gpiozero.pins import Factory
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class ButtonPanel:
         bounce_time: timedelta,
         on_press: Callable[[], object],
         on_hold: Callable[[], object],
-        pin_factory: Any = None,
+        pin_factory: Factory | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._on_press = on_press

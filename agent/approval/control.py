@@ -22,7 +22,6 @@ import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
 from agent.approval.decisions import ACTIONS, Action
@@ -33,6 +32,7 @@ from agent.errors import (
     RequestNotFoundError,
     StateError,
 )
+from agent.lifecycle import StartStop
 from agent.paths import StatePaths
 from agent.requests.vocabulary import Channel
 
@@ -72,7 +72,7 @@ def _read_line(conn: socket.socket) -> bytes:
     return data.split(b"\n", 1)[0]
 
 
-class ControlServer:
+class ControlServer(StartStop):
     """Serves the control socket on a background thread; a context manager."""
 
     def __init__(
@@ -201,18 +201,6 @@ class ControlServer:
             self._sock.close()
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
-
-    def __enter__(self) -> ControlServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _error(code: str, message: str) -> dict[str, object]:

@@ -49,8 +49,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from types import TracebackType
-from typing import Any, Protocol
+from typing import Protocol
 
 from agent.approval.decisions import Action, DecisionLog
 from agent.approval.machine import (
@@ -85,20 +84,16 @@ from agent.errors import (
     PreviewChangedError,
     RequestNotFoundError,
 )
+from agent.lifecycle import StartStop
 from agent.release.deliver import DeliveryJob, DeliveryLedger, Gate, PlannedFile, new_salt
 from agent.release.manifest import ManifestClip
 from agent.release.preview import Preview, exceeds_message, sentence
+from agent.requests.responder import RespondFn, answer_unanswered
 from agent.requests.store import RequestRecord, RequestStore
 from agent.requests.vocabulary import REDELIVERABLE, Channel, Status
 from agent.timeutil import rfc3339, utcnow
 
 log = logging.getLogger(__name__)
-
-
-class Responder(Protocol):
-    """Signs and queues a response (``RequestService.respond``)."""
-
-    def __call__(self, request: RequestRecord, status: str, /, **claims: Any) -> object: ...
 
 
 class HoldingVault(Protocol):
@@ -211,7 +206,7 @@ class DecisionResult:
         }
 
 
-class ApprovalCoordinator:
+class ApprovalCoordinator(StartStop):
     """Applies owner decisions, expiry and delivery outcomes; see the module docstring."""
 
     def __init__(
@@ -221,7 +216,7 @@ class ApprovalCoordinator:
         audit: AuditSink,
         policy: Policy,
         vault: HoldingVault,
-        respond: Responder,
+        respond: RespondFn,
         deliverer_factory: Callable[[], Deliverer],
         device_id: str,
         previewer: Callable[[RequestRecord], Preview] | None = None,
@@ -284,18 +279,6 @@ class ApprovalCoordinator:
         for thread in self._threads:
             thread.join(timeout)
         self._set_indicator(False)
-
-    def __enter__(self) -> ApprovalCoordinator:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no delivery is scheduled or running; says whether that happened."""
@@ -568,15 +551,13 @@ class ApprovalCoordinator:
             self._apply_queued()
             self._expire_due(self._now())
             finished = [s.value for s in OUTCOMES]
-            for record in self._store.list_requests(finished):
-                if record.responded != record.status:
-                    self._answer(record, Status(record.status), self._claims_of(record))
+            answer_unanswered(self._store.list_requests(finished), self._respond, self._now())
             self._fail_revoked()
             self.sync_holds()
-            for record in self._store.list_requests(["approved"]):
+            approved = self._store.list_requests(["approved"])
+            answer_unanswered(approved, self._respond, self._now())
+            for record in approved:
                 log.info("request %s was approved but not delivered: delivering again", record.jti)
-                if record.responded != "approved":
-                    self._answer(record, Status.APPROVED, self._claims_of(record))
                 self._schedule(record.jti)
             self._refresh_indicator()
 
@@ -779,19 +760,6 @@ class ApprovalCoordinator:
     def _clip_count(self, record: RequestRecord) -> int:
         assert record.window_start is not None and record.window_end is not None
         return len(self._vault.clips_overlapping(record.window_start, record.window_end))
-
-    def _claims_of(self, record: RequestRecord) -> dict[str, object]:
-        status = Status(record.status)
-        if status in (Status.APPROVED, Status.DENIED):
-            claims: dict[str, object] = {"channel": record.channel}
-            if status is Status.APPROVED:
-                claims["clips"] = record.clips if record.clips is not None else 0
-            return claims
-        if status is Status.DELIVERED:
-            return {"clips": record.clips if record.clips is not None else 0}
-        if status is Status.FAILED:
-            return {"error": "revoked" if record.error == "revoked" else "delivery_error"}
-        return {}
 
     def _answer(self, record: RequestRecord, status: Status, claims: dict[str, object]) -> None:
         if status is Status.APPROVED and "clips" not in claims:

@@ -1,9 +1,8 @@
 """The approval part of ``doorbell-agent run``: coordinator, control socket and button/LED.
 
-:func:`approval_worker` is a daemon worker factory (see :mod:`agent.daemon`). It must come after
-``requests_worker`` (it answers through ``ctx.services["requests"].service.respond`` and
-delivers through its ``delivery_publisher()``) and before the local app (which finds the
-coordinator in ``ctx.services["approval"]``).
+:func:`build_approval_worker` builds it from typed collaborators; :mod:`agent.wiring` calls it
+after the requests part (whose responder answers and whose MQTT connection delivers) and before
+the local app (which decides through the coordinator).
 
 The button is optional hardware: when the ``button`` channel is on but no GPIO is usable (not a
 Raspberry Pi, no pin driver), the agent logs why and runs without it; the app and the CLI still
@@ -15,23 +14,28 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import TYPE_CHECKING
 
 from agent.approval.button import ButtonPanel
 from agent.approval.control import ControlServer, socket_path
 from agent.approval.coordinator import ApprovalCoordinator, DecisionResult
 from agent.approval.decisions import Action
 from agent.approval.machine import Policy
-from agent.errors import StateError
 from agent.release.cut import WindowCutter
-from agent.release.deliver import Deliverer
+from agent.release.deliver import Deliverer, Publisher
 from agent.release.preview import Preview, build_preview
-from agent.requests.store import RequestRecord
+from agent.requests.responder import RespondFn
+from agent.requests.store import RequestRecord, RequestStore
 from agent.requests.vocabulary import Channel
+from agent.timeutil import utcnow
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from gpiozero.pins import Factory
+
+    from agent.audit import AuditLog
     from agent.config import Config
-    from agent.daemon import DaemonContext
     from agent.vault import Vault
 
 log = logging.getLogger(__name__)
@@ -70,7 +74,7 @@ class ApprovalWorker:
         stop.wait()
         self.control.close()
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, object]:
         """Channels, whether the button works, and whether the LED says something is pending."""
         return {
             "channels": sorted(c.value for c in self.coordinator.policy.channels),
@@ -114,23 +118,33 @@ def previewer(
     return preview
 
 
-def approval_worker(ctx: DaemonContext) -> ApprovalWorker:
-    """Daemon worker factory; shares the coordinator as ``ctx.services["approval"]``."""
-    cfg = ctx.config
-    requests: Any = ctx.services.get("requests")
-    store: Any = ctx.services.get("request_store")
-    if requests is None or store is None:
-        raise StateError("the approval worker needs the requests worker to be set up first")
+def build_approval_worker(
+    cfg: Config,
+    *,
+    store: RequestStore,
+    audit: AuditLog,
+    activity: AuditLog | None,
+    vault: Vault,
+    device_key: Ed25519PrivateKey,
+    respond: RespondFn,
+    publisher: Callable[[], Publisher],
+    cutter: WindowCutter,
+    ready: Callable[[threading.Event], bool] | None = None,
+    pin_factory: Factory | None = None,
+    now: Callable[[], datetime] = utcnow,
+) -> ApprovalWorker:
+    """The approval part: a coordinator answering through ``respond`` and delivering through a
+    fresh ``publisher()`` per release, its control socket and, when enabled, the button panel
+    (on ``pin_factory``, gpiozero's default when None); ``now`` is the coordinator's clock.
+    ``cutter`` plans both the preview and the release, so the file released is the one the
+    owner was shown."""
     policy = policy_of(cfg)
-    # One cutter for the preview and the release (shared as ctx.services["cutter"]).
-    cutter = WindowCutter(ctx.vault)
-    ctx.services["cutter"] = cutter
 
     def deliverer() -> Deliverer:
         return Deliverer(
-            vault=ctx.vault,
-            publisher=requests.delivery_publisher(),
-            signing_key=ctx.device_key,
+            vault=vault,
+            publisher=publisher(),
+            signing_key=device_key,
             topic_prefix=cfg.mqtt.topic_prefix,
             chunk_bytes=cfg.delivery.chunk_bytes,
             retries=cfg.delivery.retries,
@@ -145,16 +159,17 @@ def approval_worker(ctx: DaemonContext) -> ApprovalWorker:
 
     coordinator = ApprovalCoordinator(
         store=store,
-        audit=ctx.audit,
-        activity=ctx.activity,
+        audit=audit,
+        activity=activity,
         policy=policy,
-        vault=ctx.vault,
-        respond=requests.service.respond,
+        vault=vault,
+        respond=respond,
         deliverer_factory=deliverer,
         device_id=cfg.device_id,
-        previewer=previewer(ctx.vault, cfg.delivery.max_bytes, cutter),
+        previewer=previewer(vault, cfg.delivery.max_bytes, cutter),
         indicator=indicate,
         max_bytes=cfg.delivery.max_bytes,
+        now=now,
     )
     button_error: str | None = None
     if Channel.BUTTON in policy.channels and cfg.approval.button.enabled:
@@ -168,6 +183,7 @@ def approval_worker(ctx: DaemonContext) -> ApprovalWorker:
                     bounce_time=b.bounce_time,
                     on_press=coordinator.button_press,
                     on_hold=coordinator.button_hold,
+                    pin_factory=pin_factory,
                 )
             )
         except Exception as exc:  # gpiozero raises its own hierarchy, and OSError on /dev/gpio*
@@ -181,11 +197,10 @@ def approval_worker(ctx: DaemonContext) -> ApprovalWorker:
     def redeliver(jti: str, channel: Channel) -> dict[str, object]:
         return coordinator.redeliver(jti, channel).to_json()
 
-    ctx.services["approval"] = coordinator
     return ApprovalWorker(
         coordinator,
         ControlServer(socket_path(cfg.state_dir), decide, redeliver=redeliver),
         panels[0] if panels else None,
         button_error,
-        ready=getattr(requests, "wait_checked", None),
+        ready=ready,
     )

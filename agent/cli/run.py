@@ -1,11 +1,11 @@
-"""``doorbell-agent run``: the daemon (see :mod:`agent.daemon`)."""
+"""``doorbell-agent run``: the daemon (see :mod:`agent.wiring` and :mod:`agent.daemon`)."""
 
 from __future__ import annotations
 
 import argparse
 
 from agent.cli.common import load_config, require_initialised
-from agent.daemon import run_daemon
+from agent.wiring import run_daemon
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -45,43 +45,14 @@ Flow of one message on ``P/D/requests``:
 The worker also polls the store for requests cancelled by ``doorbell-agent requesters revoke``
 while the daemon runs and answers each ``rejected``/``revoked``.
 
-Audit growth. Whatever one requester sends, at any rate the broker passes, it adds at most about
-1 MiB a day to the audit log, because every per-message entry is paid for from a per-requester
-budget and everything past the budget is aggregated:
+Audit growth is bounded by per-requester budgets (see :mod:`agent.requests.intake`).
 
-- a signed request that is rejected is audited individually (``request_received`` +
-  ``request_rejected``, and answered) only while its requester has audit budget left: a token
-  bucket in bytes per requester, ``AUDIT_BUDGET_BURST`` (64 KiB) deep, refilled at
-  ``AUDIT_BUDGET_PER_DAY`` (384 KiB) a day, charged :func:`audit_cost` (the entries' size);
-  so at most 448 KiB of individual entries in any 24 h. Accepted requests are always audited
-  (``requests.rate_limit`` bounds them) and are charged too, so they leave less room for
-  rejections rather than adding to it. (The per-minute ``rejection_burst`` still caps answers.)
-- past the budget a rejection is only counted: one ``request_rejected`` summary entry per
-  requester per ``SUMMARY_INTERVAL`` (600 s: 144 a day, each under 1 KiB, < 144 KiB)
-  with ``suppressed`` (how many) and ``errors`` (how many per code). Revoked requesters,
-  replays and rate-limited floods all land here. These entries are ordinary chain entries.
-- unverifiable messages (anyone's, a requester's forgeries included) are never audited one by
-  one: one ``request_unverifiable`` entry per ``SUMMARY_INTERVAL`` with a count and a reasons
-  histogram (< 144 KiB a day for all senders together). The first summary after a quiet
-  interval is written at once, so the owner still hears of trouble when it starts.
-
-So one requester accounts for < 448 + 144 + 144 KiB (736 KiB) < 1 MiB a day; what its
-accepted requests add beyond that is bounded by ``requests.rate_limit``, not by this budget
-(``tests/test_audit_growth.py`` measures it over a simulated day).
-
-Responses never say anything about footage before approval: ``pending`` and ``rejected`` carry
-only ``iss``, ``aud``, ``iat``, ``req``, ``status`` (and ``error``/``detail``). ``detail`` is a
-fixed text per error code; the verifier's precise reason goes to the local log and the audit log.
-
-:class:`RequestsWorker` wires the MQTT client, the announcer (status and audit head) and this
-service together for ``doorbell-agent run``.
+Responses are built, signed, sent and recorded by :class:`agent.requests.responder.Responder`;
+:class:`agent.requests.worker.RequestsWorker` wires the MQTT client, the announcer (status and
+audit head) and this service together for ``doorbell-agent run``.
 """
-
 from __future__ import annotations
 
-import base64
-import binascii
-import contextlib
 import dataclasses
 import json
 import logging
@@ -89,414 +60,51 @@ import math
 import queue
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import lru_cache
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
+from typing import Final, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.audit import (
-    GENESIS_PREV,
-    AuditEntry,
-    AuditLog,
     AuditSink,
-    audit_state,
-    build_head_jws,
     iter_log_lines,
     parse_entry,
 )
-from agent.config import Config
-from agent.errors import AgentError, AuditWriteError, MQTTError, RequestNotFoundError
-from agent.headcheck import CheckOutcome, StartupCheck
-from agent.keys import sign_jws
-from agent.logtext import one_line
-from agent.mqtt import BoundedPublisher, InboundMessage, MQTTClient, message_expiry
-from agent.provision import device_client_id
-from agent.release.manifest import RESPONSE_TYP
+from agent.errors import AgentError, AuditWriteError, MQTTError
+from agent.lifecycle import StartStop
+from agent.mqtt import InboundMessage
+from agent.requests.intake import (
+    AUDIT_BUDGET_BURST,
+    AUDIT_BUDGET_PER_DAY,
+    MAX_CORRELATION,
+    SNAPSHOT_MIN_AGE,
+    SUMMARY_INTERVAL,
+    Budget,
+    FairQueue,
+    Tally,
+    TrustSnapshot,
+    audit_cost,
+    peek_kid,
+    received_fields,
+)
 from agent.requests.receipts import ReceiptDesk
-from agent.requests.store import RequestRecord, RequestStore
+from agent.requests.responder import Responder, ResponsePublisher, Target, shown
+from agent.requests.store import RequestStore
 from agent.requests.verify import (
-    MAX_HEADER_SEGMENT,
     Rejection,
     RequestPolicy,
-    TrustedKey,
-    TrustView,
     Unverifiable,
     VerifiedRequest,
     verify_request,
 )
-from agent.requests.vocabulary import REJECTION_CODES, RESPONSE_STATUSES, Channel
-from agent.status import Announcer
-from agent.timeutil import to_epoch, utcnow
+from agent.timeutil import utcnow
 from agent.topics import Topics
 
-if TYPE_CHECKING:
-    from agent.daemon import DaemonContext
-
 log = logging.getLogger(__name__)
-
-# What a rejected requester is told: one fixed sentence per code. The verifier's precise reason
-# stays on the device (log and audit): remote callers get an opaque rejection.
-REJECTION_DETAIL: Final[Mapping[str, str]] = {
-    "expired": "the request has expired",
-    "not_yet_valid": "the request is not valid yet (iat is in the future)",
-    "lifetime_too_long": "exp - iat is longer than the device accepts",
-    "wrong_audience": "the request is not addressed to this device",
-    "replayed": "this jti has been used before",
-    "window_too_long": "the footage window is longer than the device accepts",
-    "window_outside_retention": "the footage window starts before the storage retention",
-    "window_in_future": "the footage window ends in the future; ask for recorded footage only",
-    "bad_claims": "a claim is missing or malformed",
-    "rate_limited": "too many requests from this requester; try again later",
-    "revoked": "the requester's key has been revoked",
-}
-
-
-SUMMARY_INTERVAL: Final = 600.0
-"""Seconds: at most one ``request_unverifiable`` entry, and one ``request_rejected`` summary per
-requester, per interval (144 a day each; see "Audit growth" in the module docstring)."""
-AUDIT_BUDGET_PER_DAY: Final = 384 * 1024
-"""Bytes of individual request entries a requester's rejections may add to the log per day."""
-AUDIT_BUDGET_BURST: Final = 64 * 1024
-"""How much of that a requester may use at once."""
-ENTRY_OVERHEAD: Final = 320
-"""Bytes an audit line adds around its event fields (seq, ts, event, prev, sig), rounded up."""
-MAX_CORRELATION: Final = 256
-"""Bytes of MQTT v5 Correlation Data a request may carry (CONTRACT §3); longer: unverifiable."""
-
-
-def shown(value: object, limit: int = 200) -> str:
-    """Requester text made safe for one log line (:func:`agent.logtext.one_line`), cut to
-    ``limit`` characters."""
-    return one_line(value, limit)
-
-
-def audit_cost(result: VerifiedRequest | Rejection) -> int:
-    """The bytes ``request_received`` plus ``request_pending``/``request_rejected`` add to the
-    audit log for ``result`` (fields as the log serialises them, plus ENTRY_OVERHEAD each)."""
-    return sum(
-        len(json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode())
-        + ENTRY_OVERHEAD
-        for fields in (_received_fields(result), result.audit_fields())
-    )
-FAILURE_DETAIL: Final[dict[str, str]] = {
-    "revoked": "the requester was revoked; the delivery was stopped",
-    "delivery_error": "the delivery could not be completed",
-}
-"""The ``error`` codes of a ``failed`` response (§4) and their fixed ``detail`` texts."""
-
-
-# --- responses (pure) -------------------------------------------------------------------------
-
-
-def response_claims(
-    *,
-    device_id: str,
-    requester_id: str,
-    jti: str | None,
-    status: str,
-    now: datetime,
-    error: str | None = None,
-    detail: str | None = None,
-    clips: int | None = None,
-    channel: str | None = None,
-) -> dict[str, Any]:
-    """The claims of a §4 response, with exactly the claims its status carries.
-
-    ``rejected`` needs ``error`` (a contract code; ``detail`` defaults to its fixed text),
-    ``failed`` needs ``error`` ``revoked`` or ``delivery_error`` (``detail`` its fixed text),
-    ``approved`` needs ``clips`` and ``channel``, ``delivered`` needs ``clips``, ``denied`` needs
-    ``channel``; every other combination raises ValueError. ``req`` is null only for a rejected
-    request whose ``jti`` claim was not a string.
-    """
-    if status not in RESPONSE_STATUSES:
-        raise ValueError(f"unknown response status {status!r}")
-    wants_error = status in ("rejected", "failed")
-    wants_clips = status in ("approved", "delivered")
-    wants_channel = status in ("approved", "denied")
-    if wants_error != (error is not None) or (detail is not None and not wants_error):
-        raise ValueError(f"error/detail go with status rejected and failed only ({status})")
-    if wants_clips != (clips is not None):
-        raise ValueError(f"clips go with approved and delivered only (status {status})")
-    if wants_channel != (channel is not None):
-        raise ValueError(f"channel goes with approved and denied only (status {status})")
-    if jti is None and status != "rejected":
-        raise ValueError("only a rejected response may lack req")
-    claims: dict[str, Any] = {
-        "iss": device_id,
-        "aud": requester_id,
-        "iat": to_epoch(now),
-        "req": jti,
-        "status": status,
-    }
-    if error is not None and status == "failed":
-        if error not in FAILURE_DETAIL:
-            raise ValueError(f"{error!r} is not a failure code of the contract")
-        claims["error"] = error
-        claims["detail"] = detail if detail is not None else FAILURE_DETAIL[error]
-    elif error is not None:
-        if error not in REJECTION_CODES:
-            raise ValueError(f"{error!r} is not a rejection code of the contract")
-        claims["error"] = error
-        claims["detail"] = detail if detail is not None else REJECTION_DETAIL[error]
-    if clips is not None:
-        if isinstance(clips, bool) or not isinstance(clips, int) or clips < 0:
-            raise ValueError("clips must be a count (a non-negative integer)")
-        claims["clips"] = clips
-    if channel is not None:
-        if channel not in list(Channel):
-            raise ValueError(f"channel must be one of {', '.join(Channel)}")
-        claims["channel"] = channel
-    return claims
-
-
-class ResponseTarget(Protocol):
-    """Whom a response answers: a stored :class:`RequestRecord` fits."""
-
-    @property
-    def jti(self) -> str | None:
-        """The request's jti (``req``)."""
-        ...
-
-    @property
-    def requester_id(self) -> str:
-        """The verified requester id (the topic level and ``aud``)."""
-        ...
-
-    @property
-    def correlation(self) -> bytes | None:
-        """MQTT v5 Correlation Data of the request, echoed on every response."""
-        ...
-
-
-@dataclass(frozen=True)
-class Target:
-    """A :class:`ResponseTarget` made from a message being handled."""
-
-    jti: str | None
-    requester_id: str
-    correlation: bytes | None
-    exp: datetime | int | None = None
-
-
-def response_expiry(exp: object, now: datetime, cap: timedelta) -> int:
-    """The Message Expiry Interval of a response to a request with claim ``exp`` (a datetime,
-    or the raw integer claim of a rejected request): its remaining lifetime, 1 s at least,
-    ``cap`` (the longest lifetime a request may have) at most or when ``exp`` is unknown."""
-    if isinstance(exp, datetime):
-        return message_expiry(exp, now, cap)
-    limit = max(1, math.ceil(cap.total_seconds()))
-    if isinstance(exp, int) and not isinstance(exp, bool):
-        # Integer arithmetic: a rejected request's exp may be far outside datetime's range.
-        return max(1, min(exp - to_epoch(now), limit))
-    return limit
-
-
-# --- flood accounting (pure) ------------------------------------------------------------------
-
-
-def peek_kid(payload: bytes) -> str | None:
-    """The ``kid`` a compact JWS header names, or None when there is no readable header.
-
-    Cheap enough for paho's network thread (at most 1 KiB decoded); it decides only which lane a
-    message waits in, never whether it is valid.
-    """
-    head, dot, _ = payload.partition(b".")
-    if not dot or len(head) > MAX_HEADER_SEGMENT:
-        return None
-    return _kid_of_header(head)
-
-
-T = TypeVar("T")
-
-SNAPSHOT_MIN_AGE: Final = 0.02
-"""Seconds: the enrolled-key snapshot is renewed for suspects at most this often."""
-
-
-@lru_cache(maxsize=256)
-def _kid_of_header(head: bytes) -> str | None:
-    # Cached: a requester's messages, and a flood under an enrolled kid, repeat one header.
-    try:
-        header = json.loads(base64.urlsafe_b64decode(head + b"=" * (-len(head) % 4)))
-    except (ValueError, binascii.Error):
-        return None
-    kid = header.get("kid") if isinstance(header, dict) else None
-    return kid if isinstance(kid, str) else None
-
-
-class FairQueue(Generic[T]):
-    """A bounded queue of items filed by key, served round robin by key (thread-safe).
-
-    Each key keeps its own arrival order; ``get`` takes the oldest item of the key whose turn it
-    is, so a key with a thousand items waiting delays another key's next item by at most one.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError("a queue needs room for at least one item")
-        self.capacity = capacity
-        self._items: dict[str, deque[T]] = {}
-        self._turns: deque[str] = deque()
-        self._size = 0
-        self._cond = threading.Condition()
-
-    def qsize(self) -> int:
-        """How many items wait."""
-        return self._size
-
-    def put_nowait(self, key: str, item: T) -> bool:
-        """File ``item`` under ``key``; False (nothing stored) when the queue is full."""
-        with self._cond:
-            if self._size >= self.capacity:
-                return False
-            waiting = self._items.get(key)
-            if waiting is None:
-                waiting = self._items[key] = deque()
-                self._turns.append(key)
-            waiting.append(item)
-            self._size += 1
-            self._cond.notify()
-            return True
-
-    def get(self, timeout: float = 0.0) -> T | None:
-        """The next item in round-robin order, waiting up to ``timeout`` s; None if none came."""
-        with self._cond:
-            if not self._size and timeout > 0:
-                self._cond.wait(timeout)
-            if not self._size:
-                return None
-            key = self._turns.popleft()
-            waiting = self._items[key]
-            item = waiting.popleft()
-            self._size -= 1
-            if waiting:
-                self._turns.append(key)
-            else:
-                del self._items[key]
-            return item
-
-    def clear(self) -> None:
-        """Forget every waiting item."""
-        with self._cond:
-            self._items.clear()
-            self._turns.clear()
-            self._size = 0
-
-    def wake(self) -> None:
-        """Wake a waiting ``get`` (it returns None unless an item came)."""
-        with self._cond:
-            self._cond.notify_all()
-
-
-class TrustSnapshot:
-    """Enrolled keys as of one read of the store, as a :class:`TrustView` per message.
-
-    A kid is the RFC 7638 thumbprint of its key, so a kid found here names the right key for
-    ever: a signature checked with it is checked correctly. What can change about its requester
-    (revoked, id, kind) may be stale; the service reads it fresh once a signature verified. A
-    kid not found here is unknown to a message that arrived before the snapshot was taken (it
-    was not enrolled then); for a younger message the store is asked.
-    """
-
-    def __init__(self, keys: Mapping[str, TrustedKey], taken: float, store: TrustView) -> None:
-        self.keys = keys
-        self.taken = taken
-        self._store = store
-
-    @classmethod
-    def read(cls, store: RequestStore, taken: float) -> TrustSnapshot:
-        """The enrolled keys now (revoked ones included); ``taken`` is the caller's clock."""
-        keys = {
-            r.kid: TrustedKey(r.id, r.kind, r.kid, r.public_key, r.revoked)
-            for r in store.list_requesters()
-        }
-        return cls(keys, taken, store)
-
-    def view(self, arrived: float) -> TrustView:
-        """The trust view for a message that arrived at ``arrived`` (the same clock)."""
-        return _SnapshotView(self, arrived)
-
-    def lookup(self, kid: str, arrived: float) -> TrustedKey | None:
-        """The key enrolled for ``kid`` as far as a message that arrived then can tell."""
-        key = self.keys.get(kid)
-        if key is not None or arrived <= self.taken:
-            return key
-        return self._store.key_for_kid(kid)
-
-
-@dataclass(frozen=True)
-class _SnapshotView:
-    snapshot: TrustSnapshot
-    arrived: float
-
-    def key_for_kid(self, kid: str) -> TrustedKey | None:
-        return self.snapshot.lookup(kid, self.arrived)
-
-
-class Tally:
-    """Counts things by kind and releases the counts at most once per ``interval`` seconds.
-
-    The first thing counted after a quiet interval is released at once (the owner hears about
-    the start of trouble quickly); later ones are summed until the interval has passed.
-    Thread-safe: paho's network thread counts oversize messages, the worker the rest.
-    """
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._counts: Counter[str] = Counter()
-        self._last = -math.inf
-        self._lock = threading.Lock()
-
-    def add(self, kind: str, n: int = 1) -> None:
-        """Count ``n`` more of ``kind``."""
-        with self._lock:
-            self._counts[kind] += n
-
-    def take(self, now: float, *, force: bool = False) -> dict[str, int] | None:
-        """The counts since the last release if one is due at ``now`` (or ``force``), else None."""
-        with self._lock:
-            if not self._counts or (not force and now - self._last < self.interval):
-                return None
-            counts, self._counts = dict(self._counts), Counter()
-            self._last = now
-            return counts
-
-
-class Budget:
-    """A token bucket per key: ``burst`` tokens, refilled at ``burst`` per ``period`` seconds."""
-
-    def __init__(self, burst: float, period: float) -> None:
-        self.burst = burst
-        self.rate = burst / period
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def _tokens(self, key: str, now: float) -> float:
-        tokens, last = self._buckets.get(key, (float(self.burst), now))
-        return min(float(self.burst), tokens + (now - last) * self.rate)
-
-    def allow(self, key: str, now: float, cost: float = 1.0) -> bool:
-        """Take ``cost`` tokens for ``key`` if that many are left at ``now``."""
-        tokens = self._tokens(key, now)
-        if tokens < cost:
-            self._buckets[key] = (tokens, now)
-            return False
-        self._buckets[key] = (tokens - cost, now)
-        if len(self._buckets) > 4096:
-            # Full buckets carry no state worth keeping; this bounds memory per requester id.
-            self._buckets = {k: v for k, v in self._buckets.items() if v[0] < self.burst - 1}
-        return True
-
-    def charge(self, key: str, now: float, cost: float) -> None:
-        """Take ``cost`` tokens for ``key`` unconditionally (the bucket may go down to
-        ``-burst``: what must happen anyway still delays what may be dropped)."""
-        self._buckets[key] = (max(-float(self.burst), self._tokens(key, now) - cost), now)
-
 
 @dataclass
 class ServiceStats:
@@ -509,38 +117,25 @@ class ServiceStats:
     pending: int = 0
     duplicates: int = 0
     suppressed: int = 0
-    responses: int = 0
     audit_failures: int = 0
     failures: int = 0
 
 
-class Publisher(Protocol):
+class Publisher(ResponsePublisher, Protocol):
     """What the service needs of :class:`agent.mqtt.MQTTClient`."""
-
-    def publish(
-        self,
-        topic: str,
-        payload: bytes | str,
-        *,
-        retain: bool = False,
-        correlation_data: bytes | None = None,
-        expiry: int | None = None,
-        timeout: float | None = None,
-    ) -> Future[None]:
-        """Queue a QoS 1 message."""
-        ...
 
     def ack(self, message: InboundMessage) -> None:
         """Acknowledge a handled QoS 1 message."""
         ...
 
 
-class RequestService:
+class RequestService(StartStop):
     """The worker thread between the MQTT client and the request store.
 
     ``on_message`` is the MQTT client's message handler; ``attach`` gives it the client to
-    publish and acknowledge through. ``respond`` is the one way to answer a request, for this
-    service and for the approval coordinator alike.
+    publish and acknowledge through. Its ``responder`` answers every request, for this service
+    and for the approval coordinator alike; this service's thread records the answers the broker
+    acknowledged and answers revocations (:class:`agent.requests.responder.Responder`).
     """
 
     def __init__(
@@ -566,7 +161,6 @@ class RequestService:
     ) -> None:
         self.topics = topics
         self.receipts = receipts
-        self._audit_head = audit_head
         self.policy = policy
         self.stats = ServiceStats()
         self._store = store
@@ -597,9 +191,15 @@ class RequestService:
         )
         self._revocation_poll = revocation_poll
         self._client: Publisher | None = None
-        self._answering: set[str] = set()
-        self._sent: deque[tuple[Future[None], str, str]] = deque()
-        self._sent_lock = threading.Lock()
+        self.responder = Responder(
+            topics=topics,
+            store=store,
+            signing_key=signing_key,
+            max_lifetime=policy.max_lifetime,
+            audit_head=audit_head,
+            now=now,
+            clock=clock,
+        )
         self._thread = threading.Thread(target=self._run, name="request-service", daemon=True)
         # Known before the first message can arrive (the client may connect before start()).
         self._refresh_kids()
@@ -611,6 +211,7 @@ class RequestService:
     def attach(self, client: Publisher) -> None:
         """Publish responses and acknowledge messages through ``client``."""
         self._client = client
+        self.responder.attach(client)
 
     def start(self) -> None:
         """Answer what was left unanswered by the last run, then start the worker thread."""
@@ -618,7 +219,7 @@ class RequestService:
             return
         if self._client is None:
             raise MQTTError("the request service has no MQTT client attached")
-        self._resend_unanswered()
+        self.responder.resend_unanswered()
         # Marked started only once the thread runs: the supervisor (``alive``) must not take
         # the moments before for a dead thread.
         self._thread.start()
@@ -645,24 +246,12 @@ class RequestService:
         if self.receipts is not None:
             self.receipts.close(timeout)
         self._write_summaries(force=True)
-        self._mark_sent(wait=timeout)
+        self.responder.mark_sent(wait=timeout)
 
     @property
     def alive(self) -> bool:
         """Whether the worker thread runs (or was never started / was stopped on purpose)."""
         return not self._started or self._stopping.is_set() or self._thread.is_alive()
-
-    def __enter__(self) -> RequestService:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- network thread --------------------------------------------------------------------
 
@@ -719,47 +308,6 @@ class RequestService:
     def _dropped(self) -> None:
         self.stats.dropped += 1
 
-    # -- responses -------------------------------------------------------------------------
-
-    def respond(self, request: ResponseTarget, status: str, **claims: Any) -> Future[None]:
-        """Sign a response and queue it for ``P/D/responses/R`` (R = ``request.requester_id``).
-
-        ``claims`` are the status's extra claims (``error``/``detail``, ``clips``, ``channel``,
-        see :func:`response_claims`). The request's Correlation Data is echoed. When the broker
-        acknowledges it, the store records that ``status`` was answered. The future completes
-        on that acknowledgement (or fails with MQTTError). Raises ValueError for claims that do
-        not fit the status and MQTTError when the client is closing.
-        """
-        if self._client is None:
-            raise MQTTError("the request service has no MQTT client attached")
-        body = response_claims(
-            device_id=self.topics.device_id,
-            requester_id=request.requester_id,
-            jti=request.jti,
-            status=status,
-            now=self._now(),
-            **claims,
-        )
-        if self._audit_head is not None:
-            # §4: a head freshly signed over the newest request-log entry, to be witnessed.
-            body["audit"] = self._audit_head()
-        token = sign_jws(self._key, RESPONSE_TYP, body)
-        future = self._client.publish(
-            self.topics.responses(request.requester_id),
-            token,
-            correlation_data=request.correlation,
-            expiry=response_expiry(
-                getattr(request, "exp", None), self._now(), self.policy.max_lifetime
-            ),
-        )
-        self.stats.responses += 1
-        if request.jti is not None:
-            with self._sent_lock:
-                self._sent.append((future, request.jti, status))
-        return future
-
-    # -- worker thread ---------------------------------------------------------------------
-
     def _run(self) -> None:
         next_poll = next_kids = self._clock()
         while not self._stopping.is_set():
@@ -778,12 +326,12 @@ class RequestService:
             # logged and the loop goes on (the next turn tries again), never ends the worker.
             steps: list[tuple[str, Callable[[], None]]] = [
                 ("summaries", lambda: self._write_summaries(force=False)),
-                ("sent responses", lambda: self._mark_sent(wait=0.0)),
+                ("sent responses", lambda: self.responder.mark_sent(wait=0.0)),
             ]
             if due_kids:
                 steps.append(("enrolled keys", self._refresh_kids))
             if due_poll:
-                steps.append(("revocations", self._answer_revocations))
+                steps.append(("revocations", self.responder.answer_revocations))
             for what, step in steps:
                 try:
                     step()
@@ -896,7 +444,7 @@ class RequestService:
             # the requester's audit budget, leaving less room for its rejections.
             self._audit_budget.charge(result.requester_id, self._clock(), audit_cost(result))
         try:
-            self._audit.append("request_received", **_received_fields(result))
+            self._audit.append("request_received", **received_fields(result))
             final = self._store.admit(
                 result,
                 self.policy,
@@ -917,7 +465,7 @@ class RequestService:
         if isinstance(final, VerifiedRequest):
             self.stats.pending += 1
             log.info("request %s from %s is pending", shown(final.jti), final.requester_id)
-            self._respond_logged(target, "pending")
+            self.responder.respond_logged(target, "pending")
         elif final.error == "replayed" and message.dup:
             self._duplicate(final)
         else:
@@ -926,7 +474,7 @@ class RequestService:
                 "request %s from %s rejected (%s): %s",
                 shown(final.jti), final.requester_id, final.error, shown(final.detail),
             )
-            self._respond_logged(target, "rejected", error=final.error)
+            self.responder.respond_logged(target, "rejected", error=final.error)
 
     def _admission_sink(self, message: InboundMessage) -> AuditSink:
         """Where ``admit`` writes ``request_pending``/``request_rejected`` for ``message``.
@@ -943,14 +491,6 @@ class RequestService:
     def _duplicate(self, rejection: Rejection) -> None:
         self.stats.duplicates += 1
         log.info("dropped a redelivered copy of request %s", shown(rejection.jti))
-
-    def _respond_logged(self, target: ResponseTarget, status: str, **claims: Any) -> None:
-        try:
-            self.respond(target, status, **claims)
-        except MQTTError as exc:
-            log.warning(
-                "could not queue the %s response for %s: %s", status, shown(target.jti), exc
-            )
 
     def _write_summaries(self, *, force: bool) -> None:
         now = self._clock()
@@ -975,63 +515,6 @@ class RequestService:
         except AuditWriteError as exc:
             self.stats.audit_failures += 1
             log.error("could not audit %s %s: %s", event, fields, exc)
-
-    def _mark_sent(self, *, wait: float) -> None:
-        """Record in the store the responses the broker has acknowledged, oldest first."""
-        deadline = self._clock() + wait
-        while True:
-            with self._sent_lock:
-                if not self._sent:
-                    return
-                future, jti, status = self._sent[0]
-            if not future.done():
-                remaining = deadline - self._clock()
-                if remaining <= 0:
-                    return
-                try:
-                    future.exception(timeout=remaining)
-                except TimeoutError:
-                    return
-            with self._sent_lock:
-                self._sent.popleft()
-            self._answering.discard(jti)
-            if future.exception() is not None:
-                continue
-            # An unrecorded rejection (rate limited, revoked key) has no row to mark.
-            with contextlib.suppress(RequestNotFoundError):
-                self._store.mark_responded(jti, status)
-
-    def _answer_revocations(self) -> None:
-        try:
-            records = self._store.unanswered_revocations()
-        except AgentError as exc:
-            log.warning("cannot poll the store for revocations: %s", exc)
-            return
-        for record in records:
-            if record.jti in self._answering:
-                continue
-            self._answering.add(record.jti)
-            log.info("answering request %s: its requester was revoked", shown(record.jti))
-            self._respond_logged(record, "rejected", error="revoked")
-
-    def _resend_unanswered(self) -> None:
-        now = self._now()
-        for record in self._store.list_requests(["pending", "rejected"]):
-            if record.responded == record.status:
-                continue
-            if record.status == "rejected" and record.error == "revoked":
-                continue  # the revocation poll answers these
-            if record.status == "pending" and record.exp <= now:
-                continue  # the approval coordinator expires it and answers that instead
-            log.info("answering request %s again (%s): last answer unconfirmed",
-                     shown(record.jti), record.status)
-            self._answering.add(record.jti)
-            try:
-                self._respond_logged(record, record.status, **_claims_of(record))
-            except Exception:
-                # One odd stored record must not keep the agent from starting.
-                log.exception("cannot answer request %s again", shown(record.jti))
-
 
 ADMISSION_EVENTS: Final = ("request_pending", "request_rejected")
 
@@ -1077,248 +560,3 @@ class _AdmissionAudit:
                     "cannot check the audit log for %s of %s: %s", event, shown(jti), exc
                 )
         return self._audit.append(event, **fields)
-
-
-def _received_fields(result: VerifiedRequest | Rejection) -> dict[str, Any]:
-    fields = dict(result.audit_fields())
-    fields.pop("error", None)
-    fields.pop("detail", None)
-    return fields
-
-
-def _claims_of(record: RequestRecord) -> dict[str, Any]:
-    if record.status == "rejected":
-        error = record.error if record.error in REJECTION_CODES else "bad_claims"
-        return {"error": error}
-    return {}
-
-
-# --- wiring for `doorbell-agent run` ----------------------------------------------------------
-
-
-class RequestsWorker:
-    """MQTT client + announcer (status, audit head) + request service, as one daemon worker.
-
-    ``start()`` connects in the background and starts every thread; ``close()`` stops the
-    service, publishes ``online: false`` and disconnects. The approval coordinator answers
-    through ``service.respond`` and delivers through ``delivery_publisher()``.
-    """
-
-    name = "requests"
-
-    def __init__(
-        self,
-        cfg: Config,
-        *,
-        signing_key: Ed25519PrivateKey,
-        store: RequestStore,
-        audit: AuditLog,
-        now: Callable[[], datetime] = utcnow,
-        summary_interval: float = SUMMARY_INTERVAL,
-        revocation_poll: float = 2.0,
-        head_interval: float = 1.0,
-        head_wait: float | None = None,
-    ) -> None:
-        self.cfg = cfg
-        self.topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id)
-        self._audit = audit
-        self._key = signing_key
-        self._now = now
-        self.announcer = Announcer(
-            topics=self.topics,
-            signing_key=signing_key,
-            last_entry=audit.last_entry,
-            head_interval=head_interval,
-            now=now,
-            audit_state=lambda: audit_state(cfg.state_dir),
-        )
-        self.checked = threading.Event()
-        """Set once the start-up audit check is done and requests are being taken."""
-        self.check_error: BaseException | None = None
-        self.check_outcome: CheckOutcome | None = None
-        self._head_wait = (
-            cfg.audit.head_wait.total_seconds() if head_wait is None else head_wait
-        )
-        self._stopping = threading.Event()
-        self._gate = threading.Thread(target=self._check_then_open, name="audit-check", daemon=True)
-        self.service = RequestService(
-            topics=self.topics,
-            policy=RequestPolicy.from_config(cfg),
-            store=store,
-            audit=audit,
-            signing_key=signing_key,
-            queue_size=cfg.requests.queue_size,
-            summary_interval=summary_interval,
-            revocation_poll=revocation_poll,
-            admission_audited=lambda event, jti: admission_audited(audit.path, event, jti),
-            audit_head=self.current_head,
-            receipts=ReceiptDesk(
-                store=store,
-                audit=audit,
-                policy=RequestPolicy.from_config(cfg),
-                device_key=signing_key.public_key(),
-                state_dir=cfg.state_dir,
-                now=now,
-            ),
-            now=now,
-        )
-        self.client = MQTTClient(
-            cfg.mqtt,
-            client_id=cfg.mqtt.client_id or device_client_id(cfg.state_dir, cfg.device_id),
-            subscriptions=[self.topics.requests, self.topics.receipts],
-            on_message=self.service.on_message,
-            on_connect=self.announcer.connected,
-            will_factory=self.announcer.will,
-            persistent=True,
-            manual_ack=True,
-            receive_maximum=self.service.receive_maximum,
-            maximum_packet_size=cfg.requests.max_bytes + 1024,
-            # Room for a full delivery window plus responses and announcements.
-            max_inflight=cfg.delivery.max_inflight + 8,
-            # Nothing is taken from the broker before the start-up audit check (§7).
-            hold_inbound=True,
-        )
-        self.service.attach(self.client)
-        self.supervise_interval = 1.0
-        self._previous_hook = audit.on_append
-        self._closed = False
-
-    def delivery_publisher(self) -> BoundedPublisher:
-        """A publisher for one delivery (``agent.release.deliver.Publisher``)."""
-        return BoundedPublisher(self.client, self.cfg.delivery.max_inflight)
-
-    def _on_append(self, entry: AuditEntry) -> None:
-        if self._previous_hook is not None:
-            self._previous_hook(entry)
-        self.announcer.audit_appended(entry)
-
-    def current_head(self) -> str:
-        """An audit-head JWS freshly signed over the newest request-log entry (§4, §7)."""
-        last = self._audit.last_entry()
-        seq, hsh = (0, GENESIS_PREV) if last is None else (last.seq, last.hash)
-        return build_head_jws(self._key, self.topics.device_id, seq, hsh, self._now())
-
-    def start(self) -> None:
-        """Connect (in the background); once the start-up audit check is done (§7), start the
-        announcer and the service and take the messages held meanwhile."""
-        self._audit.on_append = self._on_append
-        self.client.start()
-        self._gate.start()
-
-    def wait_checked(self, stop: threading.Event) -> bool:
-        """Wait until the start-up audit check is done (True) or ``stop`` is set (False)."""
-        while not self.checked.wait(0.2):
-            if stop.is_set() or self.check_error is not None:
-                return False
-        return True
-
-    def _check_then_open(self) -> None:
-        check = StartupCheck(
-            client=self.client,
-            topic=self.topics.audit_head,
-            device_id=self.topics.device_id,
-            public_key=self._key.public_key(),
-            audit=self._audit,
-            state_dir=self.cfg.state_dir,
-            wait=self._head_wait,
-        )
-        try:
-            outcome = check.run(self._stopping)
-            if outcome is None:
-                return
-            self.check_outcome = outcome
-            self.announcer.set_floor(outcome.floor)
-            self.announcer.start(self.client)
-            self.service.start()
-            self.client.release_inbound()
-            # QoS 0 messages past what the hold keeps were dropped: count them as the lanes do.
-            self.service.stats.dropped += self.client.held_dropped
-        except Exception as exc:
-            self.check_error = exc
-            log.exception("the start-up audit check failed")
-            return
-        self.checked.set()
-
-    def run(self, stop: threading.Event) -> None:
-        """Daemon worker entry (``agent.daemon``): start, then wait for ``stop``.
-
-        Raises what the start-up audit check raised (the agent must not run on a log whose gap
-        it could not record), and AgentError if the service thread has died meanwhile (it
-        catches every failure of a message or of housekeeping, so that means a bug): the daemon
-        then stops with exit status 1 and systemd starts it again, rather than running on
-        without answering.
-        """
-        self.start()
-        while not stop.wait(self.supervise_interval):
-            if self.check_error is not None:
-                raise self.check_error
-            if not self.service.alive:
-                raise AgentError("the request service thread died; no request would be answered")
-
-    def stats(self) -> dict[str, Any]:
-        """Counters for ``status.json``."""
-        s, c = self.service.stats, self.client.stats
-        return {
-            "connected": self.client.connected,
-            "connects": c.connects,
-            "disconnects": c.disconnects,
-            "received": s.received,
-            "dropped": s.dropped,
-            "unverifiable": dict(s.unverifiable),
-            "rejected": dict(s.rejected),
-            "admitted": s.pending,
-            "duplicates": s.duplicates,
-            "suppressed": s.suppressed,
-            "responses": s.responses,
-            "audit_failures": s.audit_failures,
-            "failures": s.failures,
-            "receipts": dict(self.service.receipts.stats) if self.service.receipts else {},
-            "client_id": self.client.client_id,
-            "client_id_conflict": self.client.client_id_conflict(),
-            # Requests wait at the broker until the start-up audit check is done (§7).
-            "audit_check": "failed" if self.check_error is not None
-            else "done" if self.checked.is_set() else "waiting for the broker",
-        }
-
-    def close(self) -> None:
-        """Stop the service, announce ``online: false``, disconnect. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._stopping.set()
-        if self._gate.is_alive():
-            self._gate.join(self._head_wait + 2.0)
-        if not self.checked.is_set():
-            self.announcer.attach(self.client)  # a clean stop still says offline
-        self.service.close()
-        self.announcer.close()
-        self.client.close()
-        self._audit.on_append = self._previous_hook
-
-    def __enter__(self) -> RequestsWorker:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-def requests_worker(ctx: DaemonContext) -> RequestsWorker:
-    """Daemon worker factory: MQTT + request service on the daemon's key and audit log.
-
-    Shares ``ctx.services["request_store"]`` (opened here unless an earlier factory did) and
-    ``ctx.services["requests"]`` (this worker: ``.service.respond`` and
-    ``.delivery_publisher()`` for the approval coordinator).
-    """
-    store = ctx.services.get("request_store")
-    if not isinstance(store, RequestStore):
-        store = ctx.resources.enter_context(RequestStore.open(ctx.config.state_dir))
-        ctx.services["request_store"] = store
-    worker = RequestsWorker(ctx.config, signing_key=ctx.device_key, store=store, audit=ctx.audit)
-    ctx.services["requests"] = worker
-    return worker

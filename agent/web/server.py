@@ -17,17 +17,15 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import Any, Final, Self
 
 import uvicorn
 
-from agent.approval.coordinator import ApprovalCoordinator
 from agent.config import Config
 from agent.errors import AgentError
 from agent.keys import check_secret
 from agent.paths import StatePaths
 from agent.provision import certificate_fingerprint
-from agent.requests.store import RequestStore
 from agent.timeutil import format_size, utcnow
 from agent.web.app import WebApp
 from agent.web.auth import PasswordFile, SessionStore
@@ -41,9 +39,6 @@ from agent.web.services import (
     VaultPort,
 )
 from agent.web.views import deadline_for
-
-if TYPE_CHECKING:
-    from agent.daemon import DaemonContext
 
 log = logging.getLogger(__name__)
 
@@ -380,32 +375,3 @@ def snapshot_items(snapshot: dict[str, Any]) -> list[StatusItem]:
         )
         items.append(StatusItem(label, text, ok))
     return items
-
-
-def app_worker(ctx: DaemonContext) -> AppServer | None:
-    """Daemon worker factory: the local app, when ``app.enabled``.
-
-    Needs ``ctx.services["request_store"]`` (the requests factory) and
-    ``ctx.services["approval"]`` (the approval coordinator's factory), so it is listed after
-    both in ``WORKER_FACTORIES``.
-    """
-    cfg = ctx.config
-    if not cfg.app.enabled:
-        return None
-    store = ctx.services.get("request_store")
-    engine = ctx.services.get("approval")
-    if not isinstance(store, RequestStore) or not isinstance(engine, ApprovalCoordinator):
-        raise AgentError(
-            "the local app needs the request store and the approval coordinator",
-            hint="list app_worker after the requests and approval factories",
-        )
-    services = build_services(
-        cfg,
-        store=store,
-        engine=engine,
-        vault=ctx.vault,
-        audit=ctx.audit,
-        activity=ctx.activity,
-        runtime=lambda: snapshot_items(ctx.snapshot()),
-    )
-    return build_server(cfg, services)

@@ -35,11 +35,12 @@ from agent.camera.frame import Frame
 from agent.camera.pipeline import CameraWorker, FrameProcessor
 from agent.camera.sources import FileSource
 from agent.cli import main as agent_main
-from agent.daemon import DaemonContext, Worker, run_daemon
+from agent.daemon import Worker
 from agent.keys import load_device_key, load_storage_key
 from agent.provision import initialise
 from agent.timeutil import parse_rfc3339, utcnow
 from agent.vault import Vault
+from agent.wiring import DaemonContext, run_daemon
 from tests.mosquitto import Mosquitto, free_port
 from tests.reliability.harness import AgentProcess, wait_until
 

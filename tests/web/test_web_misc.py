@@ -21,13 +21,14 @@ from agent.camera.media import MediaError, iter_jpegs
 from agent.cli import main
 from agent.errors import AgentError
 from agent.web.auth import PasswordFile
-from agent.web.server import AppServer, app_worker, snapshot_items
+from agent.web.server import AppServer, snapshot_items
 from agent.web.services import StatusItem
+from agent.wiring import app_worker
 from tests.realclips import jpeg_frame
 from tests.web.harness import PASSWORD, WebHarness, close_harness, make_harness
 
 if TYPE_CHECKING:
-    from agent.daemon import DaemonContext
+    from agent.wiring import DaemonContext
 
 
 def _config(web: WebHarness, tmp_path: Path) -> Path:
@@ -189,10 +190,11 @@ def test_daemon_snapshot_becomes_status_lines() -> None:
 
 
 def test_app_worker_needs_the_store_and_the_engine(web: WebHarness) -> None:
-    ctx = SimpleNamespace(config=web.cfg, services={}, vault=web.vault, audit=web.audit,
-                          snapshot=dict)
+    ctx = SimpleNamespace(config=web.cfg, request_store=None, approval=None, vault=web.vault,
+                          audit=web.audit, snapshot=dict)
     with pytest.raises(AgentError, match="request store and the approval coordinator"):
         app_worker(cast("DaemonContext", ctx))
     disabled = SimpleNamespace(config=web.cfg.model_copy(update={
-        "app": web.cfg.app.model_copy(update={"enabled": False})}), services={})
+        "app": web.cfg.app.model_copy(update={"enabled": False})}), request_store=None,
+        approval=None)
     assert app_worker(cast("DaemonContext", disabled)) is None
