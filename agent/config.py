@@ -27,9 +27,9 @@ from pydantic import (
 )
 
 from agent.errors import ConfigError
-from agent.requests.vocabulary import Channel
 from agent.timeutil import format_duration, parse_duration, parse_size
 from agent.topics import DEFAULT_DISCOVERY_PREFIX, check_discovery_prefix
+from agent.vocabulary import Channel
 
 DEFAULT_CONFIG_PATH = Path("/etc/doorbell-agent/agent.yaml")
 CONFIG_ENV = "DOORBELL_AGENT_CONFIG"

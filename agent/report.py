@@ -15,8 +15,8 @@ from typing import Any, Final
 
 from agent.audit import AuditEntry
 from agent.requests.store import Requester, RequestRecord
-from agent.requests.vocabulary import APPROVED_SINCE, RELEASED, Status
 from agent.timeutil import parse_rfc3339, rfc3339
+from agent.vocabulary import APPROVED_SINCE, RELEASED, Status
 
 RELEASE_EVENTS: Final = frozenset({"request_delivered", "request_redelivered"})
 

@@ -74,10 +74,10 @@ from agent.requester.receive import DeliveryAssembler, receive_delivery  # noqa:
 from agent.requests.responder import response_claims  # noqa: E402
 from agent.requests.store import RequestRecord, RequestStore  # noqa: E402
 from agent.requests.verify import RequestPolicy, VerifiedRequest  # noqa: E402
-from agent.requests.vocabulary import Channel  # noqa: E402
 from agent.timeutil import parse_size  # noqa: E402
 from agent.topics import Topics  # noqa: E402
 from agent.vault import Vault  # noqa: E402
+from agent.vocabulary import Channel  # noqa: E402
 from tests.mosquitto import Mosquitto  # noqa: E402
 
 DEVICE = "bench-door"

@@ -16,7 +16,7 @@ from gpiozero.pins.mock import MockFactory
 
 from agent.approval.button import ButtonPanel
 from agent.approval.coordinator import ApprovalCoordinator
-from agent.requests.vocabulary import Channel
+from agent.vocabulary import Channel
 from tests.test_approval_coordinator import (
     JTI,
     JTI2,

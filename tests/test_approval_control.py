@@ -23,8 +23,8 @@ from agent.approval.coordinator import ApprovalCoordinator
 from agent.approval.decisions import Action
 from agent.cli import main
 from agent.errors import ApprovalError, RequestNotFoundError, StateError
-from agent.requests.vocabulary import Channel
 from agent.timeutil import utcnow
+from agent.vocabulary import Channel
 from tests.test_approval_coordinator import JTI, JTI2, Harness, close_harness, open_harness
 
 

@@ -25,8 +25,8 @@ from agent.keys import kid_for
 from agent.release.deliver import Deliverer
 from agent.requests.store import RequestRecord, RequestStore
 from agent.requests.verify import RequestPolicy, VerifiedRequest
-from agent.requests.vocabulary import Channel, Status
 from agent.vault import Vault
+from agent.vocabulary import Channel, Status
 from tests.test_release_deliver import LoopbackPublisher, age_decrypt_cli, age_files, make_job
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -27,7 +27,7 @@ from agent.approval.machine import (
     Tick,
     transition,
 )
-from agent.requests.vocabulary import SETTLED, Channel, Status
+from agent.vocabulary import SETTLED, Channel, Status
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 HOUR = timedelta(hours=1)

@@ -20,8 +20,8 @@ from agent.keys import kid_for
 from agent.release.deliver import Deliverer
 from agent.requests.store import RequestRecord, RequestStore
 from agent.requests.verify import RequestPolicy, VerifiedRequest
-from agent.requests.vocabulary import Channel
 from agent.vault import ClipInfo, Vault
+from agent.vocabulary import Channel
 from tests.test_approval_coordinator import T0, Clock
 from tests.test_release_deliver import LoopbackPublisher
 

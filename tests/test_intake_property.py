@@ -31,8 +31,8 @@ from hypothesis import strategies as st
 
 from agent.release.manifest import RESPONSE_TYP, verify_device_jws
 from agent.requests.verify import REQUEST_TYP
-from agent.requests.vocabulary import REJECTION_CODES
 from agent.timeutil import rfc3339, utcnow
+from agent.vocabulary import REJECTION_CODES
 from tests.mosquitto import Collector, Mosquitto
 from tests.reliability.harness import AgentProcess, Requester, wait_until
 

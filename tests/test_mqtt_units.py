@@ -23,9 +23,9 @@ from agent.requests.responder import REJECTION_DETAIL, response_claims
 from agent.requests.service import RequestService
 from agent.requests.store import RequestStore
 from agent.requests.verify import RequestPolicy, TrustedKey
-from agent.requests.vocabulary import REJECTION_CODES
 from agent.status import Coalescer, status_payload
 from agent.topics import Topics
+from agent.vocabulary import REJECTION_CODES
 from tests.test_mqtt_service import TOPIC_REQUESTS, Requester, eventually, request
 
 NOW = datetime(2026, 1, 31, 12, 0, tzinfo=UTC)

@@ -14,7 +14,7 @@ import pytest
 from agent.audit import verify_file
 from agent.errors import ApprovalError
 from agent.release.manifest import verify_manifest
-from agent.requests.vocabulary import Channel, Status
+from agent.vocabulary import Channel, Status
 from tests.test_approval_coordinator import (
     DEVICE,
     JTI,

@@ -21,8 +21,8 @@ from agent.cli import main
 from agent.errors import ApprovalError, PreviewChangedError
 from agent.release.cut import WindowCutter
 from agent.release.preview import build_preview, clock_length, sentence
-from agent.requests.vocabulary import Channel
 from agent.vault import Vault
+from agent.vocabulary import Channel
 from tests.test_release_cut import record_h264
 from tests.web.harness import WebHarness, close_harness, make_harness
 

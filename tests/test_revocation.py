@@ -18,7 +18,7 @@ from agent import config
 from agent.mqtt import BoundedPublisher, MQTTClient
 from agent.requests.responder import response_expiry
 from agent.requests.store import RequestStore
-from agent.requests.vocabulary import Channel
+from agent.vocabulary import Channel
 from tests.mosquitto import Mosquitto
 from tests.test_approval_coordinator import (
     JTI,

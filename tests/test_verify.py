@@ -28,7 +28,7 @@ from agent.requests.verify import (
     VerifyResult,
     verify_request,
 )
-from agent.requests.vocabulary import REJECTION_CODES
+from agent.vocabulary import REJECTION_CODES
 
 T0 = datetime(2026, 1, 31, 12, 0, 0, tzinfo=UTC)
 DEVICE = "front-door"

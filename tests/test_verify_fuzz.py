@@ -20,7 +20,7 @@ from agent.requests.verify import (
     VerifyResult,
     verify_request,
 )
-from agent.requests.vocabulary import REJECTION_CODES
+from agent.vocabulary import REJECTION_CODES
 from tests.test_verify import POLICY, T0, Party, Views, claims, header, sign_raw, token
 
 settings.register_profile(

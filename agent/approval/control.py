@@ -34,7 +34,7 @@ from agent.errors import (
 )
 from agent.lifecycle import StartStop
 from agent.paths import StatePaths
-from agent.requests.vocabulary import Channel
+from agent.vocabulary import Channel
 
 log = logging.getLogger(__name__)
 

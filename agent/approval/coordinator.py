@@ -90,8 +90,8 @@ from agent.release.manifest import ManifestClip
 from agent.release.preview import Preview, exceeds_message, sentence
 from agent.requests.responder import RespondFn, answer_unanswered
 from agent.requests.store import RequestRecord, RequestStore
-from agent.requests.vocabulary import REDELIVERABLE, Channel, Status
 from agent.timeutil import rfc3339, utcnow
+from agent.vocabulary import REDELIVERABLE, Channel, Status
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from typing import Final, Literal
 
 from agent.approval.machine import Factor
 from agent.requests.store import RequestStore, db_time
-from agent.requests.vocabulary import Channel
 from agent.timeutil import parse_rfc3339
+from agent.vocabulary import Channel
 
 Action = Literal["approve", "deny"]
 ACTIONS: Final = ("approve", "deny")

@@ -35,8 +35,8 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Literal
 
-from agent.requests.vocabulary import REDELIVERABLE, TRANSITIONS, Channel, FailureCode, Status
 from agent.timeutil import rfc3339
+from agent.vocabulary import REDELIVERABLE, TRANSITIONS, Channel, FailureCode, Status
 
 OUTCOMES: frozenset[Status] = frozenset(
     {Status.DENIED, Status.EXPIRED, Status.DELIVERED, Status.FAILED}

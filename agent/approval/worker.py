@@ -27,8 +27,8 @@ from agent.release.deliver import Deliverer, Publisher
 from agent.release.preview import Preview, build_preview
 from agent.requests.responder import RespondFn
 from agent.requests.store import RequestRecord, RequestStore
-from agent.requests.vocabulary import Channel
 from agent.timeutil import utcnow
+from agent.vocabulary import Channel
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey

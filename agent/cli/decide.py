@@ -28,8 +28,8 @@ from agent.cli.common import load_config, print_json, require_initialised
 from agent.config import Config
 from agent.errors import ApprovalError
 from agent.requests.store import RequestStore
-from agent.requests.vocabulary import Channel, Status
 from agent.timeutil import format_duration, rfc3339, utcnow
+from agent.vocabulary import Channel, Status
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

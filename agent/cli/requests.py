@@ -21,9 +21,9 @@ from agent.paths import StatePaths
 from agent.release.cut import WindowCutter
 from agent.release.preview import Preview, build_preview, clock_length, sentence, size_text
 from agent.requests.store import RequestRecord, RequestStore
-from agent.requests.vocabulary import Status
 from agent.timeutil import format_size, rfc3339
 from agent.vault import Vault
+from agent.vocabulary import Status
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -17,9 +17,9 @@ from agent.keys import kid_for, load_device_key, public_jwk
 from agent.paths import StatePaths
 from agent.provision import certificate_fingerprint, configured_client_id
 from agent.requests.store import RequestStore
-from agent.requests.vocabulary import Status
 from agent.timeutil import format_duration, format_size, parse_rfc3339, utcnow
 from agent.vault import Vault, held_cap
+from agent.vocabulary import Status
 
 STALE_AFTER = timedelta(seconds=STATUS_INTERVAL * 3)
 """A status.json not refreshed for this long means the daemon is not running."""

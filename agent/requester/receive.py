@@ -49,8 +49,8 @@ from agent.release.manifest import (
     verify_device_jws,
     verify_manifest,
 )
-from agent.requests.vocabulary import Status
 from agent.topics import Topics
+from agent.vocabulary import Status
 
 log = logging.getLogger(__name__)
 

@@ -35,9 +35,9 @@ from agent.requester.session import (
     known_device_key,
     request_session,
 )
-from agent.requests.vocabulary import Status
 from agent.timeutil import from_epoch, parse_duration, utcnow
 from agent.topics import Topics
+from agent.vocabulary import Status
 
 DEFAULT_TIMEOUT = "1d"
 

@@ -58,9 +58,9 @@ from agent.requester.session import (
     known_device_key,
     request_session,
 )
-from agent.requests.vocabulary import Status
 from agent.timeutil import from_epoch, parse_duration, parse_rfc3339, rfc3339, to_epoch, utcnow
 from agent.topics import Topics
+from agent.vocabulary import Status
 
 TERMINAL_EXIT = {
     Status.DELIVERED: 0, Status.ACKNOWLEDGED: 0,

@@ -40,9 +40,9 @@ from agent.logtext import one_line
 from agent.mqtt import message_expiry
 from agent.release.manifest import RESPONSE_TYP
 from agent.requests.store import RequestRecord, RequestStore
-from agent.requests.vocabulary import REJECTION_CODES, RESPONSE_STATUSES, Channel
 from agent.timeutil import to_epoch, utcnow
 from agent.topics import Topics
+from agent.vocabulary import REJECTION_CODES, RESPONSE_STATUSES, Channel
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ Tables:
   ``requests`` in the same transaction that decides it, so a crash cannot let it in twice.
 
 Status transitions: ``set_status`` enforces
-:data:`agent.requests.vocabulary.TRANSITIONS` as a compare-and-set.
+:data:`agent.vocabulary.TRANSITIONS` as a compare-and-set.
 
 Deliveries (§5, §5.2): ``release_salts`` keeps each request's random commitment salt;
 ``deliveries`` one row per delivery attempt (numbered from 1 across retries and re-deliveries)
@@ -63,8 +63,8 @@ from agent.requests.verify import (
     VerifiedRequest,
     VerifyResult,
 )
-from agent.requests.vocabulary import TRANSITIONS, Status, request_audit_fields
 from agent.timeutil import TIME_MIN, clamp_epoch, parse_rfc3339, rfc3339, utcnow
+from agent.vocabulary import TRANSITIONS, Status, request_audit_fields
 
 # Columns set_status may change besides status itself (the rest describe the signed request).
 MUTABLE_FIELDS: Final = frozenset(

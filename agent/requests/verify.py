@@ -79,8 +79,8 @@ from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwa import JWSAlgModel
 
-from agent.requests.vocabulary import RejectionCode, request_audit_fields
 from agent.timeutil import TIME_MAX, TIME_MIN, epoch_in_range, from_epoch, parse_rfc3339, rfc3339
+from agent.vocabulary import RejectionCode, request_audit_fields
 
 if TYPE_CHECKING:
     from agent.config import Config

@@ -25,8 +25,8 @@ from agent.camera.media import MediaError
 from agent.errors import AgentError
 from agent.release.preview import Preview
 from agent.requests.store import Requester, RequestRecord, Revocation
-from agent.requests.vocabulary import Channel, Status
 from agent.vault import ClipInfo, Hold
+from agent.vocabulary import Channel, Status
 
 log = logging.getLogger(__name__)
 

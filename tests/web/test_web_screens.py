@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from playwright.sync_api import Browser, Page, ViewportSize, sync_playwright
 
 from agent.keys import kid_for
-from agent.requests.vocabulary import Channel
+from agent.vocabulary import Channel
 from agent.web.server import AppServer
 from tests.web.harness import PASSWORD, WebHarness, close_harness, make_harness
 from tests.web.test_web_browser import CHROMIUM, CHROMIUM_ARGS, wait_js

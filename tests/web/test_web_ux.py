@@ -15,8 +15,8 @@ import pytest
 from agent.audit import AuditLog, read_entries
 from agent.cli import main
 from agent.paths import ACTIVITY_FILE
-from agent.requests.vocabulary import Channel
 from agent.timeutil import format_size, parse_rfc3339
+from agent.vocabulary import Channel
 from agent.web import views
 from agent.web.server import AppServer
 from tests.web.harness import WebHarness, close_harness, make_harness
