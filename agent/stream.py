@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+# age's own nonce: the vault's chunks are counted and closed the way age's payload chunks are.
+from agent.age.stream import chunk_nonce
 from agent.errors import TamperError
 
 AES_256_GCM = "aes-256-gcm"
@@ -40,7 +42,6 @@ KEY_SIZE = 32
 TAG_SIZE = 16
 HEADER_TAG_SIZE = 32
 NONCE_SIZE = 12
-_COUNTER_SIZE = NONCE_SIZE - 1
 MIN_CHUNK_SIZE = 1
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
 
@@ -94,11 +95,6 @@ def new_aead(cipher: str, key: bytes) -> AESGCM | ChaCha20Poly1305:
     if cipher == CHACHA20_POLY1305:
         return ChaCha20Poly1305(key)
     raise ValueError(f"unknown cipher {cipher!r}; use one of {', '.join(CIPHERS)}")
-
-
-def chunk_nonce(counter: int, last: bool) -> bytes:
-    """The nonce of chunk ``counter``: 11-byte big-endian counter then the last-chunk flag."""
-    return counter.to_bytes(_COUNTER_SIZE, "big") + (b"\x01" if last else b"\x00")
 
 
 def _hkdf(key: bytes, info: bytes) -> bytes:

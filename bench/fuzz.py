@@ -37,6 +37,7 @@ import yaml  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey  # noqa: E402
 
 from agent import stream  # noqa: E402
+from agent.age.stream import chunk_nonce  # noqa: E402
 from tests import test_config_fuzz, test_vault_fuzz, test_verify_fuzz  # noqa: E402
 
 BATCH = 200
@@ -87,11 +88,11 @@ def _aead_baseline() -> Callable[[], object]:
     aead = stream.new_aead(c.vault.cipher, key)
     size = test_vault_fuzz.CHUNK
     plain = [c.a.plaintext[i : i + size] for i in range(0, len(c.a.plaintext), size)]
-    sealed = [aead.encrypt(stream.chunk_nonce(i, False), p, None) for i, p in enumerate(plain)]
+    sealed = [aead.encrypt(chunk_nonce(i, False), p, None) for i, p in enumerate(plain)]
 
     def decrypt_clip() -> None:
         for i, ct in enumerate(sealed):
-            aead.decrypt(stream.chunk_nonce(i, False), ct, None)
+            aead.decrypt(chunk_nonce(i, False), ct, None)
 
     return decrypt_clip
 

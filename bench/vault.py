@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from agent import stream
+from agent.age.stream import chunk_nonce
 from agent.vault import DEFAULT_SYNC_BYTES, Vault
 
 MiB = 1024 * 1024
@@ -88,7 +89,7 @@ def raw_encrypt(cipher: str, write_size: int, total: int, *, with_sha: bool) -> 
     out = bytearray(write_size + stream.TAG_SIZE)
     digest = hashlib.sha256()
     for i, block in enumerate(blocks(write_size, total)):
-        aead.encrypt_into(stream.chunk_nonce(i, False), block, None, out)
+        aead.encrypt_into(chunk_nonce(i, False), block, None, out)
         if with_sha:
             digest.update(block)
 
@@ -96,10 +97,10 @@ def raw_encrypt(cipher: str, write_size: int, total: int, *, with_sha: bool) -> 
 def raw_decrypt(cipher: str, write_size: int, total: int) -> None:
     key = os.urandom(32)
     aead = stream.new_aead(cipher, key)
-    pool = [aead.encrypt(stream.chunk_nonce(0, False), b, None) for b in blocks(write_size, MiB)]
+    pool = [aead.encrypt(chunk_nonce(0, False), b, None) for b in blocks(write_size, MiB)]
     out = bytearray(write_size)
     for i in range(total // write_size):
-        aead.decrypt_into(stream.chunk_nonce(0, False), pool[i % len(pool)], None, out)
+        aead.decrypt_into(chunk_nonce(0, False), pool[i % len(pool)], None, out)
 
 
 def plain_durable_write(path: Path, write_size: int, total: int) -> None:

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent import stream
+from agent.age.stream import chunk_nonce
 from agent.errors import TamperError
 from agent.stream import (
     AES_256_GCM,
@@ -18,7 +19,6 @@ from agent.stream import (
     TAG_SIZE,
     StreamReader,
     StreamWriter,
-    chunk_nonce,
     ciphertext_size,
     cpu_has_aes,
     new_aead,
