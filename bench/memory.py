@@ -54,7 +54,7 @@ REQUESTER = "bench-requester"
 AGENT = [sys.executable, "-c", "from agent.cli import entry; entry()"]
 REQUEST = [sys.executable, "-c", "from agent.requester.cli import entry; entry()"]
 IMPORTS = (
-    "import agent.cli, agent.daemon, agent.camera.pipeline, agent.web.app, agent.mqtt, "
+    "import agent.cli, agent.wiring, agent.camera.pipeline, agent.web.app, agent.mqtt, "
     "agent.release.deliver, agent.vault, cv2, numpy, uvicorn, starlette, paho.mqtt.client"
 )
 
