@@ -36,7 +36,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -100,6 +100,23 @@ def message_expiry(exp: datetime, now: datetime, cap: timedelta | None = None) -
 
 HOLD_QOS0_MAX = 64
 """QoS 0 messages kept while inbound messages are held; more are dropped."""
+
+
+class MessagePublisher(Protocol):
+    """What a part that sends needs of :class:`MQTTClient` (the responder, the announcer)."""
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+        expiry: int | None = None,
+        timeout: float | None = None,
+    ) -> Future[None]:
+        """Queue a QoS 1 message; the future completes on its PUBACK."""
+        ...
 
 
 @dataclass(frozen=True)

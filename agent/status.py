@@ -17,7 +17,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -29,7 +28,7 @@ from agent import __version__
 from agent.audit import AuditEntry, build_head_jws
 from agent.errors import AgentError
 from agent.keys import kid_for, public_jwk
-from agent.mqtt import Will
+from agent.mqtt import MessagePublisher, Will
 from agent.timeutil import rfc3339, utcnow
 from agent.topics import Topics
 
@@ -102,24 +101,12 @@ class Coalescer(Generic[T]):
         return item, None
 
 
-class Publisher(Protocol):
+class Publisher(MessagePublisher, Protocol):
     """What the announcer needs of :class:`agent.mqtt.MQTTClient`."""
 
     @property
     def connected(self) -> bool:
         """Whether the connection is up (an offline status is only worth sending then)."""
-        ...
-
-    def publish(
-        self,
-        topic: str,
-        payload: bytes | str,
-        *,
-        retain: bool = False,
-        correlation_data: bytes | None = None,
-        timeout: float | None = None,
-    ) -> Future[None]:
-        """Queue a QoS 1 message."""
         ...
 
 

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.errors import AgentError, MQTTError, RequestNotFoundError
 from agent.keys import sign_jws
 from agent.logtext import one_line
-from agent.mqtt import message_expiry
+from agent.mqtt import MessagePublisher, message_expiry
 from agent.release.manifest import RESPONSE_TYP
 from agent.requests.store import RequestRecord, RequestStore
 from agent.timeutil import to_epoch, utcnow
@@ -229,23 +229,6 @@ def answer_unanswered(
                         record.status, shown(record.jti), exc)
 
 
-class ResponsePublisher(Protocol):
-    """What the responder needs of :class:`agent.mqtt.MQTTClient`."""
-
-    def publish(
-        self,
-        topic: str,
-        payload: bytes | str,
-        *,
-        retain: bool = False,
-        correlation_data: bytes | None = None,
-        expiry: int | None = None,
-        timeout: float | None = None,
-    ) -> Future[None]:
-        """Queue a QoS 1 message."""
-        ...
-
-
 class Responder:
     """Builds, signs, sends and records every response; see the module docstring.
 
@@ -272,14 +255,14 @@ class Responder:
         self._audit_head = audit_head
         self._now = now
         self._clock = clock
-        self._client: ResponsePublisher | None = None
+        self._client: MessagePublisher | None = None
         self.responses = 0
         """Responses queued so far."""
         self._answering: set[str] = set()
         self._sent: deque[tuple[Future[None], str, str]] = deque()
         self._sent_lock = threading.Lock()
 
-    def attach(self, client: ResponsePublisher) -> None:
+    def attach(self, client: MessagePublisher) -> None:
         """Publish responses through ``client``."""
         self._client = client
 

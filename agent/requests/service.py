@@ -76,7 +76,7 @@ from agent.audit import (
 )
 from agent.errors import AgentError, AuditWriteError, MQTTError
 from agent.lifecycle import StartStop
-from agent.mqtt import InboundMessage
+from agent.mqtt import InboundMessage, MessagePublisher
 from agent.requests.intake import (
     AUDIT_BUDGET_BURST,
     AUDIT_BUDGET_PER_DAY,
@@ -92,7 +92,7 @@ from agent.requests.intake import (
     received_fields,
 )
 from agent.requests.receipts import ReceiptDesk
-from agent.requests.responder import Responder, ResponsePublisher, Target, shown
+from agent.requests.responder import Responder, Target, shown
 from agent.requests.store import RequestStore
 from agent.requests.verify import (
     Rejection,
@@ -121,7 +121,7 @@ class ServiceStats:
     failures: int = 0
 
 
-class Publisher(ResponsePublisher, Protocol):
+class Publisher(MessagePublisher, Protocol):
     """What the service needs of :class:`agent.mqtt.MQTTClient`."""
 
     def ack(self, message: InboundMessage) -> None:
