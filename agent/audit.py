@@ -57,7 +57,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
@@ -65,6 +64,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from agent.errors import AuditError, AuditWriteError
 from agent.keys import b64url, b64url_decode, kid_for, sign_jws
+from agent.lifecycle import Closing
 from agent.paths import StatePaths
 from agent.timeutil import from_epoch, parse_rfc3339, rfc3339, to_epoch, utcnow
 
@@ -658,7 +658,7 @@ class AuditSink(Protocol):
         ...
 
 
-class AuditLog:
+class AuditLog(Closing):
     """Append-only, fsync'd, multi-process-safe writer of ``audit.jsonl``.
 
     ``append`` returns only after the entry is durable; it raises AuditWriteError when it is
@@ -682,17 +682,6 @@ class AuditLog:
         self._public_key = signing_key.public_key()
         self._now = now
         self._closed = False
-
-    def __enter__(self) -> AuditLog:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Refuse further appends (idempotent). No descriptor stays open between appends."""

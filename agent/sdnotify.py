@@ -20,7 +20,8 @@ import socket
 import threading
 from collections.abc import Callable, Mapping
 from datetime import timedelta
-from types import TracebackType
+
+from agent.lifecycle import Closing
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def _one_line(text: str) -> str:
     return " ".join(text.splitlines())
 
 
-class Notifier:
+class Notifier(Closing):
     """Sends notifications to systemd; a no-op when the process is not a notify service.
 
     A context manager; ``close()`` is idempotent. Safe to call from several threads.
@@ -143,17 +144,6 @@ class Notifier:
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
-
-    def __enter__(self) -> Notifier:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class Watchdog:

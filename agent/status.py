@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -28,6 +27,7 @@ from agent import __version__
 from agent.audit import AuditEntry, build_head_jws
 from agent.errors import AgentError
 from agent.keys import kid_for, public_jwk
+from agent.lifecycle import Closing
 from agent.mqtt import MessagePublisher, Will
 from agent.timeutil import rfc3339, utcnow
 from agent.topics import Topics
@@ -116,7 +116,7 @@ class _Head:
     hash: str
 
 
-class Announcer:
+class Announcer(Closing):
     """Publishes the retained status on every (re)connect and the audit head after appends.
 
     Wire it up: pass ``will`` as the MQTT client's ``will_factory`` and ``connected`` as its
@@ -224,17 +224,6 @@ class Announcer:
             done.result(timeout)
         except (AgentError, TimeoutError) as exc:
             log.warning("could not publish the offline status: %s", exc)
-
-    def __enter__(self) -> Announcer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _offer_latest(self) -> None:
         try:

@@ -44,8 +44,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO, Final, Literal, Self
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, Literal
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -56,6 +55,7 @@ from agent import stream
 from agent.audit import AuditSink
 from agent.errors import ClipNotFoundError, HoldRefusedError, TamperError, VaultError
 from agent.keys import load_storage_key
+from agent.lifecycle import Closing
 from agent.paths import StatePaths
 from agent.timeutil import format_size, rfc3339, utcnow
 
@@ -317,7 +317,7 @@ class _FdSink:
         return len(data)
 
 
-class ClipWriter:
+class ClipWriter(Closing):
     """Streams one clip into the vault. Use as a context manager: an exception aborts it.
 
     Not thread-safe: one recording thread writes a clip.
@@ -463,19 +463,8 @@ class ClipWriter:
         """Abort unless finished. Idempotent."""
         self.abort()
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class ClipReader:
+class ClipReader(Closing):
     """Streams a clip's authenticated plaintext; memory stays at about two chunks.
 
     Raises :class:`TamperError` naming the clip on any damage. With ``verify_sha256`` the
@@ -535,19 +524,8 @@ class ClipReader:
         """Close the file. Idempotent."""
         self._closer()
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class Vault:
+class Vault(Closing):
     """Encrypted clip storage with an SQLite index; see the module docstring.
 
     ``root`` is the directory holding ``vault/`` and ``vault.db`` (the state directory).
@@ -1369,14 +1347,3 @@ class Vault:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.close()
             self._db = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

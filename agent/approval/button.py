@@ -24,10 +24,11 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from types import TracebackType
 
 from gpiozero import LED, Button
 from gpiozero.pins import Factory
+
+from agent.lifecycle import Closing
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ BLINK_ON = 0.5
 BLINK_OFF = 0.5
 
 
-class ButtonPanel:
+class ButtonPanel(Closing):
     """A button (to ground, internal pull-up) and an optional LED, wired to two callbacks.
 
     ``on_press`` runs for a short press, ``on_hold`` when the button has been held for
@@ -144,14 +145,3 @@ class ButtonPanel:
             self.led.off()
             self.led.close()
         self.button.close()
-
-    def __enter__(self) -> ButtonPanel:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

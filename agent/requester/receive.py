@@ -41,6 +41,7 @@ from tqdm import tqdm
 from agent.age import AgeDecryptor
 from agent.age.x25519 import identity_key
 from agent.errors import ReceiveError
+from agent.lifecycle import Closing
 from agent.release.manifest import (
     NAME_RE,
     RESPONSE_TYP,
@@ -254,7 +255,7 @@ class _ClipSpool:
             self.plain_path.unlink(missing_ok=True)
 
 
-class DeliveryAssembler:
+class DeliveryAssembler(Closing):
     """Collects one request's delivery and turns it into verified, decrypted clip files."""
 
     def __init__(
@@ -466,12 +467,6 @@ class DeliveryAssembler:
         for spool in self._clips.values():
             spool.close()
         shutil.rmtree(self._spool, ignore_errors=True)
-
-    def __enter__(self) -> DeliveryAssembler:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 NextMessage = Callable[[float], tuple[str, bytes] | None]

@@ -38,7 +38,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -52,6 +51,7 @@ from agent.errors import (
     RequestNotFoundError,
 )
 from agent.keys import kid_for, public_jwk, raw_public_bytes
+from agent.lifecycle import Closing
 from agent.paths import StatePaths
 from agent.requests.verify import (
     RATE_WINDOW,
@@ -313,7 +313,7 @@ def validate_requester(requester_id: str, name: str, kind: str, contact: str | N
         )
 
 
-class RequestStore:
+class RequestStore(Closing):
     """The SQLite adapter; thread-safe (one connection behind a lock), a context manager.
 
     It is also the :class:`agent.requests.verify.TrustView` and ``ReplayView`` the verifier reads.
@@ -380,17 +380,6 @@ class RequestStore:
     def open(cls, state_dir: Path, *, now: Callable[[], datetime] = utcnow) -> RequestStore:
         """The store at ``state_dir/requests.db``."""
         return cls(StatePaths(state_dir).requests_db, now=now)
-
-    def __enter__(self) -> RequestStore:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Close the database (idempotent)."""

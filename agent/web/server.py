@@ -16,14 +16,14 @@ import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import uvicorn
 
 from agent.config import Config
 from agent.errors import AgentError
 from agent.keys import check_secret
+from agent.lifecycle import Closing
 from agent.paths import StatePaths
 from agent.provision import certificate_fingerprint
 from agent.timeutil import format_size, utcnow
@@ -78,7 +78,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-class AppServer:
+class AppServer(Closing):
     """The local app's HTTPS server as a daemon worker (context manager, idempotent close)."""
 
     name = "app"
@@ -202,17 +202,6 @@ class AppServer:
             stop.wait()
         finally:
             self.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def build_server(
