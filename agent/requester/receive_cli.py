@@ -17,23 +17,21 @@ from datetime import timedelta
 from pathlib import Path
 
 from agent.errors import UsageError
-from agent.mqtt import InboundMessage
 from agent.requester.evidence import DEVICE_KEY_FILE, REQUEST_FILE, EvidenceDir
-from agent.requester.keyfiles import load_keys, load_request, pin_device_key
-from agent.requester.receive import DeliveryAssembler, receive_delivery
+from agent.requester.keyfiles import load_keys, load_request
+from agent.requester.receive import receive_delivery
 from agent.requester.send import (
-    CONNECT_TIMEOUT,
     DELIVERY_GRACE,
     KEY_DIR_ENV,
     add_broker_options,
     broker_settings,
-    device_key_from_status,
+    delivery_assembler,
+    device_session,
 )
 from agent.requester.session import (
     RequestEvidence,
     evidence_path,
     known_device_key,
-    request_session,
 )
 from agent.timeutil import from_epoch, parse_duration, utcnow
 from agent.topics import Topics
@@ -112,30 +110,14 @@ def handler(args: argparse.Namespace) -> int:
     )
     device_key = known_device_key(keys, device_id, args.device_key)
     evidence = EvidenceDir.open(evidence_path(args.output, jti), jti)
-    inbox: queue.Queue[InboundMessage] = queue.Queue()
-    extra = [topics.status] if device_key is None else []
-    with request_session(
-        settings, keys, topics, jti, remaining, extra=extra, on_message=inbox.put
-    ) as client:
-        client.wait_ready(CONNECT_TIMEOUT)
-        if device_key is None:
-            device_key = pin_device_key(
-                keys.directory, device_id, device_key_from_status(inbox, topics)
-            )
+    with device_session(settings, keys, topics, jti, remaining, device_key=device_key) as (
+        client, inbox, device_key
+    ):
         if sent is not None and not (evidence.path / REQUEST_FILE).exists():
             evidence.add_request(sent.token)
         if not (evidence.path / DEVICE_KEY_FILE).exists():
             evidence.add_device_key(device_key)
-        with DeliveryAssembler(
-            evidence.path,
-            identity=keys.age_identity(),
-            device_public_key=device_key,
-            device_id=device_id,
-            requester_id=keys.requester_id,
-            jti=jti,
-            topic_prefix=topics.prefix,
-            progress=True,
-        ) as assembler:
+        with delivery_assembler(evidence.path, keys, topics, jti, device_key) as assembler:
             collector = RequestEvidence(
                 evidence, assembler, keys=keys, topics=topics, jti=jti, device_key=device_key
             )

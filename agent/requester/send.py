@@ -17,14 +17,16 @@ ignored.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
 import secrets
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -213,16 +215,9 @@ def handler(args: argparse.Namespace) -> int:
     device_key = known_device_key(keys, args.device, args.device_key)
     # Refuse an existing evidence set before anything is published.
     evidence = EvidenceDir.create(evidence_path(args.output, jti)) if args.wait else None
-    inbox: queue.Queue[InboundMessage] = queue.Queue()
-    extra = [topics.status] if device_key is None else []
-    with request_session(
-        settings, keys, topics, jti, lifetime, extra=extra, on_message=inbox.put
-    ) as client:
-        client.wait_ready(CONNECT_TIMEOUT)
-        if device_key is None:
-            device_key = pin_device_key(
-                keys.directory, args.device, device_key_from_status(inbox, topics)
-            )
+    with device_session(settings, keys, topics, jti, lifetime, device_key=device_key) as (
+        client, inbox, device_key
+    ):
         record_request(
             keys.directory,
             SentRequest(jti, args.device, topics.prefix, to_epoch(now + lifetime), token),
@@ -235,7 +230,7 @@ def handler(args: argparse.Namespace) -> int:
             return 0
         evidence.add_request(token)
         evidence.add_device_key(device_key)
-        with _delivery_step(evidence.path, keys, topics, jti, device_key) as assembler:
+        with delivery_assembler(evidence.path, keys, topics, jti, device_key) as assembler:
             collector = RequestEvidence(
                 evidence, assembler, keys=keys, topics=topics, jti=jti, device_key=device_key
             )
@@ -412,6 +407,34 @@ def _publish(client: MQTTClient, topics: Topics, token: str, correlation: bytes)
         ) from None
 
 
+@contextlib.contextmanager
+def device_session(
+    settings: MQTTConfig,
+    keys: RequesterKeys,
+    topics: Topics,
+    jti: str,
+    lifetime: timedelta,
+    *,
+    device_key: Ed25519PublicKey | None,
+) -> Iterator[tuple[MQTTClient, queue.Queue[InboundMessage], Ed25519PublicKey]]:
+    """Request ``jti``'s session, connected, with its inbox and the device key to trust.
+
+    Without a known ``device_key`` (see :func:`known_device_key`) the session also subscribes to
+    the device's retained status and pins the key it names (trust on first use).
+    """
+    inbox: queue.Queue[InboundMessage] = queue.Queue()
+    extra = [topics.status] if device_key is None else []
+    with request_session(
+        settings, keys, topics, jti, lifetime, extra=extra, on_message=inbox.put
+    ) as client:
+        client.wait_ready(CONNECT_TIMEOUT)
+        if device_key is None:
+            device_key = pin_device_key(
+                keys.directory, topics.device_id, device_key_from_status(inbox, topics)
+            )
+        yield client, inbox, device_key
+
+
 def device_key_from_status(
     inbox: queue.Queue[InboundMessage], topics: Topics
 ) -> Ed25519PublicKey:
@@ -455,13 +478,14 @@ def _key_from_status(payload: bytes, device_id: str) -> Ed25519PublicKey:
     return key
 
 
-def _delivery_step(
+def delivery_assembler(
     output: Path,
     keys: RequesterKeys,
     topics: Topics,
     jti: str,
     device_key: Ed25519PublicKey,
 ) -> DeliveryAssembler:
+    """The assembler of request ``jti``'s delivery into ``output``, with a progress bar."""
     return DeliveryAssembler(
         output,
         identity=keys.age_identity(),
