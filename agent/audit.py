@@ -63,6 +63,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.errors import AuditError, AuditWriteError
+from agent.files import fsync_dir, replace_file, write_all
 from agent.keys import b64url, b64url_decode, kid_for, sign_jws
 from agent.lifecycle import Closing
 from agent.paths import StatePaths
@@ -634,14 +635,6 @@ def _read_tail(fd: int, size: int) -> tuple[bytes | None, int, bytes]:
 # --------------------------------------------------------------------------- file adapter
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_hint(exc: OSError) -> str:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return "the disk is full: free space in the state directory"
@@ -786,7 +779,7 @@ class AuditLog(Closing):
             raise self._fail("cannot open it for appending", exc) from exc
         try:
             # A new file's directory entry must be durable too, or the log can vanish on power loss.
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         except OSError as exc:
             os.close(fd)
             raise self._fail("cannot sync its directory after creating it", exc) from exc
@@ -860,11 +853,11 @@ class AuditLog(Closing):
                 raise self._fail("cannot save its incomplete last line aside", exc) from exc
         try:
             try:
-                self._write_all(fd, fragment)
+                write_all(fd, fragment)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         except OSError as exc:
             raise self._fail("cannot save its incomplete last line aside", exc) from exc
         return target.name
@@ -877,15 +870,6 @@ class AuditLog(Closing):
         self._write_bytes(fd, line + b"\n", f"cannot append the {event} entry")
         return parse_entry(line)
 
-    @staticmethod
-    def _write_all(fd: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            if written <= 0:
-                raise OSError(errno.EIO, "write stored no bytes")
-            view = view[written:]
-
     def _write_bytes(self, fd: int, data: bytes, what: str) -> None:
         """Append ``data`` and fsync; on any failure truncate back so nothing partial remains."""
         try:
@@ -894,7 +878,7 @@ class AuditLog(Closing):
             raise self._fail(what, exc) from exc
         try:
             # One write call normally carries the whole line; the loop only finishes a short one.
-            self._write_all(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         except OSError as exc:
             try:
@@ -1013,15 +997,7 @@ def mark_broken(state_dir: Path, gap: HeadGap, now: datetime) -> None:
     record = {"since": rfc3339(now), **gap.fields()}
     if path.exists():
         return  # the first gap found stays the one named; every gap is in the log itself
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        AuditLog._write_all(fd, canonical_json(record) + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(state_dir)
+    replace_file(path, canonical_json(record) + b"\n")
 
 
 def audit_state(state_dir: Path) -> str:

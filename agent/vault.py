@@ -54,6 +54,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from agent import stream
 from agent.audit import AuditSink
 from agent.errors import ClipNotFoundError, HoldRefusedError, TamperError, VaultError
+from agent.files import fsync_dir
 from agent.keys import load_storage_key
 from agent.lifecycle import Closing
 from agent.paths import StatePaths
@@ -123,14 +124,6 @@ def _to_us(moment: datetime) -> int:
 
 def _from_us(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def held_cap(max_bytes: int, share: float) -> int:
@@ -859,7 +852,7 @@ class Vault(Closing):
         part, final = self._path(info.id, "writing"), self._path(info.id, "final")
         try:
             os.rename(part, final)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         except OSError as exc:
             raise VaultError(f"clip {info.id}: cannot publish: {exc}") from exc
         with self._tx() as db:
@@ -1037,7 +1030,7 @@ class Vault(Closing):
             db.execute("DELETE FROM clips WHERE id = ?", (clip_id,))
         self._checkpoint()
         self._path(clip_id, "final").unlink(missing_ok=True)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     # -- holds and retention ----------------------------------------------------------------
 
@@ -1257,7 +1250,7 @@ class Vault(Closing):
             db.execute("DELETE FROM clips WHERE id = ? AND state = 'writing'", (clip_id,))
         for state in ("writing", "final"):
             self._path(clip_id, state).unlink(missing_ok=True)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         log.warning("clip %s discarded at recovery: %s", clip_id, reason)
         return ("discarded", clip_id, reason)
 
@@ -1295,7 +1288,7 @@ class Vault(Closing):
         part = self._path(info.id, "writing")
         if part.exists():
             os.replace(part, self._path(info.id, "final"))
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         with self._tx() as db:
             db.execute(
                 "UPDATE clips SET state = 'final', end_us = ?, size = ?, frames = 0, sha256 = ?,"
@@ -1333,7 +1326,7 @@ class Vault(Closing):
                 "removed %s: it has no index entry (interrupted creation or deletion)", path
             )
         if removed:
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         return tuple(removed)
 
     # -- lifecycle --------------------------------------------------------------------------

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import os
 import sys
 from pathlib import Path
 
 from agent.cli.common import load_config, require_initialised
 from agent.errors import UsageError
-from agent.paths import APP_PASSWORD, StatePaths
+from agent.files import replace_file
+from agent.paths import StatePaths
 from agent.provision import hash_password
 
 MIN_PASSWORD = 12
@@ -79,24 +79,7 @@ def read_password(source: str | None) -> str:
 def replace_password_hash(state_dir: Path, password: str) -> Path:
     """Atomically replace ``state_dir/app-password`` with the argon2id hash of ``password``."""
     target = StatePaths(state_dir).app_password
-    tmp = state_dir / f".{APP_PASSWORD}.{os.getpid()}.tmp"
-    data = hash_password(password).encode("ascii")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_file(target, hash_password(password).encode("ascii"))
     return target
 
 

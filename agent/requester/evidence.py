@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent.age import AgeDecryptor
 from agent.age.x25519 import identity_key
 from agent.errors import AgentError, ReceiveError, StateError
+from agent.files import fsync_dir
 from agent.keys import b64url_decode, parse_public_key, public_jwk, write_secret
 from agent.release.manifest import RESPONSE_TYP, Manifest, verify_device_jws, verify_manifest
 from agent.requester.build import verify_receipt
@@ -46,14 +47,6 @@ MANIFEST_FILE: Final = "manifest.jws"
 RECEIPT_FILE: Final = "receipt.jws"
 AGE_SUFFIX: Final = ".age"
 _READ_BYTES: Final = 1 << 20
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:
@@ -123,7 +116,7 @@ class EvidenceDir:
             write_secret(target, data)
         except FileExistsError:
             raise StateError(f"{target} already exists; evidence is never overwritten") from None
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return target
 
     def add_request(self, token: str) -> None:

@@ -28,7 +28,6 @@ Nothing is ever answered.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -50,6 +49,7 @@ from agent.audit import (
     read_witnessed_heads,
 )
 from agent.errors import AgentError, AuditError, AuditWriteError
+from agent.files import replace_file
 from agent.paths import StatePaths
 from agent.requests.store import RequestStore
 from agent.requests.verify import (
@@ -106,19 +106,7 @@ def keep_witnessed(state_dir: Path, token: str, head: AuditHead, public_key: Ed2
     kept = read_witnessed_heads(path, public_key, device_id)
     if any((k.seq, k.iat) >= (head.seq, head.iat) for k in kept):
         return False
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, token.encode("ascii") + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(state_dir, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_file(path, token.encode("ascii") + b"\n")
     return True
 
 
