@@ -44,6 +44,7 @@ from agent import __version__
 from agent.audit import AuditLog, Checkpointer
 from agent.errors import AgentError
 from agent.homeassistant import HomeAssistantPublisher
+from agent.lifecycle import stack_of
 from agent.sdnotify import Notifier, Watchdog
 from agent.timeutil import rfc3339, utcnow
 from agent.vault import Space, Vault
@@ -492,7 +493,10 @@ class Daemon:
             slot.thread.join(max(deadline - time.monotonic(), 0.0))
             if slot.thread.is_alive():
                 # Its thread is a daemon thread: it cannot keep the process alive.
-                log.error("worker %s did not stop within %.0f s", slot.name, self.join_timeout)
+                log.error(
+                    "worker %s did not stop within %.0f s; it is at:\n%s",
+                    slot.name, self.join_timeout, stack_of(slot.thread),
+                )
 
 
 @contextlib.contextmanager

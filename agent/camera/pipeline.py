@@ -49,6 +49,7 @@ from agent.camera.recorder import (
 )
 from agent.camera.sources import Source, source_from_config
 from agent.config import Config
+from agent.lifecycle import stack_of
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +343,10 @@ class CameraWorker:
         finally:
             thread.join(self.join_timeout)
             if thread.is_alive():
-                log.error("the camera thread did not stop within %.0f s", self.join_timeout)
+                log.error(
+                    "the camera thread did not stop within %.0f s; it is at:\n%s",
+                    self.join_timeout, stack_of(thread),
+                )
             with self._lock:
                 self.processor.close()
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 
 from agent.cli.common import load_config, require_initialised
+from agent.lifecycle import guard_exit
 from agent.wiring import run_daemon
+
+EXIT_GRACE = 10.0
+"""Seconds the process may take to exit once the agent has stopped (see ``guard_exit``)."""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -25,4 +29,6 @@ def handler(args: argparse.Namespace) -> int:
     """Load the config, check the state directory, run until stopped."""
     cfg = load_config(args)
     require_initialised(cfg)
-    return run_daemon(cfg)
+    code = run_daemon(cfg)
+    guard_exit(EXIT_GRACE)
+    return code
