@@ -42,9 +42,9 @@ from typing import Any, Protocol
 
 from agent import __version__
 from agent.audit import AuditLog, Checkpointer
+from agent.diagnostics import stack_of
 from agent.errors import AgentError
 from agent.homeassistant import HomeAssistantPublisher
-from agent.lifecycle import stack_of
 from agent.sdnotify import Notifier, Watchdog
 from agent.timeutil import rfc3339, utcnow
 from agent.vault import Space, Vault

@@ -18,7 +18,7 @@ from agent.camera.frame import Frame, SystemClock
 from agent.camera.pipeline import CameraWorker, FrameProcessor
 from agent.config import parse
 from agent.daemon import Daemon
-from agent.lifecycle import stack_of
+from agent.diagnostics import stack_of
 from tests.camera.camera_helpers import MemorySink
 
 
@@ -128,7 +128,7 @@ def test_guard_exit_ends_a_process_whose_exit_hangs_with_every_threads_traceback
     # in a C call can: the guard must end the process (exit 1) and say where the thread is.
     code = textwrap.dedent("""
         import threading
-        from agent.lifecycle import guard_exit
+        from agent.diagnostics import guard_exit
 
         def stuck_in_a_driver_call():
             threading.Event().wait()
@@ -144,7 +144,7 @@ def test_guard_exit_ends_a_process_whose_exit_hangs_with_every_threads_traceback
 
 
 def test_guard_exit_leaves_a_clean_exit_alone() -> None:
-    code = "from agent.lifecycle import guard_exit\nguard_exit(0.5)\nprint('bye')"
+    code = "from agent.diagnostics import guard_exit\nguard_exit(0.5)\nprint('bye')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=False)
     assert (done.returncode, done.stdout, done.stderr) == (0, "bye\n", "")

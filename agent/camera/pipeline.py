@@ -49,7 +49,7 @@ from agent.camera.recorder import (
 )
 from agent.camera.sources import Source, source_from_config
 from agent.config import Config
-from agent.lifecycle import stack_of
+from agent.diagnostics import stack_of
 
 log = logging.getLogger(__name__)
 

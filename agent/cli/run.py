@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from agent.cli.common import load_config, require_initialised
-from agent.lifecycle import guard_exit
+from agent.diagnostics import guard_exit
 from agent.wiring import run_daemon
 
 EXIT_GRACE = 10.0
