@@ -160,8 +160,8 @@ run_30s() {
     local rc=0
     in_root timeout -s INT -k 60 --preserve-status 30 "${AGENT[@]}" run >"$WORK/run.log" 2>&1 || rc=$?
     if [ "$rc" -ne 0 ]; then
-        # All of it: a part that did not stop logs where it was stuck (its thread's traceback),
-        # and a hung exit dumps every thread's (the run command's exit guard).
+        # The last 150 lines, not 5: a part that did not stop logs where it was stuck (its
+        # thread's traceback), and a hung exit dumps every thread's (the run's exit guard).
         sed 's/^/    /' "$WORK/run.log" | tail -150 >&2
         log "run exited $rc (log above)"
     fi
@@ -171,10 +171,10 @@ if ! run_30s; then
     # Once in CI the capture thread, in a loop that checks the stop event every frame, stopped
     # making progress for good and the process then never exited: as qemu-user does now and
     # then to a multi-threaded guest. It did not recur in 13 runs stopped at random moments
-    # (six under 500-1,100 signals each and three busy host loops). Once more, so a hang of the
-    # emulator does not fail CI; a hang of the agent recurs and fails; either way the
-    # tracebacks above say where it was.
-    log "retrying the run once (see the log above for where the first one hung)"
+    # (six under 474-1,159 signals each, three of those with three busy host loops). Any
+    # failed run is tried once more, so a hang of the emulator does not fail CI; a fault of
+    # the agent recurs and fails; either way the log above says where the first run was.
+    log "retrying the run once (the log above shows how the first one ended)"
     run_30s || die "the run failed twice (logs above)"
 fi
 tail -5 "$WORK/run.log" | sed 's/^/    /' >&2
